@@ -1,0 +1,79 @@
+# knockd-fast developer targets (GNU make). `make test` is what CI runs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+# Run with the venv's bin first on PATH, so tests and the demo find `knock` and `knockd-fast`.
+IN_VENV := env PATH="$(CURDIR)/$(VENV)/bin:$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)"
+
+# Debian packages: compiler, libpcap headers (found via pkg-config), and the tools the
+# end-to-end tests drive (ip netns/veth, iptables, tcpdump). pyenv's python3 brings venv.
+DEB_PACKAGES := build-essential pkg-config libpcap-dev iptables iproute2 tcpdump
+TEST_TOOLS   := pytest hypothesis ruff
+# Remaking the venv is keyed on these: a change reinstalls and rebuilds the extension.
+STAMP        := $(VENV)/.stamp
+STAMP_DEPS   := pyproject.toml setup.py client/pyproject.toml \
+                $(wildcard _ext/*.pyx _ext/*.pxd _ext/includes/*.pxd)
+LINT_PATHS   := setup.py $(wildcard client knockd_fast tests bench)
+PYTEST       := $(IN_VENV) $(VPY) -m pytest -p no:cacheprovider
+# Second pytest run for the pure-Python capture twin: when knockd_fast/_capture_py.py lands,
+# set this to the capture tests (e.g. tests/test_capture*.py) and they will be run again
+# with KNOCKD_FAST_NO_EXTENSIONS=1. Empty = no second run.
+PURE_TWIN_TESTS :=
+
+.PHONY: deps venv build debug test lint demo clean
+
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+	  [ "$$(dpkg-query -W -f='$${Status}' $$p 2>/dev/null)" = "install ok installed" ] || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	  echo "deps: installing$$missing"; \
+	  $$sudo apt-get update && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+venv: $(STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+# Build requirements go into the venv and the root package is installed without build
+# isolation: faster re-runs, and the editable install compiles the extension in place.
+$(STAMP): $(STAMP_DEPS) | deps $(VPY)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $$($(VPY) -c 'import tomllib; print(" ".join( \
+	  tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+	$(VPY) -m pip install -q -e ./client
+	$(VPY) -m pip install -q --no-build-isolation -e .
+	$(VPY) -m pip install -q $(TEST_TOOLS)
+	touch $@
+
+# Rebuild the extension in place (optimised); --force so it also replaces a debug build.
+build: $(STAMP)
+	$(VPY) setup.py -q build_ext --inplace --force
+
+# Same with -O0 -g and Cython line tracing; `make build` goes back to the optimised one.
+debug: $(STAMP)
+	KNOCKD_FAST_DEBUG=1 $(VPY) setup.py -q build_ext --inplace --force
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+test: lint
+	$(PYTEST) tests
+ifneq ($(strip $(PURE_TWIN_TESTS)),)
+	KNOCKD_FAST_NO_EXTENSIONS=1 $(PYTEST) $(PURE_TWIN_TESTS)
+endif
+
+demo: $(STAMP)
+	$(IN_VENV) bash demo/demo.sh
+
+clean:
+	rm -rf build client/build *.egg-info client/*.egg-info .hypothesis .pytest_cache
+	rm -f knockd_fast/_capture_c*.so _ext/*.c $(STAMP)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

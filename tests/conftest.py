@@ -1,0 +1,64 @@
+"""Fixtures shared by the test files: the `knock` command, its environment, a key, a netns."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from netns import NetnsUnavailable, network_namespace
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
+
+
+def _is_our_console_script(path: str) -> bool:
+    # Debian's knockd package ships an unrelated /usr/bin/knock (a C binary).
+    with open(path, "rb") as script:
+        return b"knock_client" in script.read(4096)
+
+
+@pytest.fixture(scope="session")
+def knock_cmd() -> list[str]:
+    """argv prefix of the client: the installed console script, else ``python -m``."""
+    script = shutil.which("knock")
+    if script and _is_our_console_script(script):
+        return [script]
+    return [sys.executable, "-m", "knock_client.cli"]
+
+
+@pytest.fixture
+def knock_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for client subprocesses: a private HOME, so ~/.config/knock is never read."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLIENT_DIR), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture
+def knock_key(tmp_path: Path) -> tuple[Path, bytes]:
+    """A fresh 512-bit key in a mode-0600 key file: (path, key)."""
+    key = secrets.token_bytes(64)
+    path = tmp_path / "user.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(base64.b64encode(key).decode() + "\n")
+    return path, key
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh network namespace ``kf-<pid>-<n>`` with lo up; deleted afterwards, always."""
+    with contextlib.ExitStack() as stack:
+        try:
+            name = stack.enter_context(network_namespace())
+        except NetnsUnavailable as error:
+            pytest.skip(f"network namespaces unavailable: {error}")
+        yield name
