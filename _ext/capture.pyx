@@ -1,9 +1,755 @@
 # cython: language_level=3, embedsignature=True
-"""libpcap capture engine (Cython). For now it only reports the libpcap version."""
+"""The capture engine: libpcap, a nogil C callback, per-source state in fixed numpy buffers.
 
+docs/capture.md is the specification; knockd_fast/_capture_py.py is the pure-Python twin
+and must give the same completions and counters. Per packet, nothing here touches a
+Python object: the callback reads the frame, the slot table and the completion ring
+through raw pointers into buffers allocated once, in ``CaptureEngine.__cinit__``.
+"""
+
+cimport cython
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+cimport numpy as cnp
 cimport pcap
+
+import ipaddress
+import os
+
+import numpy as np
+from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6
+
+from knockd_fast import capture_spec as spec
+
+cnp.import_array()
+
+cdef enum:
+    N_ALT = 8                  # capture_spec.MAX_ALTERNATIVES
+    ALT_PER_SEGMENT = 2        # capture_spec.ALTERNATIVES_PER_SEGMENT
+    MSG_CAP = 48               # capture_spec.MESSAGE_CAPACITY
+    MESSAGE_LEN_4 = 34
+    MESSAGE_LEN_6 = 46
+    MAX_TAGS = 4               # capture_spec.MAX_VLAN_TAGS
+    MAX_EXT = 8                # capture_spec.MAX_IPV6_EXTENSION_HEADERS
+    MAX_DESTINATIONS = 64
+    STATE_FREE = 0
+    STATE_PARTIAL = 1
+    ERROR_NONE = 0
+    ERROR_RING_FULL = 1
+
+cdef enum:  # counter indices, in capture_spec.COUNTER_NAMES order
+    C_PACKETS, C_KNOCK_PACKETS, C_SPA_PACKETS, C_COMPLETIONS, C_DUPLICATES, C_CONFLICTS,
+    C_ALTERNATIVES_DROPPED, C_EVICTIONS, C_EXPIRED, C_MALFORMED, C_IGNORED, N_COUNTERS
+
+
+# One source with a partial knock: two cache lines, the common case touches nothing else.
+ctypedef struct Slot:
+    uint64_t key[2]            # source as IPv6 (IPv4-mapped for IPv4), raw bytes
+    int64_t first_us           # packet time of its first digit
+    uint16_t nfilled
+    uint8_t state
+    uint8_t nalt
+    uint32_t _pad
+    uint64_t filled[2]         # one bit per segment (at most 92)
+    uint8_t message[MSG_CAP]   # digits packed MSB-first, digit_bits each
+    uint8_t alt_segment[N_ALT]
+    uint16_t alt_digit[N_ALT]
+    uint8_t _tail[8]
+
+# Layout of one record of capture_spec.COMPLETION_DTYPE (aligned numpy struct).
+ctypedef struct Completion:
+    uint8_t kind
+    uint8_t family
+    uint8_t length
+    uint8_t n_alternatives
+    uint32_t usec
+    int64_t sec
+    uint8_t source[16]
+    uint8_t destination[16]
+    uint8_t message[MSG_CAP]
+    uint8_t alt_segment[N_ALT]
+    uint16_t alt_digit[N_ALT]
+
+ctypedef struct Engine:
+    # settings
+    int linktype
+    uint32_t base_port
+    uint32_t digit_bits
+    uint32_t segment_size
+    uint32_t range_end          # one past the last knock port
+    uint32_t spa_port
+    uint32_t nseg[2]            # digits of an IPv4 / IPv6 message
+    uint32_t pad_mask[2]        # pad bits of the last digit, IPv4 / IPv6
+    uint32_t msg_len[2]
+    int64_t timeout_us
+    uint32_t ndest
+    uint8_t dest[MAX_DESTINATIONS][16]
+    uint64_t seed[2]
+    # table
+    Slot *slots
+    uint64_t *index             # (32-bit hash << 32) | (slot + 1); 0 = empty
+    uint64_t index_mask
+    uint32_t capacity
+    uint32_t next_slot
+    uint32_t active
+    # completions
+    Completion *ring
+    uint32_t ring_capacity
+    uint32_t ring_count
+    # accounting
+    uint64_t counters[N_COUNTERS]
+    int error
+    pcap.pcap_t *handle
+
+
+class CaptureError(Exception):
+    """A capture that cannot be opened or read; the message is one line."""
+
+
+cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline uint64_t fmix64(uint64_t x) noexcept nogil:
+    x ^= x >> 33
+    x *= 0xff51afd7ed558ccdULL
+    x ^= x >> 33
+    x *= 0xc4ceb9fe1a85ec53ULL
+    x ^= x >> 33
+    return x
+
+
+cdef inline uint64_t hash_key(const Engine *e, const uint64_t *key) noexcept nogil:
+    # Seeded at start-up so that spoofers cannot aim their sources at one probe chain.
+    return fmix64((key[0] ^ e.seed[0]) + fmix64(key[1] ^ e.seed[1]))
+
+
+cdef inline Slot *slot_at(const Engine *e, uint64_t entry) noexcept nogil:
+    return &e.slots[<uint32_t>(entry & 0xffffffffULL) - 1]
+
+
+cdef inline int64_t index_find(const Engine *e, const uint64_t *key, uint64_t h) noexcept nogil:
+    """Position in the index of ``key``'s entry, or -1."""
+    cdef uint64_t fp = h & 0xffffffffULL
+    cdef uint64_t i = fp & e.index_mask
+    cdef uint64_t entry
+    cdef Slot *slot
+    while True:
+        entry = e.index[i]
+        if entry == 0:
+            return -1
+        if (entry >> 32) == fp:
+            slot = slot_at(e, entry)
+            if slot.key[0] == key[0] and slot.key[1] == key[1]:
+                return <int64_t>i
+        i = (i + 1) & e.index_mask
+
+
+cdef inline void index_insert(Engine *e, uint64_t h, uint32_t slot) noexcept nogil:
+    cdef uint64_t fp = h & 0xffffffffULL
+    cdef uint64_t i = fp & e.index_mask
+    while e.index[i] != 0:
+        i = (i + 1) & e.index_mask
+    e.index[i] = (fp << 32) | (<uint64_t>slot + 1)
+
+
+cdef void index_remove_at(Engine *e, uint64_t i) noexcept nogil:
+    """Backward-shift deletion: linear probing without tombstones, so probes stay short."""
+    cdef uint64_t j = i
+    cdef uint64_t entry, home
+    while True:
+        j = (j + 1) & e.index_mask
+        entry = e.index[j]
+        if entry == 0:
+            e.index[i] = 0
+            return
+        home = (entry >> 32) & e.index_mask
+        # The entry at j may fill the hole at i unless its home lies cyclically in (i, j].
+        if i <= j:
+            if i < home <= j:
+                continue
+        elif home > i or home <= j:
+            continue
+        e.index[i] = entry
+        i = j
+
+
+cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
+    cdef int64_t pos = index_find(e, slot.key, hash_key(e, slot.key))
+    if pos >= 0:
+        index_remove_at(e, <uint64_t>pos)
+    slot.state = STATE_FREE
+    e.active -= 1
+
+
+cdef inline void put_digit(uint8_t *message, uint32_t bit, uint32_t bits, uint32_t digit) noexcept nogil:
+    # A digit of at most 12 bits starting at any bit fits in a 24-bit window.
+    cdef uint32_t byte = bit >> 3
+    cdef uint32_t window = digit << (24 - (bit & 7) - bits)
+    message[byte] |= <uint8_t>(window >> 16)
+    message[byte + 1] |= <uint8_t>(window >> 8)
+    message[byte + 2] |= <uint8_t>window
+
+
+cdef inline uint32_t get_digit(const uint8_t *message, uint32_t bit, uint32_t bits) noexcept nogil:
+    cdef uint32_t byte = bit >> 3
+    cdef uint32_t window = (<uint32_t>message[byte] << 16) | (<uint32_t>message[byte + 1] << 8) | message[byte + 2]
+    return (window >> (24 - (bit & 7) - bits)) & ((1u << bits) - 1)
+
+
+cdef inline bint ring_reserve(Engine *e) noexcept nogil:
+    if e.ring_count >= e.ring_capacity:
+        # dispatch() never reads more packets than there are free records; this is a bug guard.
+        e.error = ERROR_RING_FULL
+        pcap.pcap_breakloop(e.handle)
+        return False
+    return True
+
+
+cdef inline void emit_spa(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
+                          const uint8_t *dst, int family, const uint8_t *payload,
+                          uint32_t length) noexcept nogil:
+    if not ring_reserve(e):
+        return
+    cdef Completion *c = &e.ring[e.ring_count]
+    e.ring_count += 1
+    memset(c, 0, sizeof(Completion))
+    c.kind = 2
+    c.family = family
+    c.length = length
+    c.sec = h.ts.tv_sec
+    c.usec = h.ts.tv_usec
+    memcpy(c.source, src, 16)
+    memcpy(c.destination, dst, 16)
+    memcpy(c.message, payload, length)
+    e.counters[C_COMPLETIONS] += 1
+
+
+cdef void knock_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
+                      const uint8_t *dst, int fam, uint32_t segment, uint32_t digit) noexcept nogil:
+    cdef int64_t now = <int64_t>h.ts.tv_sec * 1000000 + h.ts.tv_usec
+    cdef uint64_t hv = hash_key(e, src)
+    cdef int64_t pos = index_find(e, src, hv)
+    cdef Slot *slot = NULL
+    cdef uint32_t s, i, same_segment
+    cdef uint32_t bit = segment * e.digit_bits
+    cdef uint32_t stored
+    cdef Completion *c
+
+    if pos >= 0:
+        slot = slot_at(e, e.index[pos])
+        if now - slot.first_us > e.timeout_us:
+            index_remove_at(e, <uint64_t>pos)
+            slot.state = STATE_FREE
+            e.active -= 1
+            e.counters[C_EXPIRED] += 1
+            slot = NULL
+    if slot == NULL:
+        # The ring of slots hands them out in order of first packet, so the slot it
+        # reuses holds the oldest partial knock: floods evict oldest first.
+        s = e.next_slot
+        e.next_slot = s + 1 if s + 1 < e.capacity else 0
+        slot = &e.slots[s]
+        if slot.state != STATE_FREE:
+            if now - slot.first_us > e.timeout_us:
+                e.counters[C_EXPIRED] += 1
+            else:
+                e.counters[C_EVICTIONS] += 1
+            free_slot(e, slot)
+        memset(slot, 0, sizeof(Slot))
+        slot.key[0] = src[0]
+        slot.key[1] = src[1]
+        slot.first_us = now
+        slot.state = STATE_PARTIAL
+        e.active += 1
+        index_insert(e, hv, s)
+
+    if not (slot.filled[segment >> 6] >> (segment & 63)) & 1:
+        slot.filled[segment >> 6] |= 1ULL << (segment & 63)
+        put_digit(slot.message, bit, e.digit_bits, digit)
+        slot.nfilled += 1
+    else:
+        stored = get_digit(slot.message, bit, e.digit_bits)
+        if stored == digit:
+            e.counters[C_DUPLICATES] += 1
+            return
+        e.counters[C_CONFLICTS] += 1
+        same_segment = 0
+        for i in range(slot.nalt):
+            if slot.alt_segment[i] == segment:
+                if slot.alt_digit[i] == digit:
+                    return
+                same_segment += 1
+        if same_segment >= ALT_PER_SEGMENT or slot.nalt >= N_ALT:
+            e.counters[C_ALTERNATIVES_DROPPED] += 1
+            return
+        slot.alt_segment[slot.nalt] = <uint8_t>segment
+        slot.alt_digit[slot.nalt] = <uint16_t>digit
+        slot.nalt += 1
+        return
+
+    if slot.nfilled < e.nseg[fam]:
+        return
+    if not ring_reserve(e):
+        return
+    c = &e.ring[e.ring_count]
+    e.ring_count += 1
+    memset(c, 0, sizeof(Completion))
+    c.kind = 1
+    c.family = 4 if fam == 0 else 6
+    c.length = e.msg_len[fam]
+    c.n_alternatives = slot.nalt
+    c.sec = h.ts.tv_sec
+    c.usec = h.ts.tv_usec
+    memcpy(c.source, slot.key, 16)
+    memcpy(c.destination, dst, 16)
+    memcpy(c.message, slot.message, e.msg_len[fam])
+    memcpy(c.alt_segment, slot.alt_segment, sizeof(slot.alt_segment))
+    memcpy(c.alt_digit, slot.alt_digit, sizeof(slot.alt_digit))
+    e.counters[C_COMPLETIONS] += 1
+    free_slot(e, slot)
+
+
+cdef inline bint is_vlan(uint16_t ethertype) noexcept nogil:
+    return ethertype == 0x8100 or ethertype == 0x88A8 or ethertype == 0x9100
+
+
+cdef void on_packet(unsigned char *user, const pcap.pcap_pkthdr *h,
+                    const unsigned char *data) noexcept nogil:
+    cdef Engine *e = <Engine *>user
+    e.counters[C_PACKETS] += 1
+    e.counters[classify(e, h, data)] += 1
+
+
+cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexcept nogil:
+    """Parse one frame; act on a digit or SPA datagram; return the counter this packet adds to.
+
+    Every read is checked against the captured length by hand (docs/capture.md lists the
+    order of checks, which the pure-Python twin follows too).
+    """
+    cdef uint32_t caplen = h.caplen
+    cdef uint32_t off = 0, tags = 0, avail, ihl, total, q, ext, hdr_len
+    cdef uint16_t ethertype = 0
+    cdef uint8_t proto, next_header, flags
+    cdef int fam, i
+    cdef uint64_t src[2]
+    cdef uint8_t dst[16]
+    cdef const uint8_t *ip
+    cdef const uint8_t *l4
+    cdef uint32_t l4avail, dport, udp_len, payload, segment, digit, port
+
+    # -- link layer
+    if e.linktype == 1:
+        if caplen < 14:
+            return C_MALFORMED
+        ethertype = be16(p + 12)
+        off = 14
+    elif e.linktype == 113:
+        if caplen < 16:
+            return C_MALFORMED
+        ethertype = be16(p + 14)
+        off = 16
+    elif e.linktype == 276:
+        if caplen < 20:
+            return C_MALFORMED
+        ethertype = be16(p)
+        off = 20
+    elif e.linktype == 228:
+        ethertype = 0x0800
+    elif e.linktype == 229:
+        ethertype = 0x86DD
+    else:  # raw IP: the version nibble decides
+        ethertype = 0x86DD if caplen >= 1 and (p[0] >> 4) == 6 else 0x0800
+    while is_vlan(ethertype):
+        if tags == MAX_TAGS or caplen < off + 4:
+            return C_MALFORMED
+        ethertype = be16(p + off + 2)
+        off += 4
+        tags += 1
+
+    # -- network layer
+    ip = p + off
+    avail = caplen - off
+    if ethertype == 0x0800:
+        if avail < 20 or (ip[0] >> 4) != 4:
+            return C_MALFORMED
+        ihl = (ip[0] & 0x0F) * 4
+        total = be16(ip + 2)
+        if ihl < 20 or avail < ihl or total < ihl:
+            return C_MALFORMED
+        if total < avail:
+            avail = total
+        if be16(ip + 6) & 0x1FFF:
+            return C_IGNORED
+        fam = 0
+        memset(src, 0, 16)
+        (<uint8_t *>src)[10] = 0xFF
+        (<uint8_t *>src)[11] = 0xFF
+        memcpy((<uint8_t *>src) + 12, ip + 12, 4)
+        memset(dst, 0, 10)
+        dst[10] = 0xFF
+        dst[11] = 0xFF
+        memcpy(dst + 12, ip + 16, 4)
+        proto = ip[9]
+        l4 = ip + ihl
+        l4avail = avail - ihl
+    elif ethertype == 0x86DD:
+        if avail < 40 or (ip[0] >> 4) != 6:
+            return C_MALFORMED
+        # An IPv4-mapped source would share the IPv4 source's table entry.
+        if (be16(ip + 8) | be16(ip + 10) | be16(ip + 12) | be16(ip + 14) | be16(ip + 16)) == 0 \
+                and be16(ip + 18) == 0xFFFF:
+            return C_MALFORMED
+        avail -= 40
+        total = be16(ip + 4)
+        if total < avail:
+            avail = total
+        next_header = ip[6]
+        q = 0
+        ext = 0
+        while next_header != 6 and next_header != 17:
+            if next_header == 0 or next_header == 43 or next_header == 60 or next_header == 51:
+                if ext == MAX_EXT or q + 2 > avail:
+                    return C_MALFORMED
+                if next_header == 51:
+                    hdr_len = (<uint32_t>ip[40 + q + 1] + 2) * 4
+                else:
+                    hdr_len = (<uint32_t>ip[40 + q + 1] + 1) * 8
+                if q + hdr_len > avail:
+                    return C_MALFORMED
+            elif next_header == 44:
+                if ext == MAX_EXT or q + 8 > avail:
+                    return C_MALFORMED
+                if be16(ip + 40 + q + 2) >> 3:
+                    return C_IGNORED
+                hdr_len = 8
+            else:
+                return C_IGNORED
+            ext += 1
+            next_header = ip[40 + q]
+            q += hdr_len
+        fam = 1
+        memcpy(src, ip + 8, 16)
+        memcpy(dst, ip + 24, 16)
+        proto = next_header
+        l4 = ip + 40 + q
+        l4avail = avail - q
+    else:
+        return C_IGNORED
+
+    if e.ndest:
+        for i in range(<int>e.ndest):
+            if memcmp(dst, e.dest[i], 16) == 0:
+                break
+        else:
+            return C_IGNORED
+
+    # -- transport
+    if proto == 6:
+        if l4avail < 20:
+            return C_MALFORMED
+        flags = l4[13]
+        if (flags & 0x12) != 0x02:
+            return C_IGNORED
+        dport = be16(l4 + 2)
+    elif proto == 17:
+        if l4avail < 8:
+            return C_MALFORMED
+        dport = be16(l4 + 2)
+        if dport == e.spa_port:
+            udp_len = be16(l4 + 4)
+            if udp_len < 8 or udp_len > l4avail:
+                return C_MALFORMED
+            payload = udp_len - 8
+            if payload != MESSAGE_LEN_4 and payload != MESSAGE_LEN_6:
+                return C_MALFORMED
+            emit_spa(e, h, src, dst, 4 if fam == 0 else 6, l4 + 8, payload)
+            return C_SPA_PACKETS
+    else:
+        return C_IGNORED
+
+    if dport < e.base_port or dport >= e.range_end:
+        return C_IGNORED
+    port = dport - e.base_port
+    segment = port >> e.digit_bits
+    digit = port & (e.segment_size - 1)
+    if segment >= e.nseg[fam]:
+        return C_IGNORED
+    if segment == e.nseg[fam] - 1 and (digit & e.pad_mask[fam]):
+        return C_MALFORMED
+    knock_digit(e, h, src, dst, fam, segment, digit)
+    return C_KNOCK_PACKETS
+
+
+cdef void count_only(unsigned char *user, const pcap.pcap_pkthdr *h,
+                     const unsigned char *data) noexcept nogil:
+    (<uint64_t *>user)[0] += 1
+
+
+cdef double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def bare_dispatch(path):
+    """The capture limit: pcap_dispatch over a file with a callback that only counts.
+
+    Returns (packets, seconds), timing the dispatch loop alone, for bench/run.py.
+    """
+    cdef char errbuf[pcap.PCAP_ERRBUF_SIZE]
+    cdef bytes fname = os.fsencode(path)
+    cdef pcap.pcap_t *handle = pcap.pcap_open_offline(fname, errbuf)
+    cdef uint64_t packets = 0
+    cdef int rc = 1
+    cdef double start, stop
+    if handle == NULL:
+        raise CaptureError(f"cannot open capture file {path}: {errbuf.decode(errors='replace')}")
+    try:
+        with nogil:
+            start = monotonic()
+            while rc > 0:
+                rc = pcap.pcap_dispatch(handle, -1, count_only, <unsigned char *>&packets)
+            stop = monotonic()
+        if rc < 0:
+            raise CaptureError(f"{path}: {pcap.pcap_geterr(handle).decode(errors='replace')}")
+    finally:
+        pcap.pcap_close(handle)
+    return packets, stop - start
+
+
+def _address_key(address):
+    return spec.address_key(ipaddress.ip_address(address))
+
+
+cdef class CaptureEngine:
+    """Knock capture over one pcap handle (docs/capture.md has the API and the rules)."""
+
+    cdef Engine e
+    cdef object layout
+    cdef object destinations
+    cdef cnp.ndarray _slots
+    cdef cnp.ndarray _index
+    cdef cnp.ndarray _ring
+    cdef readonly double knock_timeout
+    cdef readonly bint live
+
+    def __cinit__(self):
+        memset(&self.e, 0, sizeof(Engine))
+
+    def __init__(self, layout, knock_timeout=10.0, capacity=65536, ring_capacity=4096,
+                 destinations=()):
+        n4, n6 = spec.segment_counts(layout)
+        if not knock_timeout > 0:
+            raise ValueError(f"knock_timeout must be positive, not {knock_timeout!r}")
+        if not 1 <= capacity < 2**31:
+            raise ValueError(f"capacity must be in 1..2**31-1, not {capacity!r}")
+        if not 1 <= ring_capacity < 2**31:
+            raise ValueError(f"ring_capacity must be in 1..2**31-1, not {ring_capacity!r}")
+        keys = [_address_key(a) for a in destinations]
+        if len(set(keys)) > MAX_DESTINATIONS:
+            raise ValueError(f"at most {MAX_DESTINATIONS} protected destinations")
+        self.layout = layout
+        self.destinations = tuple(ipaddress.ip_address(a) for a in destinations)
+        self.knock_timeout = knock_timeout
+
+        cdef Engine *e = &self.e
+        e.base_port = layout.base_port
+        e.digit_bits = layout.digit_bits
+        e.segment_size = 1 << layout.digit_bits
+        e.range_end = layout.base_port + n6 * e.segment_size
+        e.spa_port = layout.spa_port
+        e.nseg[0] = n4
+        e.nseg[1] = n6
+        e.msg_len[0] = MESSAGE_LEN_IPV4
+        e.msg_len[1] = MESSAGE_LEN_IPV6
+        e.pad_mask[0] = (1 << (n4 * layout.digit_bits - 8 * MESSAGE_LEN_IPV4)) - 1
+        e.pad_mask[1] = (1 << (n6 * layout.digit_bits - 8 * MESSAGE_LEN_IPV6)) - 1
+        e.timeout_us = <int64_t>round(knock_timeout * 1e6)
+        cdef bytes dest_key
+        for i, dest_key in enumerate(sorted(set(keys))):
+            memcpy(e.dest[i], <const char *>dest_key, 16)
+        e.ndest = len(set(keys))
+        e.seed[0] = int.from_bytes(os.urandom(8), "little")
+        e.seed[1] = int.from_bytes(os.urandom(8), "little")
+
+        # Allocated once; the callback only ever sees these raw pointers.
+        index_size = 1 << max(4, (2 * capacity - 1).bit_length())
+        self._slots = np.zeros(capacity * sizeof(Slot) + 128, dtype=np.uint8)
+        cdef size_t address = <size_t>cnp.PyArray_DATA(self._slots)
+        e.slots = <Slot *>((address + 127) & ~(<size_t>127))  # one slot = two whole cache lines
+        self._index = np.zeros(index_size, dtype=np.uint64)
+        e.index = <uint64_t *>cnp.PyArray_DATA(self._index)
+        e.index_mask = index_size - 1
+        e.capacity = capacity
+        self._ring = np.zeros(ring_capacity, dtype=spec.COMPLETION_DTYPE)
+        e.ring = <Completion *>cnp.PyArray_DATA(self._ring)
+        e.ring_capacity = ring_capacity
+
+    def __dealloc__(self):
+        if self.e.handle != NULL:
+            pcap.pcap_close(self.e.handle)
+            self.e.handle = NULL
+
+    # -- opening
+
+    def open_file(self, path, bpf=False):
+        """Read a pcap or pcapng file (libpcap's pcap_open_offline)."""
+        cdef char errbuf[pcap.PCAP_ERRBUF_SIZE]
+        cdef bytes fname = os.fsencode(path)
+        self.close()
+        errbuf[0] = 0
+        cdef pcap.pcap_t *handle = pcap.pcap_open_offline(fname, errbuf)
+        if handle == NULL:
+            raise CaptureError(f"cannot open capture file {path}: {errbuf.decode(errors='replace')}")
+        self._adopt(handle, bpf, f"capture file {path}")
+        self.live = False
+
+    def open_live(self, interface, buffer_bytes=8 << 20, timeout_ms=100, snaplen=spec.SNAPLEN,
+                  bpf=True):
+        """Capture on an interface (``any`` for all): immediate mode, not promiscuous."""
+        cdef char errbuf[pcap.PCAP_ERRBUF_SIZE]
+        cdef bytes name = os.fsencode(interface)
+        self.close()
+        errbuf[0] = 0
+        cdef pcap.pcap_t *handle = pcap.pcap_create(name, errbuf)
+        if handle == NULL:
+            raise CaptureError(f"interface {interface}: {errbuf.decode(errors='replace')}")
+        pcap.pcap_set_snaplen(handle, snaplen)
+        pcap.pcap_set_promisc(handle, 0)
+        pcap.pcap_set_immediate_mode(handle, 1)
+        pcap.pcap_set_buffer_size(handle, buffer_bytes)
+        pcap.pcap_set_timeout(handle, timeout_ms)
+        rc = pcap.pcap_activate(handle)
+        if rc < 0:
+            detail = pcap.pcap_geterr(handle).decode(errors="replace")
+            pcap.pcap_close(handle)
+            if rc == pcap.PCAP_ERROR_NO_SUCH_DEVICE:
+                raise CaptureError(f"interface {interface}: no such interface")
+            if rc == pcap.PCAP_ERROR_PERM_DENIED:
+                raise CaptureError(f"interface {interface}: permission denied (needs CAP_NET_RAW)")
+            status = pcap.pcap_statustostr(rc).decode(errors="replace")
+            raise CaptureError(f"interface {interface}: {status}: {detail}")
+        self._adopt(handle, bpf, f"interface {interface}")
+        self.live = True
+
+    cdef _adopt(self, pcap.pcap_t *handle, bint bpf, str what):
+        cdef pcap.bpf_program program
+        linktype = pcap.pcap_datalink(handle)
+        if linktype not in spec.SUPPORTED_LINKTYPES:
+            pcap.pcap_close(handle)
+            raise CaptureError(f"{what}: unsupported link type {linktype}")
+        if bpf:
+            text = self.filter_expression.encode()
+            if pcap.pcap_compile(handle, &program, text, 1, pcap.PCAP_NETMASK_UNKNOWN) != 0 \
+                    or pcap.pcap_setfilter(handle, &program) != 0:
+                detail = pcap.pcap_geterr(handle).decode(errors="replace")
+                pcap.pcap_close(handle)
+                raise CaptureError(f"{what}: BPF filter: {detail}")
+            pcap.pcap_freecode(&program)
+        self.e.handle = handle
+        self.e.linktype = linktype
+
+    @property
+    def filter_expression(self):
+        return spec.filter_expression(self.layout, self.destinations)
+
+    @property
+    def linktype(self):
+        return self.e.linktype if self.e.handle != NULL else None
+
+    def fileno(self):
+        """A descriptor to wait on with select/poll before dispatch (live handles)."""
+        self._require_handle()
+        return pcap.pcap_get_selectable_fd(self.e.handle)
+
+    def set_nonblocking(self, flag=True):
+        cdef char errbuf[pcap.PCAP_ERRBUF_SIZE]
+        self._require_handle()
+        if pcap.pcap_setnonblock(self.e.handle, 1 if flag else 0, errbuf) < 0:
+            raise CaptureError(errbuf.decode(errors="replace"))
+
+    def close(self):
+        if self.e.handle != NULL:
+            pcap.pcap_close(self.e.handle)
+            self.e.handle = NULL
+
+    def _require_handle(self):
+        if self.e.handle == NULL:
+            raise CaptureError("no capture is open: call open_file() or open_live() first")
+
+    # -- the loop
+
+    def dispatch(self, int max_packets=-1):
+        """Read one batch (at most the free completion records); the GIL is released."""
+        cdef int rc, count
+        self._require_handle()
+        free = self.e.ring_capacity - self.e.ring_count
+        if free == 0:
+            raise CaptureError("completion ring full: drain() before dispatch()")
+        count = free if max_packets <= 0 or max_packets > free else max_packets
+        self.e.error = ERROR_NONE
+        with nogil:
+            rc = pcap.pcap_dispatch(self.e.handle, count, on_packet, <unsigned char *>&self.e)
+        if self.e.error == ERROR_RING_FULL:
+            raise CaptureError("internal error: completion ring overflow")
+        if rc == pcap.PCAP_ERROR_BREAK:
+            return 0
+        if rc < 0:
+            raise CaptureError(pcap.pcap_geterr(self.e.handle).decode(errors="replace"))
+        return rc
+
+    def drain(self):
+        """The completions since the last drain, oldest first (a copy), and an empty ring."""
+        count = self.e.ring_count
+        self.e.ring_count = 0
+        return self._ring[:count].copy()
+
+    def forget(self, address):
+        """Drop the partial knock of ``address``, if any (the daemon's one way back in)."""
+        cdef bytes key = _address_key(address)
+        cdef uint64_t k[2]
+        memcpy(k, <const char *>key, 16)
+        cdef int64_t pos = index_find(&self.e, k, hash_key(&self.e, k))
+        if pos >= 0:
+            slot = slot_at(&self.e, self.e.index[pos])
+            index_remove_at(&self.e, <uint64_t>pos)
+            slot.state = STATE_FREE
+            self.e.active -= 1
+
+    def active_sources(self):
+        return self.e.active
+
+    def stats(self):
+        cdef pcap.pcap_stat ps
+        result = {name: self.e.counters[i] for i, name in enumerate(spec.COUNTER_NAMES)}
+        result.update(dict.fromkeys(spec.PCAP_COUNTER_NAMES, 0))
+        if self.live and self.e.handle != NULL and pcap.pcap_stats(self.e.handle, &ps) == 0:
+            result["pcap_received"] = ps.ps_recv
+            result["pcap_dropped"] = ps.ps_drop
+            result["pcap_ifdropped"] = ps.ps_ifdrop
+        return result
 
 
 def libpcap_version() -> str:
     """Return libpcap's own version string, e.g. 'libpcap version 1.10.3 (with TPACKET_V3)'."""
     return pcap.pcap_lib_version().decode("ascii", "replace")
+
+
+def _check_layouts():
+    # The C structs and the shared numbers must agree with capture_spec.
+    assert sizeof(Slot) == 128, sizeof(Slot)
+    assert sizeof(Completion) == spec.COMPLETION_DTYPE.itemsize
+    assert (N_ALT, ALT_PER_SEGMENT, MSG_CAP, MAX_TAGS, MAX_EXT) == (
+        spec.MAX_ALTERNATIVES, spec.ALTERNATIVES_PER_SEGMENT, spec.MESSAGE_CAPACITY,
+        spec.MAX_VLAN_TAGS, spec.MAX_IPV6_EXTENSION_HEADERS)
+    assert (MESSAGE_LEN_4, MESSAGE_LEN_6) == (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
+    assert tuple(spec.COUNTER_NAMES) == (
+        "packets", "knock_packets", "spa_packets", "completions", "duplicates", "conflicts",
+        "alternatives_dropped", "evictions", "expired", "malformed", "ignored")
+    assert N_COUNTERS == len(spec.COUNTER_NAMES)
+
+
+_check_layouts()

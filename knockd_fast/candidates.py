@@ -1,0 +1,52 @@
+"""From a completion record to the messages worth authenticating.
+
+A segment that saw conflicting digits (a late retransmit, a spoofed packet) carries
+alternatives; the right message is one of the combinations. The count is bounded so that
+a spoofer cannot make the daemon spend unbounded AES work on one completion.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+
+from .capture_spec import KIND_SPA, MAX_CANDIDATES
+
+
+def _set_digit(value: int, total_bits: int, digit_bits: int, segment: int, digit: int) -> int:
+    shift = total_bits - (segment + 1) * digit_bits
+    mask = ((1 << digit_bits) - 1) << shift
+    return (value & ~mask) | (digit << shift)
+
+
+def candidate_messages(
+    record: np.void, digit_bits: int, limit: int = MAX_CANDIDATES
+) -> Iterator[bytes]:
+    """The primary message, then each combination of alternatives, at most ``limit`` in all."""
+    length = int(record["length"])
+    primary = bytes(record["message"][:length])
+    yield primary
+    count = int(record["n_alternatives"])
+    if record["kind"] == KIND_SPA or count == 0:
+        return
+    options: dict[int, list[int | None]] = {}
+    for segment, digit in zip(record["alt_segment"][:count], record["alt_digit"][:count]):
+        options.setdefault(int(segment), [None]).append(int(digit))
+    segments = sorted(options)
+    pad = -(length * 8) % digit_bits
+    total_bits = length * 8 + pad
+    value = int.from_bytes(primary, "big") << pad
+    produced = 1
+    for choice in itertools.product(*(options[s] for s in segments)):
+        if all(digit is None for digit in choice):
+            continue  # the primary, already given
+        if produced >= limit:
+            return
+        candidate = value
+        for segment, digit in zip(segments, choice):
+            if digit is not None:
+                candidate = _set_digit(candidate, total_bits, digit_bits, segment, digit)
+        produced += 1
+        yield (candidate >> pad).to_bytes(length, "big")

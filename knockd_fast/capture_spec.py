@@ -1,0 +1,132 @@
+"""What both capture twins share: record layout, counter names, limits, the BPF filter.
+
+docs/capture.md is the specification; ``_capture_c`` (Cython) and ``_capture_py`` (pure
+Python) implement it and import their shared numbers from here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+import numpy as np
+from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6, KnockLayout, digit_count
+
+KIND_KNOCK = 1
+KIND_SPA = 2
+MAX_ALTERNATIVES = 8  # per source
+ALTERNATIVES_PER_SEGMENT = 2
+MAX_CANDIDATES = 16  # messages the verifier authenticates per completion, at most
+MAX_VLAN_TAGS = 4
+MAX_IPV6_EXTENSION_HEADERS = 8
+MESSAGE_CAPACITY = 48  # bytes kept per message: 46, rounded up; digits never spill past it
+
+# Largest link header (cooked v2: 20, or Ethernet with 4 tags: 30) + IPv6 (40) + 8 extension
+# headers we may walk + UDP (8) + the largest SPA payload, rounded up. Packets longer than
+# this are truncated by the kernel, which never hurts: nothing past the SPA payload is read.
+SNAPLEN = 256
+
+LINKTYPE_NULL = 0
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW_DLT12 = 12
+LINKTYPE_RAW_DLT14 = 14
+LINKTYPE_RAW = 101
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_LINUX_SLL2 = 276
+SUPPORTED_LINKTYPES = frozenset(
+    {
+        LINKTYPE_ETHERNET,
+        LINKTYPE_RAW_DLT12,
+        LINKTYPE_RAW_DLT14,
+        LINKTYPE_RAW,
+        LINKTYPE_LINUX_SLL,
+        LINKTYPE_IPV4,
+        LINKTYPE_IPV6,
+        LINKTYPE_LINUX_SLL2,
+    }
+)
+
+COUNTER_NAMES = (
+    "packets",
+    "knock_packets",
+    "spa_packets",
+    "completions",
+    "duplicates",
+    "conflicts",
+    "alternatives_dropped",
+    "evictions",
+    "expired",
+    "malformed",
+    "ignored",
+)
+PCAP_COUNTER_NAMES = ("pcap_received", "pcap_dropped", "pcap_ifdropped")
+
+COMPLETION_DTYPE = np.dtype(
+    [
+        ("kind", "u1"),
+        ("family", "u1"),
+        ("length", "u1"),
+        ("n_alternatives", "u1"),
+        ("usec", "<u4"),
+        ("sec", "<i8"),
+        ("source", "u1", 16),
+        ("destination", "u1", 16),
+        ("message", "u1", MESSAGE_CAPACITY),
+        ("alt_segment", "u1", MAX_ALTERNATIVES),
+        ("alt_digit", "<u2", MAX_ALTERNATIVES),
+    ],
+    align=True,
+)
+
+
+def segment_counts(layout: KnockLayout) -> tuple[int, int]:
+    """(N4, N6): digits of an IPv4 and an IPv6 message; also checks both ranges fit."""
+    layout.port_range(MESSAGE_LEN_IPV6)
+    layout.port_range(MESSAGE_LEN_IPV4)
+    return (
+        digit_count(MESSAGE_LEN_IPV4, layout.digit_bits),
+        digit_count(MESSAGE_LEN_IPV6, layout.digit_bits),
+    )
+
+
+def address_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """The 16-byte table key: IPv6 as is, IPv4 as IPv4-mapped IPv6."""
+    if address.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + address.packed
+    return address.packed
+
+
+def key_address(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.IPv6Address(bytes(key))
+    return address.ipv4_mapped or address
+
+
+def filter_expression(
+    layout: KnockLayout,
+    destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+) -> str:
+    """BPF source for the kernel filter of live handles (docs/capture.md, Live capture).
+
+    The engine re-checks everything; the filter only keeps the kernel from copying
+    packets that can never matter.
+    """
+    n4, n6 = segment_counts(layout)
+    last = layout.base_port + n6 * layout.segment_size - 1
+    knock_range = f"dst portrange {layout.base_port}-{last}"
+    # libpcap's tcpflags accessor is IPv4-only; for IPv6 read the flags at the fixed offset.
+    syn = "(tcp[tcpflags] & (tcp-syn|tcp-ack)) == tcp-syn"
+    syn6 = "(ip6[6] == 6 and (ip6[53] & 0x12) == 0x02)"
+    # Extension headers first: the engine walks them (hop-by-hop, routing, fragment, AH, dstopt).
+    ext6 = "(ip6 and (ip6[6] == 0 or ip6[6] == 43 or ip6[6] == 44 or ip6[6] == 51 or ip6[6] == 60))"
+    body = (
+        f"(ip and tcp and {knock_range} and {syn})"
+        f" or (ip6 and tcp and {knock_range} and {syn6})"
+        f" or (udp and ({knock_range} or dst port {layout.spa_port}))"
+        f" or {ext6}"
+    )
+    hosts = sorted({str(a) for a in destinations})
+    if hosts:
+        body = f"({' or '.join(f'dst host {h}' for h in hosts)}) and ({body})"
+    return f"({body}) or (vlan and ({body}))"
