@@ -32,7 +32,9 @@ def candidate_messages(
     if record["kind"] == KIND_SPA or count == 0:
         return
     options: dict[int, list[int | None]] = {}
-    for segment, digit in zip(record["alt_segment"][:count], record["alt_digit"][:count]):
+    for segment, digit in zip(
+        record["alt_segment"][:count], record["alt_digit"][:count], strict=True
+    ):
         options.setdefault(int(segment), [None]).append(int(digit))
     segments = sorted(options)
     pad = -(length * 8) % digit_bits
@@ -45,7 +47,7 @@ def candidate_messages(
         if produced >= limit:
             return
         candidate = value
-        for segment, digit in zip(segments, choice):
+        for segment, digit in zip(segments, choice, strict=True):
             if digit is not None:
                 candidate = _set_digit(candidate, total_bits, digit_bits, segment, digit)
         produced += 1

@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Iterable
 
 import numpy as np
+
 from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6, KnockLayout, digit_count
 
 KIND_KNOCK = 1
