@@ -642,7 +642,7 @@ cdef class CaptureEngine:
             pcap.pcap_close(handle)
             raise CaptureError(f"{what}: unsupported link type {linktype}")
         if bpf:
-            text = self.filter_expression.encode()
+            text = spec.filter_expression(self.layout, self.destinations, linktype).encode()
             if pcap.pcap_compile(handle, &program, text, 1, pcap.PCAP_NETMASK_UNKNOWN) != 0 \
                     or pcap.pcap_setfilter(handle, &program) != 0:
                 detail = pcap.pcap_geterr(handle).decode(errors="replace")
@@ -654,7 +654,10 @@ cdef class CaptureEngine:
 
     @property
     def filter_expression(self):
-        return spec.filter_expression(self.layout, self.destinations)
+        """The BPF source for the open handle's link type (Ethernet if none is open)."""
+        return spec.filter_expression(
+            self.layout, self.destinations, self.e.linktype or spec.LINKTYPE_ETHERNET
+        )
 
     @property
     def linktype(self):

@@ -107,6 +107,7 @@ def key_address(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 def filter_expression(
     layout: KnockLayout,
     destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    linktype: int = LINKTYPE_ETHERNET,
 ) -> str:
     """BPF source for the kernel filter of live handles (docs/capture.md, Live capture).
 
@@ -130,4 +131,6 @@ def filter_expression(
     hosts = sorted({str(a) for a in destinations})
     if hosts:
         body = f"({' or '.join(f'dst host {h}' for h in hosts)}) and ({body})"
+    if linktype != LINKTYPE_ETHERNET:
+        return body  # libpcap has no `vlan` for cooked or raw links; Linux strips tags there
     return f"({body}) or (vlan and ({body}))"

@@ -126,3 +126,49 @@ class Sniffer:
     def packets(self) -> list[dict[str, Any]]:
         with open(self.out) as lines:
             return [json.loads(line) for line in lines if line.strip()]
+
+
+SERVER_V4, CLIENT_V4 = "192.0.2.1", "192.0.2.2"
+SERVER_V6, CLIENT_V6 = "2001:db8::1", "2001:db8::2"
+
+
+@contextlib.contextmanager
+def two_hosts() -> Iterator[tuple[str, str, str]]:
+    """Namespaces (server, client) joined by a veth; yields (server, client, server iface).
+
+    Server 192.0.2.1 / 2001:db8::1, client 192.0.2.2 / 2001:db8::2 (documentation ranges);
+    IPv6 addresses skip duplicate address detection so they work at once.
+    """
+    with network_namespace("kfs") as server, network_namespace("kfc") as client:
+        suffix = server.split("-", 1)[1].replace("-", "")[-9:]
+        server_if, client_if = f"kfs{suffix}", f"kfc{suffix}"
+        steps = [
+            [
+                "ip",
+                "link",
+                "add",
+                server_if,
+                "netns",
+                server,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                client_if,
+                "netns",
+                client,
+            ],
+        ]
+        for ns, iface, v4, v6 in (
+            (server, server_if, SERVER_V4, SERVER_V6),
+            (client, client_if, CLIENT_V4, CLIENT_V6),
+        ):
+            steps += [
+                ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{v4}/24", "dev", iface],
+                ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{v6}/64", "dev", iface, "nodad"],
+                ["ip", "netns", "exec", ns, "ip", "link", "set", iface, "up"],
+            ]
+        for argv in steps:
+            subprocess.run(argv, check=True, capture_output=True)
+        # Deleting a namespace deletes the veth pair with it.
+        yield server, client, server_if
