@@ -18,10 +18,9 @@ STAMP_DEPS   := pyproject.toml setup.py client/pyproject.toml \
                 $(wildcard _ext/*.pyx _ext/*.pxd _ext/includes/*.pxd)
 LINT_PATHS   := setup.py $(wildcard client knockd_fast tests bench)
 PYTEST       := $(IN_VENV) $(VPY) -m pytest -p no:cacheprovider
-# Second pytest run for the pure-Python capture twin: when knockd_fast/_capture_py.py lands,
-# set this to the capture tests (e.g. tests/test_capture*.py) and they will be run again
-# with KNOCKD_FAST_NO_EXTENSIONS=1. Empty = no second run.
-PURE_TWIN_TESTS :=
+# The capture tests already run both twins side by side; this second run, with
+# KNOCKD_FAST_NO_EXTENSIONS=1, proves the selector falls back to the pure twin on request.
+PURE_TWIN_TESTS := tests/test_build.py tests/test_capture.py
 
 .PHONY: deps venv build debug test lint demo clean
 
@@ -72,6 +71,24 @@ endif
 
 demo: $(STAMP)
 	$(IN_VENV) bash demo/demo.sh
+
+# Benchmarks (bench/README.md): packets/s of the bare libpcap loop, the Cython engine and the
+# pure-Python twin over deterministic capture files, cached in bench/results/ (about 1.3 GB).
+# Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
+BENCH_TOOLS := matplotlib tqdm
+BENCH_RUN   := $(IN_VENV) $(VPY) bench/run.py
+.PHONY: bench bench-quick bench-tools
+
+bench-tools: $(STAMP)
+	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q $(BENCH_TOOLS)
+
+bench: bench-tools
+	$(BENCH_RUN) flood
+	$(BENCH_RUN) sweep
+
+bench-quick: bench-tools
+	$(BENCH_RUN) flood --quick
+	$(BENCH_RUN) sweep --quick
 
 clean:
 	rm -rf build client/build *.egg-info client/*.egg-info .hypothesis .pytest_cache

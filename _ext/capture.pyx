@@ -16,6 +16,7 @@ cimport numpy as cnp
 cimport pcap
 
 import ipaddress
+import math
 import os
 
 import numpy as np
@@ -33,7 +34,7 @@ cdef enum:
     MESSAGE_LEN_6 = 46
     MAX_TAGS = 4               # capture_spec.MAX_VLAN_TAGS
     MAX_EXT = 8                # capture_spec.MAX_IPV6_EXTENSION_HEADERS
-    MAX_DESTINATIONS = 64
+    MAX_DESTINATIONS = 64      # capture_spec.MAX_DESTINATIONS
     STATE_FREE = 0
     STATE_PARTIAL = 1
     ERROR_NONE = 0
@@ -542,8 +543,11 @@ cdef class CaptureEngine:
     def __init__(self, layout, knock_timeout=10.0, capacity=65536, ring_capacity=4096,
                  destinations=()):
         n4, n6 = spec.segment_counts(layout)
-        if not knock_timeout > 0:
-            raise ValueError(f"knock_timeout must be positive, not {knock_timeout!r}")
+        knock_timeout = float(knock_timeout)
+        if not (math.isfinite(knock_timeout) and knock_timeout > 0):
+            raise ValueError(
+                f"knock_timeout must be a positive number of seconds, not {knock_timeout}"
+            )
         if not 1 <= capacity < 2**31:
             raise ValueError(f"capacity must be in 1..2**31-1, not {capacity!r}")
         if not 1 <= ring_capacity < 2**31:
@@ -745,9 +749,9 @@ def _check_layouts():
     # The C structs and the shared numbers must agree with capture_spec.
     assert sizeof(Slot) == 128, sizeof(Slot)
     assert sizeof(Completion) == spec.COMPLETION_DTYPE.itemsize
-    assert (N_ALT, ALT_PER_SEGMENT, MSG_CAP, MAX_TAGS, MAX_EXT) == (
+    assert (N_ALT, ALT_PER_SEGMENT, MSG_CAP, MAX_TAGS, MAX_EXT, MAX_DESTINATIONS) == (
         spec.MAX_ALTERNATIVES, spec.ALTERNATIVES_PER_SEGMENT, spec.MESSAGE_CAPACITY,
-        spec.MAX_VLAN_TAGS, spec.MAX_IPV6_EXTENSION_HEADERS)
+        spec.MAX_VLAN_TAGS, spec.MAX_IPV6_EXTENSION_HEADERS, spec.MAX_DESTINATIONS)
     assert (MESSAGE_LEN_4, MESSAGE_LEN_6) == (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
     assert tuple(spec.COUNTER_NAMES) == (
         "packets", "knock_packets", "spa_packets", "completions", "duplicates", "conflicts",

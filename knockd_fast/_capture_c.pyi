@@ -5,6 +5,7 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
+
 from knock_client.protocol import KnockLayout
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address | str

@@ -19,13 +19,15 @@ MAX_ALTERNATIVES = 8  # per source
 ALTERNATIVES_PER_SEGMENT = 2
 MAX_CANDIDATES = 16  # messages the verifier authenticates per completion, at most
 MAX_VLAN_TAGS = 4
+MAX_DESTINATIONS = 64  # protected addresses the engine compares against
 MAX_IPV6_EXTENSION_HEADERS = 8
 MESSAGE_CAPACITY = 48  # bytes kept per message: 46, rounded up; digits never spill past it
 
-# Largest link header (cooked v2: 20, or Ethernet with 4 tags: 30) + IPv6 (40) + 8 extension
-# headers we may walk + UDP (8) + the largest SPA payload, rounded up. Packets longer than
-# this are truncated by the kernel, which never hurts: nothing past the SPA payload is read.
-SNAPLEN = 256
+# Live snaplen: the largest link header (Ethernet with 4 tags: 30) + IPv6 (40) + UDP (8) + the
+# largest SPA payload (46) leave 388 bytes for IPv6 extension headers. Nothing past the SPA
+# payload is ever read; a knock behind more extension headers than that is seen truncated
+# (malformed) live, which a genuine client never sends.
+SNAPLEN = 512
 
 LINKTYPE_NULL = 0
 LINKTYPE_ETHERNET = 1

@@ -17,6 +17,15 @@ def test_extension_is_built_and_links_libpcap() -> None:
     assert _capture_c.libpcap_version().startswith("libpcap version ")
 
 
+def test_selector_loads_the_expected_twin() -> None:
+    from knockd_fast import _capture
+
+    assert _capture.IMPLEMENTATION == ("python" if PURE else "cython")
+    assert _capture.CaptureEngine.__module__ == (
+        "knockd_fast._capture_py" if PURE else "knockd_fast._capture_c"
+    )
+
+
 def test_version_command_names_both_distributions() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "knockd_fast.cli", "version"],
