@@ -26,6 +26,12 @@ from knockd_fast import capture_spec as spec
 
 cnp.import_array()
 
+cdef extern from *:
+    """
+    #define KF_PREFETCH(address) __builtin_prefetch((const void *)(address))
+    """
+    void KF_PREFETCH(const void *address) nogil
+
 cdef enum:
     N_ALT = 8                  # capture_spec.MAX_ALTERNATIVES
     ALT_PER_SEGMENT = 2        # capture_spec.ALTERNATIVES_PER_SEGMENT
@@ -52,7 +58,7 @@ ctypedef struct Slot:
     uint16_t nfilled
     uint8_t state
     uint8_t nalt
-    uint32_t _pad
+    uint32_t fp                # low 32 bits of its hash: finds its index entry without rehashing
     uint64_t filled[2]         # one bit per segment (at most 92)
     uint8_t message[MSG_CAP]   # digits packed MSB-first, digit_bits each
     uint8_t alt_segment[N_ALT]
@@ -72,6 +78,17 @@ ctypedef struct Completion:
     uint8_t message[MSG_CAP]
     uint8_t alt_segment[N_ALT]
     uint16_t alt_digit[N_ALT]
+
+# A knock digit between parsing and table work (see ``defer_digit``).
+ctypedef struct Digit:
+    uint64_t src[2]
+    uint8_t dst[16]
+    uint64_t hash
+    int64_t sec
+    uint32_t usec
+    uint32_t segment
+    uint32_t digit
+    int fam
 
 ctypedef struct Engine:
     # settings
@@ -101,6 +118,8 @@ ctypedef struct Engine:
     uint32_t ring_count
     # accounting
     uint64_t counters[N_COUNTERS]
+    Digit pending
+    bint has_pending
     int error
     pcap.pcap_t *handle
 
@@ -178,11 +197,23 @@ cdef void index_remove_at(Engine *e, uint64_t i) noexcept nogil:
 
 
 cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
-    cdef int64_t pos = index_find(e, slot.key, hash_key(e, slot.key))
+    cdef int64_t pos = index_find(e, slot.key, slot.fp)
     if pos >= 0:
         index_remove_at(e, <uint64_t>pos)
     slot.state = STATE_FREE
     e.active -= 1
+
+
+cdef inline void prefetch_victims(const Engine *e) noexcept nogil:
+    # Under a flood every packet takes the next slot of the ring and frees its occupant's
+    # index entry. Fetch the slot after next now, and the index entry of the next victim
+    # (whose slot was fetched one allocation ago), so neither is a cache miss when needed.
+    cdef uint32_t after_next = e.next_slot + 1 if e.next_slot + 1 < e.capacity else 0
+    cdef const Slot *victim = &e.slots[e.next_slot]
+    KF_PREFETCH(&e.slots[after_next])
+    KF_PREFETCH((<const char *>&e.slots[after_next]) + 64)
+    if victim.state != STATE_FREE:
+        KF_PREFETCH(&e.index[victim.fp & e.index_mask])
 
 
 cdef inline void put_digit(uint8_t *message, uint32_t bit, uint32_t bits, uint32_t digit) noexcept nogil:
@@ -228,10 +259,13 @@ cdef inline void emit_spa(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *
     e.counters[C_COMPLETIONS] += 1
 
 
-cdef void knock_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
-                      const uint8_t *dst, int fam, uint32_t segment, uint32_t digit) noexcept nogil:
-    cdef int64_t now = <int64_t>h.ts.tv_sec * 1000000 + h.ts.tv_usec
-    cdef uint64_t hv = hash_key(e, src)
+cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
+    cdef int64_t now = d.sec * 1000000 + d.usec
+    cdef const uint64_t *src = d.src
+    cdef uint64_t hv = d.hash
+    cdef int fam = d.fam
+    cdef uint32_t segment = d.segment
+    cdef uint32_t digit = d.digit
     cdef int64_t pos = index_find(e, src, hv)
     cdef Slot *slot = NULL
     cdef uint32_t s, i, same_segment
@@ -263,9 +297,11 @@ cdef void knock_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
         slot.key[0] = src[0]
         slot.key[1] = src[1]
         slot.first_us = now
+        slot.fp = <uint32_t>hv
         slot.state = STATE_PARTIAL
         e.active += 1
         index_insert(e, hv, s)
+        prefetch_victims(e)
 
     if not (slot.filled[segment >> 6] >> (segment & 63)) & 1:
         slot.filled[segment >> 6] |= 1ULL << (segment & 63)
@@ -302,15 +338,43 @@ cdef void knock_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
     c.family = 4 if fam == 0 else 6
     c.length = e.msg_len[fam]
     c.n_alternatives = slot.nalt
-    c.sec = h.ts.tv_sec
-    c.usec = h.ts.tv_usec
+    c.sec = d.sec
+    c.usec = d.usec
     memcpy(c.source, slot.key, 16)
-    memcpy(c.destination, dst, 16)
+    memcpy(c.destination, d.dst, 16)
     memcpy(c.message, slot.message, e.msg_len[fam])
     memcpy(c.alt_segment, slot.alt_segment, sizeof(slot.alt_segment))
     memcpy(c.alt_digit, slot.alt_digit, sizeof(slot.alt_digit))
     e.counters[C_COMPLETIONS] += 1
     free_slot(e, slot)
+
+
+cdef inline void flush_pending(Engine *e) noexcept nogil:
+    if e.has_pending:
+        e.has_pending = False
+        knock_digit(e, &e.pending)
+
+
+cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
+                             const uint8_t *dst, int fam, uint32_t segment,
+                             uint32_t digit) noexcept nogil:
+    # A one-packet pipeline: start fetching this source's index entry now, do the previous
+    # packet's table work meanwhile, and this packet's on the next call (or at the end of
+    # the batch: dispatch() flushes). The order of table work is the packets' order.
+    cdef uint64_t hv = hash_key(e, src)
+    KF_PREFETCH(&e.index[hv & e.index_mask])
+    flush_pending(e)
+    cdef Digit *d = &e.pending
+    d.src[0] = src[0]
+    d.src[1] = src[1]
+    memcpy(d.dst, dst, 16)
+    d.hash = hv
+    d.sec = h.ts.tv_sec
+    d.usec = h.ts.tv_usec
+    d.segment = segment
+    d.digit = digit
+    d.fam = fam
+    e.has_pending = True
 
 
 cdef inline bint is_vlan(uint16_t ethertype) noexcept nogil:
@@ -466,6 +530,7 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
             payload = udp_len - 8
             if payload != MESSAGE_LEN_4 and payload != MESSAGE_LEN_6:
                 return C_MALFORMED
+            flush_pending(e)  # keep completions in packet order
             emit_spa(e, h, src, dst, 4 if fam == 0 else 6, l4 + 8, payload)
             return C_SPA_PACKETS
     else:
@@ -480,7 +545,7 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
         return C_IGNORED
     if segment == e.nseg[fam] - 1 and (digit & e.pad_mask[fam]):
         return C_MALFORMED
-    knock_digit(e, h, src, dst, fam, segment, digit)
+    defer_digit(e, h, src, dst, fam, segment, digit)
     return C_KNOCK_PACKETS
 
 
@@ -700,6 +765,7 @@ cdef class CaptureEngine:
         self.e.error = ERROR_NONE
         with nogil:
             rc = pcap.pcap_dispatch(self.e.handle, count, on_packet, <unsigned char *>&self.e)
+            flush_pending(&self.e)
         if self.e.error == ERROR_RING_FULL:
             raise CaptureError("internal error: completion ring overflow")
         if rc == pcap.PCAP_ERROR_BREAK:
