@@ -22,7 +22,7 @@ Two kinds, both classic pcap with Ethernet frames, written under bench/results/:
     ``sources`` random addresses, no background.
 
 Packets are 1 microsecond apart (from ``START_SEC``), so nothing expires under a 10 s
-knock timeout. Frames longer than ``snaplen`` (default: the engine's live SNAPLEN, 256)
+knock timeout. Frames longer than ``snaplen`` (default: the engine's live SNAPLEN)
 are cut as a live capture would cut them. Addresses are arbitrary: nothing is ever sent.
 A file's name encodes every parameter; an existing file is reused (``force`` rewrites).
 
