@@ -1,0 +1,463 @@
+"""The daemon's configuration: one TOML file -> frozen dataclasses.
+
+``load_config`` checks everything it can before the daemon touches the network:
+types, ranges, unknown keys (a typo is an error, never silently ignored), the knock
+layout for both message lengths, and every user's key file (through
+``knock_client.keys.load_key``, the loader the client uses). Every failure is one
+``ConfigError`` whose text is one line, ``"{file}: {dotted.key}: {reason}"``.
+
+docs/config-example.toml is a complete, commented example.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from knock_client.cli import UsageError, parse_port_spec
+from knock_client.keys import KeyFileError, load_key
+from knock_client.protocol import (
+    MAX_USER_ID,
+    MESSAGE_LEN_IPV4,
+    MESSAGE_LEN_IPV6,
+    KnockLayout,
+    LayoutError,
+)
+
+from .capture_spec import MAX_DESTINATIONS
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+MODES = ("syn", "udp", "spa")
+KNOCK_MODES = frozenset({"syn", "udp"})
+BACKENDS = ("iptables", "dry-run")
+HOOKS = ("INPUT", "FORWARD")
+MAX_WINDOW = 3600
+MAX_INT31 = 2**31 - 1
+CHAIN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,28}")
+IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
+DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
+_ADDRESS_BITS = {4: 32, 6: 128}
+
+
+class ConfigError(Exception):
+    """A configuration the daemon refuses; ``str()`` is one line naming file and key."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str | None, reason: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.reason = " ".join(str(reason).split())  # always one line
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        super().__init__(where + self.reason)
+
+
+@dataclass(frozen=True)
+class KnockSettings:
+    """Settings shared with the clients (docs/protocol.md §6) plus the daemon's timing."""
+
+    layout: KnockLayout
+    modes: frozenset[str]
+    knock_timeout: float
+    window: int
+
+    @property
+    def knock_mode(self) -> bool:
+        """Whether knocks (syn or udp digits) are accepted, not only single packets."""
+        return bool(self.modes & KNOCK_MODES)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    interface: str
+    destinations: tuple[IPAddress, ...]  # () = the interface's own addresses
+    table_size: int
+    buffer_bytes: int
+
+
+@dataclass(frozen=True)
+class GrantSettings:
+    default_timeout: int
+    max_timeout: int
+    backend: str
+    chain: str
+    hooks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class User:
+    """One ``[[users]]`` entry.
+
+    ``key`` is empty when the config was loaded with ``load_keys=False``; it is left out
+    of ``repr`` so that a logged ``User`` never shows a secret.
+    ``source_prefix`` maps an address family (4, 6) to the prefix length that claimed
+    and real source must share; ``None`` means no check at all (``source = "any"``).
+    """
+
+    id: int
+    name: str
+    key: bytes = field(repr=False)
+    key_file: Path
+    allow: frozenset[tuple[int, str]]
+    source_prefix: dict[int, int] | None
+
+    def allows(self, port: int, proto: object) -> bool:
+        """Whether ``port/proto`` is allowed; ``proto`` is "tcp"/"udp" or a ``Proto``."""
+        return (port, str(proto).lower()) in self.allow
+
+    def source_matches(self, claimed: IPAddress, actual: IPAddress) -> bool:
+        """Whether the claimed address passes this user's source policy for ``actual``."""
+        if self.source_prefix is None:
+            return True
+        if claimed.version != actual.version:
+            return False
+        bits = _ADDRESS_BITS[claimed.version]
+        prefix = self.source_prefix[claimed.version]
+        shift = bits - prefix
+        return int(claimed) >> shift == int(actual) >> shift
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    knock: KnockSettings
+    capture: CaptureSettings
+    grants: GrantSettings
+    state_dir: Path
+    users: Mapping[int, User]  # by id; read-only (types.MappingProxyType)
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], load_keys: bool = True) -> Config:
+    """Read and check the config file at ``path``; raise ``ConfigError`` on any fault.
+
+    Relative paths inside the file (``key_file``, ``state.directory``) are relative to
+    the directory holding the config file. ``load_keys=False`` checks everything but the
+    key files (e.g. ``check-config`` as a user who may not read them); keys are then empty.
+    """
+    file = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(file, None, f"not valid TOML: {error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, None, "not valid TOML: the file is not UTF-8") from None
+    except FileNotFoundError:
+        raise ConfigError(file, None, "cannot read config file: not found") from None
+    except IsADirectoryError:
+        raise ConfigError(file, None, "cannot read config file: is a directory") from None
+    except OSError as error:
+        raise ConfigError(file, None, f"cannot read config file: {error.strerror}") from None
+    config_path = Path(os.path.abspath(path))
+    return _Reader(file, config_path.parent).config(data, config_path, load_keys)
+
+
+_Section = dict[str, Any]
+
+
+class _Reader:
+    def __init__(self, file: str, base_dir: Path) -> None:
+        self.file = file
+        self.base_dir = base_dir
+
+    def error(self, key: str | None, reason: str) -> ConfigError:
+        return ConfigError(self.file, key, reason)
+
+    # -- generic checks --
+
+    def table(self, data: _Section, key: str, name: str) -> _Section:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_describe(value)}")
+        return value
+
+    def no_unknown(self, section: _Section, prefix: str, known: tuple[str, ...]) -> None:
+        for name in section:
+            if name not in known:
+                what = "table" if isinstance(section[name], dict | list) and not prefix else "key"
+                where = f"{prefix}.{name}" if prefix else name
+                raise self.error(where, f"unknown {what} (known: {', '.join(known)})")
+
+    def integer(
+        self, section: _Section, prefix: str, name: str, default: Any, low: int, high: int
+    ) -> int:
+        key = f"{prefix}.{name}"
+        value = section.get(name, default)
+        if value is _REQUIRED:
+            raise self.error(key, "missing (required)")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_describe(value)}")
+        if not low <= value <= high:
+            raise self.error(key, f"{value} is outside {low}..{high}")
+        return value
+
+    def string(self, section: _Section, prefix: str, name: str, default: Any) -> str:
+        key = f"{prefix}.{name}"
+        value = section.get(name, default)
+        if value is _REQUIRED:
+            raise self.error(key, "missing (required)")
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_describe(value)}")
+        if not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def choice(self, section: _Section, prefix: str, name: str, default: str, choices) -> str:
+        value = self.string(section, prefix, name, default)
+        if value not in choices:
+            raise self.error(
+                f"{prefix}.{name}", f"{value!r} is not one of {', '.join(map(repr, choices))}"
+            )
+        return value
+
+    def string_list(
+        self, section: _Section, prefix: str, name: str, default: Any
+    ) -> list[tuple[str, str]]:
+        """A list of strings, as (dotted key of the item, item)."""
+        key = f"{prefix}.{name}"
+        value = section.get(name, default)
+        if value is _REQUIRED:
+            raise self.error(key, "missing (required)")
+        if not isinstance(value, list):
+            raise self.error(key, f"expected an array of strings, got {_describe(value)}")
+        items = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.error(f"{key}[{index}]", f"expected a string, got {_describe(item)}")
+            items.append((f"{key}[{index}]", item))
+        return items
+
+    def subset(
+        self, section: _Section, prefix: str, name: str, default: list[str], choices
+    ) -> tuple[str, ...]:
+        key = f"{prefix}.{name}"
+        chosen: list[str] = []
+        for item_key, item in self.string_list(section, prefix, name, default):
+            if item not in choices:
+                raise self.error(
+                    item_key, f"{item!r} is not one of {', '.join(map(repr, choices))}"
+                )
+            if item in chosen:
+                raise self.error(item_key, f"{item!r} is listed twice")
+            chosen.append(item)
+        if not chosen:
+            raise self.error(key, f"must name at least one of {', '.join(map(repr, choices))}")
+        return tuple(chosen)
+
+    def path(self, text: str) -> Path:
+        return self.base_dir / Path(text).expanduser()
+
+    # -- sections --
+
+    def config(self, data: _Section, path: Path, load_keys: bool) -> Config:
+        self.no_unknown(data, "", ("knock", "capture", "grants", "state", "users"))
+        knock = self.knock(self.table(data, "knock", "knock"))
+        capture = self.capture(self.table(data, "capture", "capture"))
+        grants = self.grants(self.table(data, "grants", "grants"))
+        state = self.table(data, "state", "state")
+        self.no_unknown(state, "state", ("directory",))
+        state_dir = self.path(self.string(state, "state", "directory", DEFAULT_STATE_DIR))
+        users = self.users(data.get("users", _REQUIRED), load_keys)
+        return Config(
+            path=path,
+            knock=knock,
+            capture=capture,
+            grants=grants,
+            state_dir=state_dir,
+            users=types.MappingProxyType(users),
+        )
+
+    def knock(self, section: _Section) -> KnockSettings:
+        p = "knock"
+        self.no_unknown(
+            section,
+            p,
+            ("base_port", "digit_bits", "spa_port", "modes", "knock_timeout", "window"),
+        )
+        base_port = self.integer(section, p, "base_port", 20000, -MAX_INT31, MAX_INT31)
+        digit_bits = self.integer(section, p, "digit_bits", 8, -MAX_INT31, MAX_INT31)
+        spa_port = self.integer(section, p, "spa_port", 62201, -MAX_INT31, MAX_INT31)
+        try:  # the range checks are the protocol's, with its words
+            layout = KnockLayout(base_port, digit_bits, spa_port)
+            layout.port_range(MESSAGE_LEN_IPV4)
+            layout.port_range(MESSAGE_LEN_IPV6)
+        except LayoutError as error:
+            raise self.error(p, str(error)) from None
+        modes = self.subset(section, p, "modes", ["syn", "udp", "spa"], MODES)
+        timeout = section.get("knock_timeout", 10)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise self.error(f"{p}.knock_timeout", f"expected seconds, got {_describe(timeout)}")
+        if not (math.isfinite(timeout) and 0 < timeout <= 3600):
+            raise self.error(
+                f"{p}.knock_timeout", f"{timeout}: must be more than 0 and at most 3600 seconds"
+            )
+        window = self.integer(section, p, "window", 30, 1, MAX_WINDOW)
+        return KnockSettings(layout, frozenset(modes), float(timeout), window)
+
+    def capture(self, section: _Section) -> CaptureSettings:
+        p = "capture"
+        self.no_unknown(section, p, ("interface", "destinations", "table_size", "buffer_bytes"))
+        interface = self.string(section, p, "interface", _REQUIRED)
+        if (
+            len(interface.encode()) >= IFNAMSIZ
+            or interface in (".", "..")
+            or any(c in interface for c in "/:")
+            or any(c.isspace() for c in interface)
+        ):
+            raise self.error(f"{p}.interface", f"{interface!r} is not a network interface name")
+        destinations: list[IPAddress] = []
+        for item_key, item in self.string_list(section, p, "destinations", []):
+            try:
+                address = ipaddress.ip_address(item)
+            except ValueError:
+                raise self.error(item_key, f"{item!r} is not an IP address") from None
+            if address in destinations:
+                raise self.error(item_key, f"{address} is listed twice")
+            destinations.append(address)
+        if len(destinations) > MAX_DESTINATIONS:
+            raise self.error(
+                f"{p}.destinations", f"{len(destinations)} addresses; at most {MAX_DESTINATIONS}"
+            )
+        return CaptureSettings(
+            interface=interface,
+            destinations=tuple(destinations),
+            table_size=self.integer(section, p, "table_size", 65536, 1, MAX_INT31),
+            buffer_bytes=self.integer(section, p, "buffer_bytes", 8388608, 1, MAX_INT31),
+        )
+
+    def grants(self, section: _Section) -> GrantSettings:
+        p = "grants"
+        self.no_unknown(section, p, ("default_timeout", "max_timeout", "backend", "chain", "hooks"))
+        default_timeout = self.integer(section, p, "default_timeout", 300, 1, MAX_INT31)
+        max_timeout = self.integer(section, p, "max_timeout", 3600, 1, MAX_INT31)
+        if max_timeout < default_timeout:
+            raise self.error(
+                f"{p}.max_timeout",
+                f"{max_timeout} is less than grants.default_timeout ({default_timeout})",
+            )
+        backend = self.choice(section, p, "backend", "iptables", BACKENDS)
+        chain = self.string(section, p, "chain", "KNOCKD-FAST")
+        if not CHAIN_PATTERN.fullmatch(chain):
+            raise self.error(
+                f"{p}.chain", f"{chain!r}: a chain name has 1..28 characters of A-Z a-z 0-9 _ -"
+            )
+        hooks = self.subset(section, p, "hooks", ["INPUT"], HOOKS)
+        return GrantSettings(default_timeout, max_timeout, backend, chain, hooks)
+
+    def users(self, value: Any, load_keys: bool) -> dict[int, User]:
+        if value is _REQUIRED:
+            raise self.error("users", "no [[users]] entries; the daemon would accept nobody")
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise self.error("users", f"expected [[users]] tables, got {_describe(value)}")
+        if not value:
+            raise self.error("users", "no [[users]] entries; the daemon would accept nobody")
+        users: dict[int, User] = {}
+        names: dict[str, int] = {}
+        for index, section in enumerate(value):
+            user = self.user(section, f"users[{index}]", load_keys)
+            if user.id in users:
+                raise self.error(
+                    f"users[{index}].id",
+                    f"id {user.id} is already used by user {users[user.id].name!r}",
+                )
+            if user.name in names:
+                raise self.error(
+                    f"users[{index}].name",
+                    f"name {user.name!r} is already used by user id {names[user.name]}",
+                )
+            users[user.id] = user
+            names[user.name] = user.id
+        return users
+
+    def user(self, section: _Section, p: str, load_keys: bool) -> User:
+        self.no_unknown(section, p, ("id", "name", "key_file", "allow", "source"))
+        user_id = self.integer(section, p, "id", _REQUIRED, 0, MAX_USER_ID)
+        name = self.string(section, p, "name", _REQUIRED)
+        if not name.isprintable():
+            raise self.error(f"{p}.name", f"{name!r} has unprintable characters")
+        key_file = self.path(self.string(section, p, "key_file", _REQUIRED))
+        allow: set[tuple[int, str]] = set()
+        for item_key, item in self.string_list(section, p, "allow", _REQUIRED):
+            try:
+                port, proto = parse_port_spec(item)
+            except UsageError as error:
+                raise self.error(item_key, str(error)) from None
+            allow.add((port, str(proto)))
+        source_prefix = self.source(section.get("source", "exact"), f"{p}.source")
+        key = b""
+        if load_keys:
+            try:
+                key = load_key(key_file)
+            except KeyFileError as error:
+                raise self.error(f"{p}.key_file", str(error)) from None
+        return User(user_id, name, key, key_file, frozenset(allow), source_prefix)
+
+    def source(self, value: Any, key: str) -> dict[int, int] | None:
+        if value == "any":
+            return None
+        if value == "exact":
+            return dict(_ADDRESS_BITS)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value <= 128:
+                raise self.error(key, f"prefix length {value} is outside 0..128")
+            return {4: min(value, 32), 6: value}
+        if isinstance(value, dict):
+            if not value:
+                raise self.error(key, "an empty table; give ipv4 and/or ipv6 prefix lengths")
+            prefix = dict(_ADDRESS_BITS)
+            for name, item in value.items():
+                family = {"ipv4": 4, "ipv6": 6}.get(name)
+                if family is None:
+                    raise self.error(f"{key}.{name}", "unknown key (known: ipv4, ipv6)")
+                bits = _ADDRESS_BITS[family]
+                if isinstance(item, bool) or not isinstance(item, int):
+                    raise self.error(
+                        f"{key}.{name}", f"expected a prefix length, got {_describe(item)}"
+                    )
+                if not 0 <= item <= bits:
+                    raise self.error(f"{key}.{name}", f"prefix length {item} is outside 0..{bits}")
+                prefix[family] = item
+            return prefix
+        raise self.error(
+            key,
+            f'expected "exact", "any", a prefix length or {{ ipv4 = N, ipv6 = M }}, '
+            f"got {_describe(value)}",
+        )
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_REQUIRED: Any = _Required()
+
+_TYPE_NAMES: dict[type, str] = {
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    str: "string",
+    list: "array",
+    dict: "table",
+}
+
+
+def _describe(value: object) -> str:
+    """A TOML value as the error text shows it: its type and a short repr."""
+    kind = next((n for t, n in _TYPE_NAMES.items() if isinstance(value, t)), type(value).__name__)
+    if isinstance(value, dict | list):
+        return kind
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{kind} {text}"

@@ -1,0 +1,153 @@
+"""A completed message -> accept, or reject with one reason (docs/protocol.md §7).
+
+``judge`` is a pure function: no I/O, no clock (``now`` is given), no state but what
+the caller passes (the users and a ``seen`` predicate over the replay cache). It
+never raises for anything a sender controls; it does not remember an accepted
+message: the caller does, with ``replay_expiry`` (see ``knockd_fast.replay``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from knock_client.protocol import (
+    AuthenticationError,
+    Knock,
+    PlaintextError,
+    ProtocolError,
+    open_message,
+    read_header,
+    seconds_since,
+    siv_of,
+)
+
+from .capture_spec import MAX_CANDIDATES
+from .config import GrantSettings, IPAddress, User
+
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    reason: str  # "ok" or one of knock_client.protocol.REJECTION_REASONS
+    detail: str  # one short human line for the log
+    user: User | None  # known from the header on, even if the message is then rejected
+    knock: Knock | None  # the decoded fields, once a candidate authenticated
+    message: bytes | None  # the candidate that authenticated
+    siv: bytes | None
+
+
+def _reject(reason: str, detail: str, **known: object) -> Verdict:
+    fields: dict[str, object] = {"user": None, "knock": None, "message": None, "siv": None}
+    fields.update(known)
+    return Verdict(False, reason, detail, **fields)  # type: ignore[arg-type]
+
+
+def _authenticate(candidate: object, users: Mapping[int, User]) -> Verdict | tuple:
+    """Checks 1-3a on one candidate: a rejecting Verdict, or (user, knock, message, siv)."""
+    try:
+        message = memoryview(candidate).tobytes()  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # never bytes(n): an int would allocate n bytes
+        return _reject("malformed", f"candidate is not a byte string ({type(candidate).__name__})")
+    try:
+        user_id = read_header(message)
+    except ProtocolError as error:
+        return _reject("malformed", str(error))
+    user = users.get(user_id)
+    if user is None:
+        return _reject("unknown_user", f"no user with id {user_id}")
+    try:
+        knock = open_message(message, user.key)
+    except AuthenticationError:
+        return _reject("authentication", f"does not authenticate for user {user.name!r}", user=user)
+    except PlaintextError as error:
+        # Authentic, so judged no further: the sender holds the key but breaks the format.
+        return _reject(
+            "malformed", f"authentic but {error}", user=user, message=message, siv=siv_of(message)
+        )
+    except ValueError as error:  # the user has no usable key (config loaded without keys)
+        return _reject("authentication", f"user {user.name!r}: {error}", user=user)
+    return user, knock, message, siv_of(message)
+
+
+def judge(
+    candidates: Iterable[bytes],
+    source: IPAddress | str,
+    destination: IPAddress | str | None,
+    now: float,
+    users: Mapping[int, User],
+    window: int,
+    seen: Callable[[int, bytes], bool],
+) -> Verdict:
+    """Judge one completion: its candidate messages (primary first), as §7 orders the checks.
+
+    At most ``MAX_CANDIDATES`` candidates are looked at, whatever the iterable holds. The
+    first that authenticates under the key of the user its own header names is judged
+    further (checks 3a-8); if none does, the verdict is the first candidate's (malformed,
+    unknown_user or authentication). ``seen(user_id, siv)`` says whether the replay cache
+    holds that message, e.g. ``lambda uid, siv: cache.seen(uid, siv, now)``; after an
+    accepted verdict the caller remembers it with ``replay_expiry``. ``destination`` is
+    not checked (the capture only reports knocks to protected addresses); it is taken so
+    that callers pass one completion whole.
+    """
+    source = ipaddress.ip_address(source)
+    first: Verdict | None = None
+    tried = 0
+    found = None
+    for candidate in itertools.islice(candidates, MAX_CANDIDATES):
+        tried += 1
+        outcome = _authenticate(candidate, users)
+        if isinstance(outcome, tuple):
+            found = outcome
+            break
+        if outcome.message is not None:  # authentic but malformed: this one is judged
+            return outcome
+        if first is None:
+            first = outcome
+    if found is None:
+        if first is None:
+            return _reject("malformed", "no candidate message")
+        if tried > 1:
+            return _reject(
+                first.reason, f"{first.detail} ({tried} candidates tried)", user=first.user
+            )
+        return first
+
+    user, knock, message, siv = found
+    known = {"user": user, "knock": knock, "message": message, "siv": siv}
+    age = seconds_since(knock.timestamp, now)
+    if age > window:
+        return _reject("expired", f"sent {age} s ago, window {window} s", **known)
+    if age < -window:
+        return _reject("from_future", f"timestamp {-age} s ahead, window {window} s", **known)
+    if not user.source_matches(knock.claimed_ip, source):
+        return _reject(
+            "source_mismatch", f"claimed {knock.claimed_ip}, packet from {source}", **known
+        )
+    if seen(user.id, siv):
+        return _reject("replay", f"already accepted (SIV {siv.hex()[:16]})", **known)
+    if not user.allows(knock.port, knock.proto):
+        return _reject(
+            "not_allowed", f"{knock.port}/{knock.proto} is not allowed for {user.name!r}", **known
+        )
+    detail = f"{knock.action} {knock.port}/{knock.proto} for {source} (user {user.name!r})"
+    return Verdict(True, OK, detail, user, knock, message, siv)
+
+
+def grant_duration(knock: Knock, settings: GrantSettings) -> int:
+    """Seconds an ``open`` grant lasts: 0 asks for the default; capped at the maximum."""
+    requested = knock.duration or settings.default_timeout
+    return min(requested, settings.max_timeout)
+
+
+def replay_expiry(knock: Knock, now: float, window: int) -> int:
+    """The ``expires_at`` to remember an accepted message with: its timestamp + window.
+
+    The wire timestamp is taken modulo 2**32; it is unwrapped around ``now`` as check 4
+    does, so the cache keeps the message exactly as long as check 4 would still pass it.
+    """
+    return int(now) - seconds_since(knock.timestamp, now) + window

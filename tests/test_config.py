@@ -1,0 +1,511 @@
+"""knockd_fast.config: defaults, and one-line errors naming file and key for every fault."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import types
+from pathlib import Path
+
+import pytest
+
+from knock_client.keys import write_key_file
+from knock_client.protocol import KnockLayout, Proto
+from knockd_fast.config import ConfigError, User, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "docs" / "config-example.toml"
+
+MINIMAL_USER = """
+[[users]]
+id = 7
+name = "alice"
+key_file = "alice.key"
+allow = ["22/tcp"]
+"""
+
+
+@pytest.fixture
+def conf(tmp_path: Path):
+    """write(text) -> path of a config.toml in tmp_path, next to keys alice.key, bob.key."""
+    keys = {}
+    for name in ("alice", "bob"):
+        keys[name] = secrets.token_bytes(64)
+        write_key_file(tmp_path / f"{name}.key", keys[name])
+
+    def write(text: str, capture: str = '[capture]\ninterface = "eth0"\n') -> Path:
+        path = tmp_path / "config.toml"
+        path.write_text(text + "\n" + capture)
+        return path
+
+    write.keys = keys  # type: ignore[attr-defined]
+    write.dir = tmp_path  # type: ignore[attr-defined]
+    return write
+
+
+def error_of(path: Path, load_keys: bool = True) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, load_keys=load_keys)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(f"{path}: "), text
+    return text
+
+
+# --- defaults -------------------------------------------------------------------------
+
+
+def test_every_default(conf) -> None:
+    path = conf(MINIMAL_USER)
+    config = load_config(path)
+    assert config.path == path
+    assert config.knock.layout == KnockLayout(20000, 8, 62201)
+    assert config.knock.modes == frozenset({"syn", "udp", "spa"})
+    assert config.knock.knock_timeout == 10.0 and isinstance(config.knock.knock_timeout, float)
+    assert config.knock.window == 30
+    assert config.capture.interface == "eth0"
+    assert config.capture.destinations == ()
+    assert config.capture.table_size == 65536
+    assert config.capture.buffer_bytes == 8388608
+    assert config.grants.default_timeout == 300
+    assert config.grants.max_timeout == 3600
+    assert config.grants.backend == "iptables"
+    assert config.grants.chain == "KNOCKD-FAST"
+    assert config.grants.hooks == ("INPUT",)
+    assert config.state_dir == Path("/var/lib/knockd-fast")
+    assert isinstance(config.users, types.MappingProxyType)
+    alice = config.users[7]
+    assert alice.name == "alice"
+    assert alice.key == conf.keys["alice"]
+    assert alice.key_file == conf.dir / "alice.key"
+    assert alice.allow == frozenset({(22, "tcp")})
+    assert alice.source_prefix == {4: 32, 6: 128}
+
+
+def test_example_config_has_the_defaults(tmp_path: Path) -> None:
+    config = load_config(EXAMPLE, load_keys=False)
+    assert config.knock.layout == KnockLayout()
+    assert config.knock.modes == frozenset({"syn", "udp", "spa"})
+    assert (config.knock.knock_timeout, config.knock.window) == (10.0, 30)
+    assert config.capture.destinations == ()
+    assert (config.capture.table_size, config.capture.buffer_bytes) == (65536, 8388608)
+    assert config.grants.default_timeout == 300 and config.grants.max_timeout == 3600
+    assert (config.grants.backend, config.grants.chain) == ("iptables", "KNOCKD-FAST")
+    assert config.grants.hooks == ("INPUT",)
+    assert config.state_dir == Path("/var/lib/knockd-fast")
+    assert config.users[7].key_file == EXAMPLE.parent / "keys" / "alice.key"
+    assert config.users[7].allow == {(22, "tcp"), (443, "tcp"), (51820, "udp")}
+    assert config.users[7].source_prefix == {4: 32, 6: 128}
+    assert config.users[8].source_prefix == {4: 24, 6: 56}
+    assert config.users[8].key_file == Path("/etc/knockd-fast/keys/bob.key")
+    assert config.users[7].key == b""
+
+
+def test_every_key_set(conf) -> None:
+    path = conf(
+        """
+[knock]
+base_port = 30000
+digit_bits = 4
+spa_port = 40000
+modes = ["spa"]
+knock_timeout = 2.5
+window = 3600
+[capture]
+interface = "any"
+destinations = ["192.0.2.1", "2001:db8::1"]
+table_size = 1
+buffer_bytes = 65536
+[grants]
+default_timeout = 60
+max_timeout = 60
+backend = "dry-run"
+chain = "kf_2"
+hooks = ["FORWARD", "INPUT"]
+[state]
+directory = "state"
+[[users]]
+id = 0
+name = "alice"
+key_file = "alice.key"
+allow = ["53/udp", "22", "443/TCP"]
+source = "any"
+[[users]]
+id = 4095
+name = "bob"
+key_file = "BOB"
+allow = []
+source = 56
+""".replace("BOB", str(conf.dir / "bob.key")),
+        capture="",
+    )
+    config = load_config(path)
+    assert config.knock.layout == KnockLayout(30000, 4, 40000)
+    assert config.knock.modes == {"spa"} and not config.knock.knock_mode
+    assert config.knock.knock_timeout == 2.5 and config.knock.window == 3600
+    assert config.capture.interface == "any"
+    assert config.capture.destinations == (
+        ipaddress.ip_address("192.0.2.1"),
+        ipaddress.ip_address("2001:db8::1"),
+    )
+    assert (config.capture.table_size, config.capture.buffer_bytes) == (1, 65536)
+    assert config.grants.hooks == ("FORWARD", "INPUT")
+    assert config.state_dir == conf.dir / "state"
+    alice, bob = config.users[0], config.users[4095]
+    assert alice.allow == {(53, "udp"), (22, "tcp"), (443, "tcp")}
+    assert alice.source_prefix is None
+    assert bob.key == conf.keys["bob"] and bob.allow == frozenset()
+    assert bob.source_prefix == {4: 32, 6: 56}
+
+
+def test_source_table_form_and_missing_family_stays_exact(conf) -> None:
+    config = load_config(conf(MINIMAL_USER + "source = { ipv4 = 24 }\n"))
+    assert config.users[7].source_prefix == {4: 24, 6: 128}
+    config = load_config(conf(MINIMAL_USER + "source = { ipv4 = 0, ipv6 = 56 }\n"))
+    assert config.users[7].source_prefix == {4: 0, 6: 56}
+    config = load_config(conf(MINIMAL_USER + "source = 24\n"))
+    assert config.users[7].source_prefix == {4: 24, 6: 24}
+
+
+def test_key_is_not_in_repr(conf) -> None:
+    user = load_config(conf(MINIMAL_USER)).users[7]
+    assert conf.keys["alice"].hex() not in repr(user)
+    assert repr(conf.keys["alice"]) not in repr(user)
+
+
+def test_config_is_frozen(conf) -> None:
+    config = load_config(conf(MINIMAL_USER))
+    with pytest.raises(AttributeError):
+        config.knock = None  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.users[8] = config.users[7]  # type: ignore[index]
+
+
+# --- User helpers -----------------------------------------------------------------------
+
+
+def make_user(source_prefix: dict[int, int] | None) -> User:
+    return User(1, "u", b"", Path("k"), frozenset({(22, "tcp"), (53, "udp")}), source_prefix)
+
+
+def test_allows() -> None:
+    user = make_user(None)
+    assert user.allows(22, "tcp") and user.allows(22, Proto.TCP) and user.allows(53, Proto.UDP)
+    assert not user.allows(22, "udp") and not user.allows(53, "tcp") and not user.allows(23, "tcp")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "claimed", "actual", "expected"),
+    [
+        ({4: 32, 6: 128}, "192.0.2.9", "192.0.2.9", True),
+        ({4: 32, 6: 128}, "192.0.2.9", "192.0.2.10", False),
+        ({4: 32, 6: 128}, "2001:db8::1", "2001:db8::1", True),
+        ({4: 32, 6: 128}, "2001:db8::1", "2001:db8::2", False),
+        ({4: 24, 6: 128}, "192.0.2.9", "192.0.2.200", True),
+        ({4: 24, 6: 128}, "192.0.2.9", "192.0.3.9", False),
+        ({4: 0, 6: 0}, "192.0.2.9", "203.0.113.1", True),
+        ({4: 0, 6: 0}, "192.0.2.9", "2001:db8::1", False),  # families must match
+        ({4: 32, 6: 56}, "2001:db8:0:ff12::1", "2001:db8:0:ff00::2", True),
+        ({4: 32, 6: 56}, "2001:db8:0:ff12::1", "2001:db8:0:fe00::1", False),
+        ({4: 32, 6: 128}, "::ffff:192.0.2.9", "192.0.2.9", False),
+        (None, "192.0.2.9", "2001:db8::1", True),  # "any": no check at all
+    ],
+)
+def test_source_matches(prefix, claimed, actual, expected) -> None:
+    user = make_user(prefix)
+    assert (
+        user.source_matches(ipaddress.ip_address(claimed), ipaddress.ip_address(actual)) is expected
+    )
+
+
+# --- errors: one line, file and key -----------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    text = error_of(tmp_path / "nope.toml")
+    assert text.endswith("not found")
+
+
+def test_bad_toml_names_file_and_parser_message(conf) -> None:
+    text = error_of(conf(MINIMAL_USER + "oops = \n"))
+    assert "not valid TOML" in text and "line" in text
+
+
+def test_not_utf8(conf) -> None:
+    path = conf(MINIMAL_USER)
+    path.write_bytes(b'[capture]\ninterface = "\xff"\n')
+    assert "not valid TOML" in error_of(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("[bogus]\nx = 1\n", "bogus", "unknown table"),
+        ("[knock]\nbase_prot = 1\n", "knock.base_prot", "unknown key"),
+        ("[grants]\ntimeout = 1\n", "grants.timeout", "unknown key"),
+        ("[state]\ndir = 'x'\n", "state.dir", "unknown key"),
+        (
+            "[[users]]\nid = 1\nname = 'b'\nkey_file = 'b'\nallow = []\nport = 22\n",
+            "users[1].port",
+            "unknown key",
+        ),
+        ("[knock]\nbase_port = '20000'\n", "knock.base_port", "expected an integer, got string"),
+        ("[knock]\ndigit_bits = 8.0\n", "knock.digit_bits", "expected an integer, got float"),
+        ("[knock]\nwindow = true\n", "knock.window", "expected an integer, got boolean"),
+        ("[knock]\nwindow = 0\n", "knock.window", "outside 1..3600"),
+        ("[knock]\nwindow = 3601\n", "knock.window", "outside 1..3600"),
+        ("[knock]\nwindow = 30.5\n", "knock.window", "expected an integer"),
+        ("[knock]\nknock_timeout = 0\n", "knock.knock_timeout", "more than 0"),
+        ("[knock]\nknock_timeout = nan\n", "knock.knock_timeout", "more than 0"),
+        ("[knock]\nknock_timeout = '10'\n", "knock.knock_timeout", "expected seconds"),
+        ("[knock]\nmodes = ['syn', 'tcp']\n", "knock.modes[1]", "'tcp' is not one of"),
+        ("[knock]\nmodes = []\n", "knock.modes", "at least one"),
+        ("[knock]\nmodes = ['spa', 'spa']\n", "knock.modes[1]", "listed twice"),
+        ("[knock]\nmodes = 'spa'\n", "knock.modes", "expected an array"),
+        ("[knock]\nmodes = [1]\n", "knock.modes[0]", "expected a string, got integer"),
+        ("knock = 1\n", "knock", "expected a table"),
+        ("[capture]\ntable_size = 0\n", "capture.table_size", "outside 1..2147483647"),
+        ("[capture]\ntable_size = 2147483648\n", "capture.table_size", "outside"),
+        ("[capture]\nbuffer_bytes = -1\n", "capture.buffer_bytes", "outside"),
+        ("[capture]\ndestinations = ['192.0.2.300']\n", "capture.destinations[0]", "not an IP"),
+        ("[capture]\ndestinations = ['192.0.2.0/24']\n", "capture.destinations[0]", "not an IP"),
+        (
+            "[capture]\ndestinations = ['192.0.2.1', '192.0.2.1']\n",
+            "capture.destinations[1]",
+            "listed twice",
+        ),
+        ("[capture]\ninterface = 'a/b'\n", "capture.interface", "not a network interface"),
+        ("[capture]\ninterface = 'sixteen-chars-xx'\n", "capture.interface", "not a network"),
+        ("[capture]\ninterface = ''\n", "capture.interface", "must not be empty"),
+        ("[capture]\ninterface = 3\n", "capture.interface", "expected a string, got integer"),
+        ("[grants]\nmax_timeout = 299\n", "grants.max_timeout", "less than grants.default"),
+        ("[grants]\ndefault_timeout = 0\n", "grants.default_timeout", "outside 1.."),
+        ("[grants]\nbackend = 'nft'\n", "grants.backend", "'nft' is not one of"),
+        ("[grants]\nchain = 'A' \n", None, None),  # valid: one character
+        ("[grants]\nchain = 'has space'\n", "grants.chain", "1..28 characters"),
+        ("[grants]\nchain = '" + "C" * 29 + "'\n", "grants.chain", "1..28 characters"),
+        ("[grants]\nhooks = ['OUTPUT']\n", "grants.hooks[0]", "'OUTPUT' is not one of"),
+        ("[grants]\nhooks = []\n", "grants.hooks", "at least one"),
+        ("[state]\ndirectory = 1\n", "state.directory", "expected a string"),
+    ],
+)
+def test_field_errors(conf, text: str, key: str | None, words: str | None) -> None:
+    # The [capture] table of the fixture is replaced when the case writes its own.
+    capture = "" if text.startswith("[capture]") else '[capture]\ninterface = "eth0"\n'
+    if text.startswith("[capture]") and "interface" not in text:
+        text = text.replace("[capture]\n", '[capture]\ninterface = "eth0"\n')
+    path = conf(MINIMAL_USER + text if text.startswith("[[") else text + MINIMAL_USER, capture)
+    if key is None:
+        load_config(path)
+        return
+    message = error_of(path)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert words in message, message
+
+
+def test_interface_is_required(conf) -> None:
+    path = conf(MINIMAL_USER, capture="")
+    assert error_of(path) == f"{path}: capture.interface: missing (required)"
+
+
+def test_no_users(conf) -> None:
+    path = conf("")
+    assert error_of(path).startswith(f"{path}: users: no [[users]] entries")
+    path = conf("users = []\n")
+    assert error_of(path).startswith(f"{path}: users: no [[users]] entries")
+    path = conf("[users]\nid = 1\n")
+    assert error_of(path).startswith(f"{path}: users: expected [[users]] tables")
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ("", "users[1].id", "missing (required)"),
+        ("id = 4096", "users[1].id", "outside 0..4095"),
+        ("id = -1", "users[1].id", "outside 0..4095"),
+        (
+            "id = 7\nname = 'bob'\nkey_file = 'bob.key'\nallow = []",
+            "users[1].id",
+            "already used by user 'alice'",
+        ),
+        (
+            "id = 8\nname = 'alice'\nkey_file = 'bob.key'\nallow = []",
+            "users[1].name",
+            "already used by user id 7",
+        ),
+        ("id = 8\nname = ''", "users[1].name", "must not be empty"),
+        (
+            "id = 8\nname = \"a\\tb\"\nkey_file = 'bob.key'\nallow = []",
+            "users[1].name",
+            "unprintable",
+        ),
+        ("id = 8\nname = 'bob'", "users[1].key_file", "missing (required)"),
+        ("id = 8\nname = 'bob'\nkey_file = 'bob.key'", "users[1].allow", "missing (required)"),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = ['22/sctp']",
+            "users[1].allow[0]",
+            "protocol must be tcp or udp",
+        ),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = ['0/tcp']",
+            "users[1].allow[0]",
+            "port must be a number in 1..65535",
+        ),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = ['65536']",
+            "users[1].allow[0]",
+            "1..65535",
+        ),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = ['٢٢/tcp']",
+            "users[1].allow[0]",
+            "port must be a number",
+        ),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = ['ssh']",
+            "users[1].allow[0]",
+            "bad port spec",
+        ),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = [22]",
+            "users[1].allow[0]",
+            "expected a string, got integer",
+        ),
+    ],
+)
+def test_user_errors(conf, extra: str, key: str, words: str) -> None:
+    path = conf(MINIMAL_USER + "[[users]]\n" + extra + "\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert words in message, message
+
+
+BOB = "[[users]]\nid = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = ['22/tcp']\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "key", "words"),
+    [
+        ("'exactly'", "users[1].source", 'expected "exact", "any"'),
+        ("true", "users[1].source", "got boolean"),
+        ("24.0", "users[1].source", "got float"),
+        ("129", "users[1].source", "prefix length 129 is outside 0..128"),
+        ("-1", "users[1].source", "outside 0..128"),
+        ("{ ipv4 = 33 }", "users[1].source.ipv4", "outside 0..32"),
+        ("{ ipv6 = 129 }", "users[1].source.ipv6", "outside 0..128"),
+        ("{ ipv6 = '56' }", "users[1].source.ipv6", "expected a prefix length, got string"),
+        ("{ ipv5 = 1 }", "users[1].source.ipv5", "unknown key"),
+        ("{}", "users[1].source", "empty table"),
+        ("['exact']", "users[1].source", "got array"),
+    ],
+)
+def test_bad_source(conf, source: str, key: str, words: str) -> None:
+    path = conf(MINIMAL_USER + BOB + f"source = {source}\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert words in message, message
+
+
+# --- key files ---------------------------------------------------------------------------
+
+
+def test_missing_key_file(conf) -> None:
+    path = conf(MINIMAL_USER + BOB.replace("bob.key", "carol.key"))
+    assert error_of(path) == (
+        f"{path}: users[1].key_file: key file {conf.dir / 'carol.key'}: not found"
+    )
+
+
+def test_missing_key_file_ignored_without_load_keys(conf) -> None:
+    path = conf(MINIMAL_USER + BOB.replace("bob.key", "carol.key"))
+    config = load_config(path, load_keys=False)
+    assert config.users[8].key == b"" and config.users[8].key_file == conf.dir / "carol.key"
+
+
+def test_short_key(conf) -> None:
+    write_key_file(conf.dir / "short.key", b"\x01" * 32)
+    (conf.dir / "short.key").write_text("AAEC\n")
+    path = conf(MINIMAL_USER + BOB.replace("bob.key", "short.key"))
+    message = error_of(path)
+    assert message.startswith(f"{path}: users[1].key_file: key file {conf.dir / 'short.key'}: ")
+    assert "holds 3 bytes; a key has 32 or 64" in message
+
+
+def test_not_base64_key(conf) -> None:
+    key_path = conf.dir / "bob.key"
+    key_path.write_text("not a key!\n")
+    message = error_of(conf(MINIMAL_USER + BOB))
+    assert "users[1].key_file: " in message and "not a base64 key" in message
+
+
+def test_world_readable_key(conf) -> None:
+    os.chmod(conf.dir / "bob.key", 0o644)
+    path = conf(MINIMAL_USER + BOB)
+    message = error_of(path)
+    assert message.startswith(f"{path}: users[1].key_file: key file {conf.dir / 'bob.key'}: ")
+    assert "readable or writable by group or others (mode 0644)" in message
+    assert "chmod 600" in message
+
+
+def test_key_file_is_a_directory(conf) -> None:
+    (conf.dir / "dir.key").mkdir()
+    message = error_of(conf(MINIMAL_USER + BOB.replace("bob.key", "dir.key")))
+    assert "users[1].key_file: " in message and "not a regular file" in message
+
+
+def test_relative_key_file_is_relative_to_the_config_directory(conf, tmp_path, monkeypatch):
+    sub = tmp_path / "etc"
+    (sub / "keys").mkdir(parents=True)
+    key = secrets.token_bytes(32)
+    write_key_file(sub / "keys" / "a.key", key)
+    config_path = sub / "knockd.toml"
+    config_path.write_text(
+        '[capture]\ninterface = "lo"\n[state]\ndirectory = "st"\n'
+        + MINIMAL_USER.replace("alice.key", "keys/a.key")
+    )
+    monkeypatch.chdir(tmp_path)  # not the config's directory
+    config = load_config(Path("etc/knockd.toml"))
+    assert config.users[7].key == key
+    assert config.users[7].key_file == sub / "keys" / "a.key"
+    assert config.state_dir == sub / "st"
+    assert config.path == config_path
+
+
+# --- layout --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("knock", "words"),
+    [
+        ("base_port = 60000", "past 65535"),  # IPv4 alone would not fit either
+        (
+            "base_port = 54000\nspa_port = 1",
+            "knock range for IPv6 messages",
+        ),  # IPv4 fits, IPv6 does not
+        ("digit_bits = 11\nbase_port = 1", "IPv6 messages (34 segments"),  # never fits for IPv6
+        ("digit_bits = 3", "digit_bits 3 is outside 4..12"),
+        ("digit_bits = 13", "digit_bits 13 is outside 4..12"),
+        ("base_port = 0", "base_port 0 is outside 1..65535"),
+        ("spa_port = 65536", "spa_port 65536 is outside 1..65535"),
+        ("spa_port = 20000", "spa_port 20000 lies inside the knock range"),
+        ("spa_port = 31775", "spa_port 31775 lies inside the knock range 20000-31775 for IPv6"),
+    ],
+)
+def test_layout_that_does_not_fit(conf, knock: str, words: str) -> None:
+    path = conf(f"[knock]\n{knock}\n" + MINIMAL_USER)
+    message = error_of(path)
+    assert message.startswith(f"{path}: knock: "), message
+    assert words in message, message
+
+
+@pytest.mark.parametrize("spa_port", [19999, 31776, 1, 65535])
+def test_spa_port_just_outside_both_ranges(conf, spa_port: int) -> None:
+    config = load_config(conf(f"[knock]\nspa_port = {spa_port}\n" + MINIMAL_USER))
+    assert config.knock.layout.spa_port == spa_port
+
+
+def test_layout_that_only_just_fits(conf) -> None:
+    # IPv6 at 8 bits: 46 segments of 256 ports = 11776; 65536 - 11776 = 53760.
+    config = load_config(conf("[knock]\nbase_port = 53760\nspa_port = 1\n" + MINIMAL_USER))
+    assert config.knock.layout.port_range(46).stop - 1 == 65535
