@@ -48,6 +48,8 @@ DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
 _ADDRESS_BITS = {4: 32, 6: 128}
 
 
+MAX_NAME_LENGTH = 64
+
 class ConfigError(Exception):
     """A configuration the daemon refuses; ``str()`` is one line naming file and key."""
 
@@ -385,6 +387,9 @@ class _Reader:
         name = self.string(section, p, "name", _REQUIRED)
         if not name.isprintable():
             raise self.error(f"{p}.name", f"{name!r} has unprintable characters")
+        if len(name) > MAX_NAME_LENGTH:
+            # The name travels in each grant's rule comment (at most 255 bytes in xtables).
+            raise self.error(f"{p}.name", f"longer than {MAX_NAME_LENGTH} characters")
         key_file = self.path(self.string(section, p, "key_file", _REQUIRED))
         allow: set[tuple[int, str]] = set()
         for item_key, item in self.string_list(section, p, "allow", _REQUIRED):

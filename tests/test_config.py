@@ -340,6 +340,11 @@ def test_no_users(conf) -> None:
             "users[1].name",
             "unprintable",
         ),
+        (
+            "id = 8\nname = '" + "b" * 65 + "'\nkey_file = 'bob.key'\nallow = []",
+            "users[1].name",
+            "longer than 64 characters",
+        ),
         ("id = 8\nname = 'bob'", "users[1].key_file", "missing (required)"),
         ("id = 8\nname = 'bob'\nkey_file = 'bob.key'", "users[1].allow", "missing (required)"),
         (

@@ -1,0 +1,92 @@
+"""A firewall that only pretends: grants live in memory, every action is logged.
+
+Used by ``knockd-fast replay`` and by the ``dry-run`` backend. It follows the same rules
+as the iptables backend (same keys, same expiry test, same results), so a replay shows
+what the daemon would have done. ``actions`` keeps the last ``history`` log lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from knockd_fast.firewall.base import (
+    DEFAULT_CHAIN,
+    FirewallError,
+    Grant,
+    GrantKey,
+    check_chain,
+    check_families,
+    check_hooks,
+    format_key,
+    sort_key,
+)
+
+log = logging.getLogger("knockd_fast.firewall")
+
+
+class DryRunFirewall:
+    """Same interface as ``IptablesFirewall``; touches nothing outside this object."""
+
+    name = "dry-run"
+
+    def __init__(
+        self,
+        chain: str = DEFAULT_CHAIN,
+        hooks: tuple[str, ...] = ("INPUT",),
+        *,
+        families: tuple[int, ...] = (4, 6),
+        history: int = 1000,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.chain = check_chain(chain)
+        self.hooks = check_hooks(hooks)
+        self.families = check_families(families)
+        self.actions: collections.deque[str] = collections.deque(maxlen=history)
+        self._log = logger or log
+        self._grants: dict[GrantKey, Grant] = {}
+        self._ready = False
+
+    def _say(self, text: str) -> None:
+        self.actions.append(text)
+        self._log.info("dry-run: would %s", text)
+
+    def setup(self) -> None:
+        if not self._ready:
+            self._say(f"create chain {self.chain} and jump to it from {', '.join(self.hooks)}")
+            self._ready = True
+
+    def grants(self) -> list[Grant]:
+        return sorted(self._grants.values(), key=sort_key)
+
+    def open(self, grant: Grant) -> None:
+        if grant.family not in self.families:
+            raise FirewallError(
+                f"dry-run: add grant {format_key(grant.key)}: IPv{grant.family} is not enabled"
+            )
+        verb = "extend" if grant.key in self._grants else "add"
+        self._grants[grant.key] = grant
+        self._say(f"{verb} grant {grant}")
+
+    def close(self, key: GrantKey) -> bool:
+        key = getattr(key, "key", key)  # a Grant is accepted for its key
+        removed = self._grants.pop(tuple(key), None)
+        if removed is not None:
+            self._say(f"remove grant {removed}")
+        return removed is not None
+
+    def reconcile(self, now: int) -> tuple[list[Grant], list[Grant]]:
+        removed = self.expire(now)
+        return self.grants(), removed
+
+    def expire(self, now: int) -> list[Grant]:
+        gone = sorted((g for g in self._grants.values() if g.expired(now)), key=sort_key)
+        for grant in gone:
+            del self._grants[grant.key]
+            self._say(f"remove expired grant {grant}")
+        return gone
+
+    def teardown(self) -> None:
+        self._grants.clear()
+        self._ready = False
+        self._say(f"remove the jumps to {self.chain} and the chain")
