@@ -50,6 +50,7 @@ _ADDRESS_BITS = {4: 32, 6: 128}
 
 MAX_NAME_LENGTH = 64
 
+
 class ConfigError(Exception):
     """A configuration the daemon refuses; ``str()`` is one line naming file and key."""
 
