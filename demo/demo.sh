@@ -1,53 +1,127 @@
 #!/usr/bin/env bash
-# The main job, for now: a user makes a key, configures a profile and knocks (dry run),
-# and the ports are decoded back as the server will. The daemon issue extends this to a
-# real knock between two network namespaces.
+# The main job, end to end: a server namespace runs knockd-fast with port 2222 dropped;
+# a client namespace knocks with `knock`, connects, closes, and is shut out again.
+# Everything lives in two network namespaces made here and removed on exit.
 set -euo pipefail
 
+if [ "$(id -u)" -ne 0 ]; then
+  echo "demo: needs root (network namespaces, libpcap, iptables)" >&2
+  exit 1
+fi
+
+tag="kfd$$"
+server="${tag}-server"
+client="${tag}-client"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export XDG_CONFIG_HOME="$work/config"   # never touch the real ~/.config/knock
-mkdir -p "$XDG_CONFIG_HOME/knock"
+daemon_pid=""
+listener_pid=""
 
-step() { printf '\n== %s\n' "$*"; }
+cleanup() {
+  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+  [ -n "$listener_pid" ] && kill "$listener_pid" 2>/dev/null
+  ip netns del "$server" 2>/dev/null || true
+  ip netns del "$client" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
-step "knock keygen --out key   (a 512-bit AES-SIV key, mode 0600)"
-knock keygen --out "$XDG_CONFIG_HOME/knock/key"
-ls -l "$XDG_CONFIG_HOME/knock/key"
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+in_server() { ip netns exec "$server" "$@"; }
+in_client() { ip netns exec "$client" "$@"; }
 
-step "a profile, so that 'knock open myserver 22/tcp' is all the user types"
-cat > "$XDG_CONFIG_HOME/knock/config.toml" <<TOML
-[profiles.myserver]
-host = "192.0.2.10"        # documentation address: nothing is sent in this demo
-user = 7
-key_file = "$XDG_CONFIG_HOME/knock/key"
-claimed_ip = "198.51.100.23"
-TOML
-cat "$XDG_CONFIG_HOME/knock/config.toml"
-
-step "knock open myserver 22/tcp --dry-run   (the 34 destination ports, in send order)"
-knock open myserver 22/tcp --dry-run | paste -sd' ' | fold -sw 100
-
-step "knock open myserver 22/tcp --dry-run --json"
-knock open myserver 22/tcp --dry-run --json > "$work/knock.json"
-fold -w 100 "$work/knock.json"
-
-step "the server's side: ports in any order -> message -> authenticated fields"
-python3 - "$work/knock.json" "$XDG_CONFIG_HOME/knock/key" <<'PY'
-import json, random, sys
-from knock_client.keys import load_key
-from knock_client.protocol import KnockLayout, open_message
-
-knock = json.load(open(sys.argv[1]))
-ports = knock["ports"]
-random.shuffle(ports)
-message = KnockLayout().message_from_ports(ports, len(bytes.fromhex(knock["message"])))
-fields = open_message(message, load_key(sys.argv[2]))
-print(f"rebuilt {len(message)}-byte message from {len(ports)} shuffled ports:", message.hex())
-print(f"user {fields.user_id} asks to {fields.action} {fields.port}/{fields.proto} for "
-      f"{fields.claimed_ip} (timestamp {fields.timestamp}, salt {fields.salt:#08x})")
+try_connect() {
+  in_client python3 - <<'PY'
+import socket
+s = socket.socket()
+s.settimeout(1.5)
+try:
+    s.connect(("192.0.2.1", 2222))
+    print("   connect 192.0.2.1:2222 -> CONNECTED")
+except OSError as error:
+    print(f"   connect 192.0.2.1:2222 -> refused or dropped ({error})")
 PY
+}
 
-step "a bad key file is one clear line, not a traceback"
-chmod 644 "$XDG_CONFIG_HOME/knock/key"
-knock open myserver 22/tcp --dry-run || true
+step "two hosts: server 192.0.2.1 and client 192.0.2.2, joined by a veth pair"
+ip netns add "$server"
+ip netns add "$client"
+ip link add "${tag}s" netns "$server" type veth peer name "${tag}c" netns "$client"
+in_server ip addr add 192.0.2.1/24 dev "${tag}s"
+in_client ip addr add 192.0.2.2/24 dev "${tag}c"
+for ns in "$server" "$client"; do ip -n "$ns" link set lo up; done
+in_server ip link set "${tag}s" up
+in_client ip link set "${tag}c" up
+
+step "the user makes a key; the admin configures user 7 (alice) with 2222/tcp"
+knock keygen --out "$work/alice.key"
+cat > "$work/config.toml" <<TOML
+[knock]
+window = 30
+
+[capture]
+interface = "${tag}s"
+
+[grants]
+default_timeout = 60
+
+[state]
+directory = "$work/state"
+
+[[users]]
+id = 7
+name = "alice"
+key_file = "alice.key"
+allow = ["2222/tcp"]
+TOML
+knockd-fast check-config -c "$work/config.toml"
+
+step "server: knockd-fast run, then a DROP for 2222/tcp after its jump, and a listener"
+in_server knockd-fast run -c "$work/config.toml" 2> "$work/daemon.log" &
+daemon_pid=$!
+for _ in $(seq 50); do grep -q "^knockd-fast .* on " "$work/daemon.log" && break; sleep 0.1; done
+sed 's/^/   daemon: /' "$work/daemon.log"
+in_server iptables-legacy -A INPUT -p tcp --dport 2222 -j DROP
+in_server python3 -c "
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 2222))
+s.listen()
+while True:
+    s.accept()[0].close()
+" &
+listener_pid=$!
+sleep 0.3
+in_server iptables-legacy -S INPUT | sed 's/^/   /'
+
+step "client: a connection before knocking is dropped"
+try_connect
+
+step "client: knock open 192.0.2.1 2222/tcp  (34 TCP SYNs to closed ports)"
+in_client knock open 192.0.2.1 2222/tcp --user 7 --key-file "$work/alice.key"
+sleep 0.5
+try_connect
+in_server knockd-fast status -c "$work/config.toml" | sed 's/^/   status: /'
+
+step "client: knock close 192.0.2.1 2222/tcp"
+in_client knock close 192.0.2.1 2222/tcp --user 7 --key-file "$work/alice.key"
+sleep 0.5
+try_connect
+
+step "an eavesdropper resends a captured knock: rejected as a replay"
+in_client knock open 192.0.2.1 2222/tcp --user 7 --key-file "$work/alice.key" --mode spa --json \
+  > "$work/spa.json"
+sleep 0.3
+in_client python3 - "$work/spa.json" <<'PY'
+import json, socket, sys
+sent = json.load(open(sys.argv[1]))
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(
+    bytes.fromhex(sent["message"]), ("192.0.2.1", sent["ports"][0]))
+PY
+sleep 0.5
+
+step "the daemon's decisions (one line each)"
+kill "$daemon_pid"
+wait "$daemon_pid" || true
+daemon_pid=""
+sed 's/^/   /' "$work/daemon.log"

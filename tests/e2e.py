@@ -1,0 +1,664 @@
+"""End-to-end harness: the real daemon, the real client, real iptables, in namespaces.
+
+A helper module, not a test file. ``doorman(...)`` builds two hosts (``netns.two_hosts``),
+writes a configuration, starts ``knockd-fast run --json`` in the server namespace, closes
+the protected ports with DROP rules (iptables-legacy and ip6tables-legacy: the same
+xtables family as the daemon's grants, GUIDE section 5), starts real echo listeners on
+them (IPv4 and IPv6) and yields a ``Harness`` with the helpers the tests use. Everything
+is torn down on the way out, also when a test fails: the daemon and the helpers are
+killed, the namespaces deleted (the veth pairs go with them).
+
+The client namespace has a second address on the same link, ``OTHER_V4`` /
+``OTHER_V6``: "another host" in the spoofing scenario sends from it.
+
+Run as a script, this file is the packet tool the tests start inside a namespace::
+
+    python tests/e2e.py serve PORT...                      echo listeners, v4 and v6
+    python tests/e2e.py connect HOST PORT [--source A]     exit 0 iff a TCP connect works
+    python tests/e2e.py udp HOST PORT HEX [--source A]     one datagram with that payload
+    python tests/e2e.py syn HOST PORT... [--source A]      one bare SYN per port
+    python tests/e2e.py session HOST PORT                  a held connection (see Session)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+SERVER_V4, CLIENT_V4, OTHER_V4 = "192.0.2.1", "192.0.2.2", "192.0.2.3"
+SERVER_V6, CLIENT_V6, OTHER_V6 = "2001:db8::1", "2001:db8::2", "2001:db8::3"
+VERSION = "0.1.0"
+CONNECT_TIMEOUT = 1.5
+START_TIMEOUT = 20.0
+DECISION_KEYS = (
+    "time",
+    "source",
+    "destination",
+    "user",
+    "action",
+    "port",
+    "proto",
+    "verdict",
+    "reason",
+)
+
+
+def server_address(family: int) -> str:
+    return SERVER_V4 if family == 4 else SERVER_V6
+
+
+def client_address(family: int) -> str:
+    return CLIENT_V4 if family == 4 else CLIENT_V6
+
+
+def other_address(family: int) -> str:
+    return OTHER_V4 if family == 4 else OTHER_V6
+
+
+def _console_script(name: str, module: str, marker: bytes) -> list[str]:
+    """The venv's console script ``name`` if it is ours, else ``python -m module``."""
+    for candidate in (Path(sys.executable).with_name(name), shutil.which(name)):
+        if candidate and Path(candidate).is_file():
+            with open(candidate, "rb") as script:
+                if marker in script.read(4096):
+                    return [str(candidate)]
+    return [sys.executable, "-m", module]
+
+
+def knockd_command() -> list[str]:
+    return _console_script("knockd-fast", "knockd_fast.cli", b"knockd_fast")
+
+
+def knock_command() -> list[str]:
+    # Debian's knockd package ships an unrelated /usr/bin/knock (a C binary).
+    return _console_script("knock", "knock_client.cli", b"knock_client")
+
+
+def write_key(path: Path, nbytes: int = 64, mode: int = 0o600) -> bytes:
+    """A random key of ``nbytes`` as one base64 line in a new file of ``mode``."""
+    key = secrets.token_bytes(nbytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(base64.b64encode(key).decode() + "\n")
+    os.chmod(path, mode)
+    return key
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@dataclass
+class User:
+    id: int
+    name: str
+    allow: list[str]
+    source: str | int | dict[str, int] = "exact"
+    key_file: Path | None = None  # written by the harness when None
+    key: bytes = field(default=b"", repr=False)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def render_config(
+    interface: str,
+    state_dir: Path,
+    users: Sequence[User],
+    *,
+    window: int = 30,
+    default_timeout: int = 300,
+    max_timeout: int = 3600,
+    modes: Sequence[str] = ("syn", "udp", "spa"),
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """The text of a daemon configuration; ``extra`` adds keys per table (tests of typos)."""
+    tables: dict[str, dict[str, Any]] = {
+        "knock": {"modes": list(modes), "window": window},
+        "capture": {"interface": interface},
+        "grants": {"default_timeout": default_timeout, "max_timeout": max_timeout},
+        "state": {"directory": state_dir},
+    }
+    for table, keys in (extra or {}).items():
+        tables.setdefault(table, {}).update(keys)
+    lines = []
+    for table, keys in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
+        lines.append("")
+    for user in users:
+        lines.append("[[users]]")
+        for key in ("id", "name", "key_file", "allow", "source"):
+            lines.append(f"{key} = {_toml_value(getattr(user, key))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- commands in a namespace -----------------------------------------------------------
+
+
+def ns_run(ns: str, argv: Sequence[str], timeout: float = 30, **kwargs: Any):
+    """``ip netns exec ns argv`` with text output captured; no check."""
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def tool(ns: str, *args: Any, timeout: float = 30) -> subprocess.CompletedProcess:
+    """This file as the packet tool inside ``ns``."""
+    return ns_run(ns, [sys.executable, str(HERE), *args], timeout=timeout)
+
+
+class Session:
+    """A TCP connection held open from the client namespace to an echo listener.
+
+    ``alive()`` sends one line over the same connection and is True iff it comes back.
+    """
+
+    def __init__(self, ns: str, host: str, port: int):
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, str(HERE), "session", host, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if self._readline(CONNECT_TIMEOUT + 5) != "connected":
+            self.close()
+            raise RuntimeError(f"session to {host} port {port} did not connect")
+
+    def _readline(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().strip() if ready else ""
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            return False
+        self.proc.stdin.write("ping\n")
+        self.proc.stdin.flush()
+        return self._readline(10) == "ok"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+# --- the harness -----------------------------------------------------------------------
+
+
+class DaemonFailed(AssertionError):
+    """The daemon did not do what the harness waited for; the message holds its log."""
+
+
+@dataclass
+class Harness:
+    server: str
+    client: str
+    interface: str
+    directory: Path
+    config_path: Path
+    users: list[User]
+    ports: tuple[int, ...]
+    lines: list[str] = field(default_factory=list)  # the daemon's stderr, across restarts
+    cursor: int = 0  # where wait_* start by default: the line count before the last action
+    proc: subprocess.Popen | None = None
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _reader: threading.Thread | None = None
+    _helpers: list[subprocess.Popen] = field(default_factory=list)
+
+    # -- the daemon --
+
+    def start(self) -> None:
+        """Start ``knockd-fast run --json`` in the server namespace; wait for its start line."""
+        assert self.proc is None or self.proc.poll() is not None, "the daemon is running"
+        since = self.mark()
+        argv = ["ip", "netns", "exec", self.server, *knockd_command()]
+        argv += ["run", "-c", str(self.config_path), "--json"]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        self.start_line = self.wait_log(
+            rf"^knockd-fast {re.escape(VERSION)} on {re.escape(self.interface)} ",
+            START_TIMEOUT,
+            since=since,
+        )
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for raw in proc.stderr:
+            with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM; the daemon must exit 0 within 10 s and log its ``stopped:`` line."""
+        assert self.running(), "the daemon is not running"
+        since = self.mark()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise DaemonFailed("no exit within 10 s of SIGTERM\n" + self.log()) from None
+        self._reader.join(5)
+        if code != 0:
+            raise DaemonFailed(f"exit status {code} after SIGTERM\n" + self.log())
+        self.wait_log(r"^stopped: ", 0, since=since)
+
+    def kill9(self) -> None:
+        assert self.running(), "the daemon is not running"
+        self.proc.kill()
+        self.proc.wait()
+        self._reader.join(5)
+
+    def restart(self) -> None:
+        if self.running():
+            self.stop()
+        self.start()
+
+    def send_signal(self, signum: int) -> None:
+        self.cursor = self.mark()
+        self.proc.send_signal(signum)
+
+    # -- the log --
+
+    def mark(self) -> int:
+        with self._changed:
+            return len(self.lines)
+
+    def log(self, since: int = 0) -> str:
+        with self._changed:
+            return "\n".join(self.lines[since:])
+
+    def _wait(self, find: Callable[[str], Any], timeout: float, since: int | None, what: str):
+        start = self.cursor if since is None else since
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[start:]:
+                    found = find(line)
+                    if found is not None:
+                        return found
+                start = len(self.lines)
+                finished = self._reader is None or not self._reader.is_alive()  # log complete
+                left = deadline - time.monotonic()
+                if left <= 0 or finished:
+                    state = "running" if self.running() else f"exited {self.proc.returncode}"
+                    raise DaemonFailed(
+                        f"no {what} within {timeout} s (daemon {state}); log:\n{self.log()}"
+                    )
+                self._changed.wait(min(left, 0.5))
+
+    def wait_log(self, pattern: str, timeout: float = 5.0, since: int | None = None) -> str:
+        """The first plain log line from ``since`` (default: the last action) matching."""
+        regex = re.compile(pattern)
+        return self._wait(
+            lambda line: line if regex.search(line) else None,
+            timeout,
+            since,
+            f"log line matching {pattern!r}",
+        )
+
+    def decisions(self, since: int = 0) -> list[dict[str, Any]]:
+        with self._changed:
+            lines = self.lines[since:]
+        return [found for found in map(_decision, lines) if found is not None]
+
+    def wait_decision(
+        self,
+        predicate: Callable[[dict[str, Any]], bool] = lambda decision: True,
+        timeout: float = 5.0,
+        since: int | None = None,
+    ) -> dict[str, Any]:
+        """The first JSON decision from ``since`` (default: the last action) for which
+        ``predicate`` holds."""
+
+        def find(line: str) -> dict[str, Any] | None:
+            decision = _decision(line)
+            return decision if decision is not None and predicate(decision) else None
+
+        return self._wait(find, timeout, since, "matching decision")
+
+    # -- the client side --
+
+    def user(self, name: str | None = None) -> User:
+        return self.users[0] if name is None else next(u for u in self.users if u.name == name)
+
+    def knock(
+        self,
+        action: str,
+        target: str,
+        port_spec: str,
+        *extra: str,
+        ns: str | None = None,
+        user: str | None = None,
+        user_id: int | None = None,
+        key_file: Path | None = None,
+    ) -> dict[str, Any]:
+        """Run ``knock ACTION TARGET PORT --json ...`` in the client namespace; its JSON."""
+        account = self.user(user)
+        argv = [*knock_command(), action, target, port_spec, "--json"]
+        argv += ["--user", str(account.id if user_id is None else user_id)]
+        argv += ["--key-file", str(key_file or account.key_file), *extra]
+        env = dict(
+            os.environ,
+            HOME=str(self.directory / "home"),
+            XDG_CONFIG_HOME=str(self.directory / "home" / ".config"),
+        )
+        self.cursor = self.mark()
+        done = ns_run(ns or self.client, argv, env=env)
+        assert done.returncode == 0, f"knock {action} failed: {done.stderr.strip()}"
+        return json.loads(done.stdout)
+
+    def send_udp(self, target: str, port: int, payload: bytes, *, source=None, ns=None) -> None:
+        """One datagram with ``payload`` from the client namespace (from ``source``)."""
+        args = ["udp", target, port, payload.hex()] + (["--source", source] if source else [])
+        self.cursor = self.mark()
+        done = tool(ns or self.client, *args)
+        assert done.returncode == 0, done.stderr
+
+    def send_syn(self, target: str, ports: Sequence[int], *, source=None, ns=None) -> None:
+        """One SYN per port (non-blocking connect, closed at once) from the client side."""
+        args = ["syn", target, *ports] + (["--source", source] if source else [])
+        self.cursor = self.mark()
+        done = tool(ns or self.client, *args)
+        assert done.returncode == 0, done.stderr
+
+    def can_connect(self, target: str, port: int, *, source=None, ns=None) -> bool:
+        """A real TCP connect (and one echoed line) within CONNECT_TIMEOUT seconds."""
+        args = ["connect", target, port] + (["--source", source] if source else [])
+        done = tool(ns or self.client, *args, "--timeout", CONNECT_TIMEOUT)
+        assert done.returncode in (0, 1), done.stderr
+        return done.returncode == 0
+
+    def session(self, target: str, port: int) -> Session:
+        held = Session(self.client, target, port)
+        self._helpers.append(held.proc)
+        return held
+
+    # -- the server side --
+
+    def iptables_rules(self, family: int | None = None) -> list[str]:
+        """``iptables-legacy -S`` then ``ip6tables-legacy -S`` in the server namespace
+        (or only the one of ``family``)."""
+        rules = []
+        for command in {4: ["iptables-legacy"], 6: ["ip6tables-legacy"]}.get(
+            family, ["iptables-legacy", "ip6tables-legacy"]
+        ):
+            done = ns_run(self.server, [command, "-S"])
+            assert done.returncode == 0, done.stderr
+            rules += done.stdout.splitlines()
+        return rules
+
+    def grant_rules(self) -> list[str]:
+        return [rule for rule in self.iptables_rules() if rule.startswith("-A KNOCKD-FAST ")]
+
+    def knockd(self, *args: str, ns: str | None = None) -> subprocess.CompletedProcess:
+        """``knockd-fast ARGS`` (in the server namespace by default)."""
+        return ns_run(ns or self.server, [*knockd_command(), *args])
+
+    def write_config(self, **settings: Any) -> None:
+        self.config_path.write_text(
+            render_config(self.interface, self.directory / "state", self.users, **settings)
+        )
+
+
+def _decision(line: str) -> dict[str, Any] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        decision = json.loads(line)
+    except ValueError:
+        return None
+    return decision if isinstance(decision, dict) and "verdict" in decision else None
+
+
+def _spawn_listener(ns: str, ports: Sequence[int]) -> subprocess.Popen:
+    argv = ["ip", "netns", "exec", ns, sys.executable, str(HERE), "serve", *map(str, ports)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 10)
+    line = proc.stdout.readline().strip() if ready else ""
+    if line != "ready":
+        proc.kill()
+        raise RuntimeError(f"listener did not start: {line!r} {proc.communicate()[1]}")
+    return proc
+
+
+@contextlib.contextmanager
+def doorman(
+    directory: Path,
+    *,
+    users: Sequence[User] | None = None,
+    ports: Sequence[int] = (2222,),
+    start: bool = True,
+    **settings: Any,
+) -> Iterator[Harness]:
+    """Two hosts, a configured daemon, closed ports with listeners; yields the ``Harness``.
+
+    ``users`` defaults to alice (id 7), allowed every one of ``ports`` over tcp; their
+    keys are written into ``directory``. ``settings`` go to ``render_config`` (window,
+    default_timeout, max_timeout, modes). With ``start=False`` nothing runs yet.
+    """
+    from netns import two_hosts  # here, so that the packet tool runs without it
+
+    directory = Path(directory)
+    (directory / "home").mkdir(parents=True, exist_ok=True)
+    users = list(users or [User(7, "alice", [f"{port}/tcp" for port in ports])])
+    for user in users:
+        if user.key_file is None:
+            user.key_file = directory / f"{user.name}.key"
+            user.key = write_key(user.key_file)
+    with contextlib.ExitStack() as stack:
+        server, client, interface = stack.enter_context(two_hosts())
+        client_if = "kfc" + interface[3:]
+        for argv in (
+            ["ip", "addr", "add", f"{OTHER_V4}/24", "dev", client_if],
+            # Deprecated (preferred_lft 0): never picked as a source unless bound to.
+            [
+                "ip",
+                "addr",
+                "add",
+                f"{OTHER_V6}/64",
+                "dev",
+                client_if,
+                "nodad",
+                "preferred_lft",
+                "0",
+            ],
+        ):
+            subprocess.run(["ip", "netns", "exec", client, *argv], check=True, capture_output=True)
+        harness = Harness(
+            server, client, interface, directory, directory / "config.toml", users, tuple(ports)
+        )
+        harness.write_config(**settings)
+        stack.callback(_teardown, harness)
+        harness._helpers.append(_spawn_listener(server, ports))
+        if start:
+            harness.start()
+            close_ports(harness)
+        yield harness
+
+
+def close_ports(harness: Harness) -> None:
+    """DROP the protected ports (after the daemon put its jump first in INPUT)."""
+    for command in ("iptables-legacy", "ip6tables-legacy"):
+        for port in harness.ports:
+            done = ns_run(
+                harness.server,
+                [command, "-A", "INPUT", "-p", "tcp", "--dport", port, "-j", "DROP"],
+            )
+            assert done.returncode == 0, done.stderr
+
+
+def _teardown(harness: Harness) -> None:
+    if harness.proc is not None and harness.proc.poll() is None:
+        harness.proc.kill()
+        harness.proc.wait()
+    for helper in harness._helpers:
+        if helper.poll() is None:
+            helper.kill()
+        helper.communicate()
+
+
+# --- the packet tool (runs inside a namespace) -----------------------------------------
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def _socket(host: str, kind: int, source: str | None) -> socket.socket:
+    sock = socket.socket(_family(host), kind)
+    if source:
+        sock.bind((source, 0))
+    return sock
+
+
+def _serve(ports: Sequence[int]) -> int:
+    listeners = []
+    for port in ports:
+        for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            sock.listen(64)
+            listeners.append(sock)
+    print("ready", flush=True)
+    peers: list[socket.socket] = []
+    while True:
+        readable, _, _ = select.select(listeners + peers, [], [])
+        for sock in readable:
+            if sock in listeners:
+                peer, _ = sock.accept()
+                peers.append(peer)
+                continue
+            try:
+                data = sock.recv(4096)
+                if data:
+                    sock.sendall(data)
+                    continue
+            except OSError:
+                pass
+            peers.remove(sock)
+            sock.close()
+
+
+def _connect(host: str, port: int, source: str | None, timeout: float) -> int:
+    with _socket(host, socket.SOCK_STREAM, source) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((host, port))
+            sock.sendall(b"hello\n")
+            return 0 if sock.recv(16) == b"hello\n" else 1
+        except OSError:
+            return 1
+
+
+def _session(host: str, port: int) -> int:
+    with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT + 3) as sock:
+        print("connected", flush=True)
+        sock.settimeout(5)
+        for line in sys.stdin:
+            try:
+                sock.sendall(line.encode())
+                echoed = sock.recv(4096)
+            except OSError:
+                echoed = b""
+            print("ok" if echoed == line.encode() else "fail", flush=True)
+    return 0
+
+
+def _syn(host: str, ports: Sequence[int], source: str | None) -> int:
+    for port in ports:
+        sock = _socket(host, socket.SOCK_STREAM, source)
+        try:
+            sock.setblocking(False)
+            result = sock.connect_ex((host, port))
+            if result not in (0, errno.EINPROGRESS, errno.ECONNREFUSED):
+                raise OSError(result, os.strerror(result))
+        finally:
+            sock.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="packet tool of the end-to-end tests")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve")
+    serve.add_argument("ports", type=int, nargs="+")
+    connect = sub.add_parser("connect")
+    connect.add_argument("host")
+    connect.add_argument("port", type=int)
+    connect.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT)
+    udp = sub.add_parser("udp")
+    udp.add_argument("host")
+    udp.add_argument("port", type=int)
+    udp.add_argument("payload", type=bytes.fromhex)
+    syn = sub.add_parser("syn")
+    syn.add_argument("host")
+    syn.add_argument("ports", type=int, nargs="+")
+    session = sub.add_parser("session")
+    session.add_argument("host")
+    session.add_argument("port", type=int)
+    for command in (connect, udp, syn):
+        command.add_argument("--source")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args.ports)
+    if args.command == "connect":
+        return _connect(args.host, args.port, args.source, args.timeout)
+    if args.command == "udp":
+        with _socket(args.host, socket.SOCK_DGRAM, args.source) as sock:
+            sock.sendto(args.payload, (args.host, args.port))
+        return 0
+    if args.command == "syn":
+        return _syn(args.host, args.ports, args.source)
+    return _session(args.host, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

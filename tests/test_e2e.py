@@ -1,0 +1,438 @@
+"""End to end: the real `knockd-fast run` and `knock`, real libpcap and iptables, in namespaces.
+
+Reachability is always proven with a real TCP connect to a real listener behind a DROP
+rule (tests/e2e.py has the harness); decisions are read from the daemon's own JSON log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from e2e import (
+    CLIENT_V4,
+    DECISION_KEYS,
+    SERVER_V4,
+    User,
+    client_address,
+    doorman,
+    knockd_command,
+    ns_run,
+    other_address,
+    render_config,
+    server_address,
+    write_key,
+)
+from netns import NetnsUnavailable
+
+from knock_client.protocol import Action, Knock, KnockLayout, Proto, encode_header, seal
+
+pytestmark = pytest.mark.netns
+
+PURE = os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0")
+live = pytest.mark.skipif(PURE, reason="live capture needs the Cython extension")
+PORT, PORT_B = 2222, 2223
+SPA_PORT = KnockLayout().spa_port
+
+
+def family_args(family: int) -> tuple[str, ...]:
+    return ("-6",) if family == 6 else ("-4",)
+
+
+@pytest.fixture
+def e2e(tmp_path):
+    """``e2e(**options)``: a started ``Harness`` (tests/e2e.py ``doorman``), torn down after."""
+    with contextlib.ExitStack() as stack:
+
+        def make(**options):
+            try:
+                return stack.enter_context(doorman(tmp_path / "e2e", **options))
+            except NetnsUnavailable as error:
+                pytest.skip(f"network namespaces unavailable: {error}")
+
+        yield make
+
+
+def accepted(action: str, port: int = PORT):
+    def check(decision: dict) -> bool:
+        return decision["action"] == action and decision["port"] == port
+
+    return check
+
+
+def open_and_wait(h, target: str, port: int = PORT, *extra: str) -> dict:
+    """Knock open; the decision must be accepted and the grant in the firewall."""
+    sent = h.knock("open", target, f"{port}/tcp", *extra)
+    decision = h.wait_decision(accepted("open", port))
+    assert (decision["verdict"], decision["reason"]) == ("accepted", "ok"), decision
+    h.wait_log(rf"^firewall: opened {port}/tcp for ")
+    return sent
+
+
+def sealed(user: User, claimed: str, timestamp: int, port: int = PORT) -> bytes:
+    knock = Knock(
+        Action.OPEN,
+        Proto.TCP,
+        port,
+        timestamp,
+        ipaddress.ip_address(claimed),
+        user.id,
+        secrets.randbits(24),
+    )
+    return seal(knock, user.key)
+
+
+# --- open and close --------------------------------------------------------------------
+
+
+@live
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("mode", ["syn", "udp", "spa"])
+def test_open_then_close(e2e, mode, family):
+    h = e2e()
+    target = server_address(family)
+    assert not h.can_connect(target, PORT), "the DROP rule does not hold before any knock"
+
+    open_and_wait(h, target, PORT, "--mode", mode, *family_args(family))
+    decision = h.decisions()[-1]
+    assert decision["source"] == client_address(family)
+    assert decision["destination"] == target
+    assert h.can_connect(target, PORT)
+    status = h.knockd("status", "-c", str(h.config_path))
+    assert status.returncode == 0 and f"{client_address(family)} -> {target} 2222/tcp" in (
+        status.stdout
+    ), status
+
+    h.knock("close", target, f"{PORT}/tcp", "--mode", mode, *family_args(family))
+    decision = h.wait_decision(accepted("close"))
+    assert decision["verdict"] == "accepted", decision
+    h.wait_log(r"^firewall: closed 2222/tcp for ")
+    assert not h.can_connect(target, PORT)
+    assert h.grant_rules() == []
+    h.stop()
+
+
+# --- expiry ----------------------------------------------------------------------------
+
+
+@live
+def test_grant_expires_by_itself(e2e):
+    h = e2e(default_timeout=3)
+    open_and_wait(h, SERVER_V4)
+    opened = time.monotonic()
+    assert h.can_connect(SERVER_V4, PORT)
+    h.wait_log(r"^firewall: expired 2222/tcp for 192\.0\.2\.2 ", timeout=8)
+    assert 1.5 <= time.monotonic() - opened <= 6
+    assert not h.can_connect(SERVER_V4, PORT)
+    assert h.grant_rules() == []
+    assert h.knockd("status", "-c", str(h.config_path)).stdout.strip() == "no live grants"
+    h.stop()
+
+
+# --- replays and spoofed sources -------------------------------------------------------
+
+
+@live
+@pytest.mark.parametrize("first,again", [("spa", "spa"), ("syn", "syn"), ("syn", "spa")])
+def test_a_captured_message_sent_again_is_a_replay(e2e, first, again):
+    h = e2e()
+    sent = open_and_wait(h, SERVER_V4, PORT, "--mode", first)
+    h.knock("close", SERVER_V4, f"{PORT}/tcp", "--mode", "spa")
+    h.wait_log(r"^firewall: closed ")
+    assert not h.can_connect(SERVER_V4, PORT)
+
+    if again == "spa":
+        h.send_udp(SERVER_V4, SPA_PORT, bytes.fromhex(sent["message"]))
+    else:
+        h.send_syn(SERVER_V4, sent["ports"])
+    decision = h.wait_decision()
+    assert (decision["verdict"], decision["reason"]) == ("rejected", "replay"), decision
+    assert decision["source"] == CLIENT_V4 and decision["user"] == "alice"
+    time.sleep(0.3)  # a wrongly granted replay would be in the firewall by now
+    assert h.grant_rules() == []
+    assert not h.can_connect(SERVER_V4, PORT)
+    h.stop()
+
+
+@live
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_same_message_from_another_source_is_refused(e2e, family):
+    h = e2e()
+    target, other = server_address(family), other_address(family)
+    unsent = h.knock("open", target, f"{PORT}/tcp", "--mode", "spa", "--dry-run")
+    assert unsent["sent"] is False and unsent["fields"]["claimed_ip"] == client_address(family)
+    message = bytes.fromhex(unsent["message"])
+
+    h.send_udp(target, SPA_PORT, message, source=other)
+    decision = h.wait_decision()
+    assert (decision["source"], decision["reason"]) == (other, "source_mismatch"), decision
+    assert decision["verdict"] == "rejected"
+    assert not h.can_connect(target, PORT, source=other)
+
+    # The refused copy did not use the message up: its owner can still send it.
+    h.send_udp(target, SPA_PORT, message)
+    decision = h.wait_decision()
+    assert (decision["source"], decision["verdict"]) == (client_address(family), "accepted")
+    h.wait_log(r"^firewall: opened ")
+    assert h.can_connect(target, PORT)
+    assert not h.can_connect(target, PORT, source=other)
+
+    h.send_udp(target, SPA_PORT, message, source=other)
+    assert h.wait_decision()["reason"] == "source_mismatch"
+    assert not h.can_connect(target, PORT, source=other)
+    assert len(h.grant_rules()) == 1
+    h.stop()
+
+
+# --- messages that fail a check --------------------------------------------------------
+
+
+@live
+def test_bad_messages_are_refused_with_their_reason(e2e):
+    h = e2e()
+    alice = h.user()
+    wrong_key = h.directory / "wrong.key"
+    write_key(wrong_key)
+    now = int(time.time())
+
+    h.knock("open", SERVER_V4, f"{PORT}/tcp", key_file=wrong_key)
+    assert h.wait_decision()["reason"] == "authentication"
+    h.knock("open", SERVER_V4, f"{PORT}/tcp", "--mode", "spa", user_id=99)
+    assert h.wait_decision()["reason"] == "unknown_user"
+    h.send_udp(SERVER_V4, SPA_PORT, sealed(alice, CLIENT_V4, now - 600))
+    assert h.wait_decision()["reason"] == "expired"
+    h.send_udp(SERVER_V4, SPA_PORT, sealed(alice, CLIENT_V4, now + 600))
+    assert h.wait_decision()["reason"] == "from_future"
+    h.knock("open", SERVER_V4, f"{PORT_B}/tcp", "--mode", "udp")
+    assert h.wait_decision()["reason"] == "not_allowed"
+
+    rejected = h.decisions()
+    assert [d["verdict"] for d in rejected] == ["rejected"] * 5, rejected
+    assert all(d["source"] == CLIENT_V4 for d in rejected)
+    assert h.grant_rules() == []
+    assert not h.can_connect(SERVER_V4, PORT)
+    # ... and a good knock still works afterwards.
+    open_and_wait(h, SERVER_V4)
+    assert h.can_connect(SERVER_V4, PORT)
+    h.stop()
+
+
+@live
+def test_a_knock_with_a_spoofed_conflicting_digit_still_opens(e2e):
+    h = e2e()
+    layout = KnockLayout()
+    genuine = encode_header(h.user().id)[0]  # segment 0 holds the clear header's first byte
+    poison = layout.base_port + (genuine ^ 0x01)
+    h.send_syn(SERVER_V4, [poison])
+    sent = open_and_wait(h, SERVER_V4, PORT, "--no-shuffle")
+    assert sent["ports"][0] == layout.base_port + genuine != poison
+    assert h.can_connect(SERVER_V4, PORT)
+    h.stop()
+    stopped = h.wait_log(r"^stopped: ", 0, since=0)
+    assert " conflicts=1 " in stopped, stopped
+    assert [d["reason"] for d in h.decisions()] == ["ok"]
+
+
+# --- crash and restart -----------------------------------------------------------------
+
+
+@live
+def test_kill9_then_restart_keeps_live_grants_and_drops_expired_ones(e2e):
+    h = e2e(ports=(PORT, PORT_B), default_timeout=300, max_timeout=3600)
+    sent_a = open_and_wait(h, SERVER_V4, PORT, "--duration", "600")
+    open_and_wait(h, SERVER_V4, PORT_B, "--duration", "2")
+    session = h.session(SERVER_V4, PORT)
+    assert session.alive()
+    rule_b = next(rule for rule in h.grant_rules() if "--dport 2223 " in rule)
+    expires_b = int(re.search(r"expires=(\d+)", rule_b).group(1))
+
+    h.kill9()
+    time.sleep(max(0.0, expires_b + 1.2 - time.time()))
+    assert rule_b in h.grant_rules(), "nobody runs to remove B while the daemon is dead"
+    h.start()
+    assert "grants kept 1, expired 1" in h.start_line, h.start_line
+
+    grants = h.grant_rules()
+    assert len(grants) == 1 and "--dport 2222 " in grants[0], grants
+    for family in (4, 6):
+        hooked = [rule for rule in h.iptables_rules(family) if rule.startswith("-A INPUT ")]
+        assert hooked[0] == "-A INPUT -j KNOCKD-FAST", hooked
+        assert hooked.count("-A INPUT -j KNOCKD-FAST") == 1, hooked
+    assert session.alive(), "the restart cut a live session"
+    assert h.can_connect(SERVER_V4, PORT)
+    assert not h.can_connect(SERVER_V4, PORT_B)
+    # The replay cache survived the kill -9 (docs/protocol.md section 7: across restarts).
+    h.send_udp(SERVER_V4, SPA_PORT, bytes.fromhex(sent_a["message"]))
+    assert h.wait_decision()["reason"] == "replay"
+    # The restarted daemon still serves knocks.
+    h.knock("close", SERVER_V4, f"{PORT}/tcp")
+    h.wait_log(r"^firewall: closed 2222/tcp ")
+    assert not h.can_connect(SERVER_V4, PORT)
+    h.stop()
+
+
+# --- configuration refused before anything starts --------------------------------------
+
+
+def _bad_configs(directory: Path, interface: str):
+    """(name, config text, the dotted key the error must name) for each broken setup."""
+    state = directory / "state"
+
+    def user(key_file: Path) -> list[User]:
+        return [User(7, "alice", ["2222/tcp"], key_file=key_file)]
+
+    good = directory / "good.key"
+    write_key(good)
+    loose = directory / "loose.key"
+    write_key(loose, mode=0o644)
+    short = directory / "short.key"
+    write_key(short, nbytes=16)
+    return {
+        "unknown_key": (
+            render_config(interface, state, user(good), extra={"grants": {"default_timeuot": 3}}),
+            "grants.default_timeuot",
+        ),
+        "wrong_type": (render_config(interface, state, user(good), window="30"), "knock.window"),
+        "world_readable_key": (render_config(interface, state, user(loose)), "users[0].key_file"),
+        "missing_key": (
+            render_config(interface, state, user(directory / "nope.key")),
+            "users[0].key_file",
+        ),
+        "short_key": (render_config(interface, state, user(short)), "users[0].key_file"),
+        "bad_toml": ("[knock\nwindow = 30\n", "not valid TOML"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown_key", "wrong_type", "world_readable_key", "missing_key", "short_key", "bad_toml"],
+)
+def test_a_broken_configuration_is_one_line_and_exit_2(netns, tmp_path, case):
+    text, key = _bad_configs(tmp_path, "lo")[case]
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    done = ns_run(netns, [*knockd_command(), "run", "-c", path, "--json"], timeout=20)
+    assert done.returncode == 2, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"knockd-fast: error: {path}: {key}"), lines[0]
+    assert done.stdout == ""
+    assert "KNOCKD-FAST" not in ns_run(netns, ["iptables-legacy", "-S"]).stdout
+    assert not (tmp_path / "state").exists()
+
+
+@live
+@pytest.mark.parametrize("destinations", [[], ["192.0.2.1"]])
+def test_a_missing_interface_is_one_line_and_exit_1(netns, tmp_path, destinations):
+    key = tmp_path / "alice.key"
+    write_key(key)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        render_config(
+            "kfnope0",
+            tmp_path / "state",
+            [User(7, "alice", ["2222/tcp"], key_file=key)],
+            extra={"capture": {"destinations": destinations}},
+        )
+    )
+    done = ns_run(netns, [*knockd_command(), "run", "-c", path, "--json"], timeout=20)
+    assert done.returncode == 1, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("knockd-fast: error: interface kfnope0: "), lines
+    assert "KNOCKD-FAST" not in ns_run(netns, ["iptables-legacy", "-S"]).stdout
+
+
+# --- offline replay of a capture --------------------------------------------------------
+
+
+@live
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed")
+def test_replay_command_judges_a_recorded_capture_without_touching_the_firewall(e2e):
+    h = e2e()
+    capture = h.directory / "knocks.pcap"
+    # --immediate-mode: without it, packets still in the kernel's ring at SIGTERM are lost.
+    argv = ["tcpdump", "--immediate-mode", "-U", "-n", "-i", h.interface, "-w", capture]
+    tcpdump = subprocess.Popen(
+        ["ip", "netns", "exec", h.server, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready, _, _ = select.select([tcpdump.stderr], [], [], 10)
+        assert ready and "listening on" in tcpdump.stderr.readline()
+        sent = open_and_wait(h, SERVER_V4, PORT, "--mode", "syn")
+        h.send_udp(SERVER_V4, SPA_PORT, bytes.fromhex(sent["message"]))
+        assert h.wait_decision()["reason"] == "replay"
+        time.sleep(0.3)
+    finally:
+        tcpdump.send_signal(signal.SIGTERM)
+        tcpdump.communicate(timeout=10)
+    live_decisions = h.decisions()
+
+    before = h.iptables_rules()
+    done = h.knockd("replay", "-c", str(h.config_path), str(capture), "--json")
+    assert done.returncode == 0, done.stderr
+    assert h.iptables_rules() == before
+    replayed = [json.loads(line) for line in done.stdout.splitlines()]
+    assert all(tuple(decision) == DECISION_KEYS for decision in replayed), replayed
+    assert [(d["verdict"], d["reason"]) for d in replayed] == [
+        ("accepted", "ok"),
+        ("rejected", "replay"),
+    ], replayed
+    for offline, online in zip(replayed, live_decisions, strict=True):
+        assert offline["source"] == CLIENT_V4 and offline["destination"] == SERVER_V4
+        assert (offline["user"], offline["action"], offline["port"], offline["proto"]) == (
+            "alice",
+            "open",
+            PORT,
+            "tcp",
+        )
+        assert {k: online[k] for k in DECISION_KEYS if k != "time"} == {
+            k: offline[k] for k in DECISION_KEYS if k != "time"
+        }
+    assert "completions=2" in done.stderr
+    h.stop()
+
+
+# --- SIGHUP ----------------------------------------------------------------------------
+
+
+@live
+def test_sighup_reloads_users_and_keeps_running_on_a_broken_file(e2e):
+    h = e2e(ports=(PORT, PORT_B), users=[User(7, "alice", ["2222/tcp"])])
+    open_and_wait(h, SERVER_V4, PORT)
+    h.knock("open", SERVER_V4, f"{PORT_B}/tcp")
+    assert h.wait_decision()["reason"] == "not_allowed"
+
+    h.user().allow = ["2222/tcp", "2223/tcp"]
+    h.write_config()
+    h.send_signal(signal.SIGHUP)
+    h.wait_log(r"^reloaded .*: 1 users")
+    open_and_wait(h, SERVER_V4, PORT_B)
+    assert h.can_connect(SERVER_V4, PORT_B)
+    assert h.can_connect(SERVER_V4, PORT), "the reload lost a grant"
+    assert len(h.grant_rules()) == 2
+
+    h.config_path.write_text("[knock\nthis is not TOML\n")
+    h.send_signal(signal.SIGHUP)
+    h.wait_log(r"^reload failed, keeping the running configuration: ")
+    h.knock("close", SERVER_V4, f"{PORT_B}/tcp")
+    decision = h.wait_decision()
+    assert (decision["action"], decision["verdict"]) == ("close", "accepted"), decision
+    h.wait_log(r"^firewall: closed 2223/tcp ")
+    assert not h.can_connect(SERVER_V4, PORT_B)
+    assert h.can_connect(SERVER_V4, PORT)
+    assert h.running()
+    h.stop()
