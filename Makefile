@@ -77,7 +77,7 @@ demo: $(STAMP)
 # Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
 BENCH_TOOLS := matplotlib tqdm
 BENCH_RUN   := $(IN_VENV) $(VPY) bench/run.py
-.PHONY: bench bench-quick bench-tools
+.PHONY: bench bench-quick bench-tools bench-grants
 
 bench-tools: $(STAMP)
 	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q $(BENCH_TOOLS)
@@ -85,6 +85,10 @@ bench-tools: $(STAMP)
 bench: bench-tools
 	$(BENCH_RUN) flood
 	$(BENCH_RUN) sweep
+
+# Live: a burst of accepted knocks between two namespaces; firewall commits vs capture.
+bench-grants: $(STAMP)
+	$(BENCH_RUN:run.py=grant_burst.py) --sources 500 --waves 2
 
 bench-quick: bench-tools
 	$(BENCH_RUN) flood --quick

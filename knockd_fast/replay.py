@@ -126,7 +126,10 @@ class ReplayCache:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # an accepted knock survives power loss
+            # NORMAL in WAL mode: a commit reaches the OS before remember() returns, so a
+            # crash or kill -9 of the daemon loses nothing; only a power cut may lose the
+            # last moments. FULL would fsync on the capture thread for every accepted knock.
+            db.execute("PRAGMA synchronous=NORMAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(

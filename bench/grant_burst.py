@@ -1,0 +1,198 @@
+"""A burst of grants against the live daemon: do firewall commits hold up the capture?
+
+    python bench/grant_burst.py [--sources 500] [--waves 2]
+
+Builds two namespaces (server 198.18.0.1, clients 198.18.1.0/24 and up, documentation
+ranges), runs `knockd-fast run` in the server one, and sends one SPA knock from each of
+N client addresses as fast as a socket sends, in W waves; each accepted knock is an
+iptables commit, and libiptc's whole-table commits grow with the table. Reports the
+daemon's own counters at stop (packets, completions, pcap received / dropped), the
+accepted decisions, the time until the last grant was in place, and writes
+bench/results/grant-burst-<time>.json. A measurement, never a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SERVER = "198.18.0.1"
+
+SENDER = r"""
+import json, socket, sys
+plan = json.load(open(sys.argv[1]))
+for wave in plan["waves"]:
+    for source, hexmsg in wave:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((source, 0))
+        s.sendto(bytes.fromhex(hexmsg), (plan["server"], plan["spa_port"]))
+        s.close()
+"""
+
+
+def sh(*argv: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
+
+
+@contextlib.contextmanager
+def hosts(count: int):
+    tag = f"kfb{os.getpid()}"
+    server, client = f"{tag}-s", f"{tag}-c"
+    sh("ip", "netns", "add", server)
+    sh("ip", "netns", "add", client)
+    try:
+        sh(
+            "ip",
+            "link",
+            "add",
+            f"{tag}s",
+            "netns",
+            server,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"{tag}c",
+            "netns",
+            client,
+        )
+        sh("ip", "-n", server, "addr", "add", f"{SERVER}/15", "dev", f"{tag}s")
+        sources = [str(ipaddress.ip_address("198.18.1.0") + n) for n in range(count)]
+        batch = "".join(f"addr add {a}/15 dev {tag}c\n" for a in sources)
+        subprocess.run(["ip", "-n", client, "-batch", "-"], input=batch, text=True, check=True)
+        for ns, iface in ((server, f"{tag}s"), (client, f"{tag}c")):
+            sh("ip", "-n", ns, "link", "set", iface, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield server, client, f"{tag}s", sources
+    finally:
+        for ns in (server, client):
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sources", type=int, default=500)
+    parser.add_argument("--waves", type=int, default=2)
+    args = parser.parse_args()
+
+    from knock_client.keys import generate_key, write_key_file
+    from knock_client.protocol import DEFAULT_SPA_PORT, Action, Knock, Proto, seal
+
+    work = Path(tempfile.mkdtemp(prefix="kf-burst-"))
+    key = generate_key()
+    write_key_file(work / "bench.key", key)
+    (work / "config.toml").write_text(
+        '[capture]\ninterface = "IFACE"\n[grants]\ndefault_timeout = 600\n'
+        f'[state]\ndirectory = "{work / "state"}"\n'
+        '[[users]]\nid = 1\nname = "bench"\nkey_file = "bench.key"\nallow = ["2222/tcp"]\n'
+    )
+    with hosts(args.sources) as (server, client, server_if, sources):
+        config = work / "config.toml"
+        config.write_text(config.read_text().replace("IFACE", server_if))
+        now = int(time.time())
+        waves = [
+            [
+                (
+                    source,
+                    seal(
+                        Knock(
+                            Action.OPEN,
+                            Proto.TCP,
+                            2222,
+                            now,
+                            ipaddress.ip_address(source),
+                            1,
+                            wave * 100_000 + n,
+                        ),
+                        key,
+                    ).hex(),
+                )
+                for n, source in enumerate(sources)
+            ]
+            for wave in range(args.waves)
+        ]
+        plan = work / "plan.json"
+        plan.write_text(
+            json.dumps({"server": SERVER, "spa_port": DEFAULT_SPA_PORT, "waves": waves})
+        )
+        log_path = work / "daemon.log"
+        with open(log_path, "w") as log_file:
+            daemon = subprocess.Popen(
+                ["ip", "netns", "exec", server, "knockd-fast", "run", "-c", str(config), "--json"],
+                stderr=log_file,
+            )
+        deadline = time.monotonic() + 20
+        while "knockd-fast 0.1.0 on" not in log_path.read_text():
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                print(log_path.read_text(), file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        started, started_wall = time.monotonic(), time.time()
+        sh("ip", "netns", "exec", client, sys.executable, "-c", SENDER, str(plan))
+        sent = time.monotonic()
+        # The first wave opens N grants; later waves replay-check and extend nothing new
+        # (same sources, new salts): each is another accepted knock and another commit.
+        expected = args.sources * args.waves
+        while log_path.read_text().count("firewall: opened") < expected:
+            if time.monotonic() - started > 600:
+                break
+            time.sleep(0.05)
+        granted = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        text = log_path.read_text()
+    stop = re.search(r"^stopped: (.*)$", text, re.M)
+    counters = dict(item.split("=") for item in stop.group(1).split()) if stop else {}
+    decisions = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    result = {
+        "sources": args.sources,
+        "waves": args.waves,
+        "knocks_sent": expected,
+        "send_seconds": round(sent - started, 3),
+        "accepted": sum(d["verdict"] == "accepted" for d in decisions),
+        "rejected_reasons": sorted({d["reason"] for d in decisions if d["verdict"] != "accepted"}),
+        "grants_opened": text.count("firewall: opened"),
+        # Decisions are made on the capture thread: if firewall commits held it up, the
+        # last decision would come as late as the last grant.
+        "seconds_to_last_decision": round(
+            max(
+                (
+                    datetime.datetime.fromisoformat(d["time"].replace("Z", "+00:00")).timestamp()
+                    for d in decisions
+                ),
+                default=started_wall,
+            )
+            - started_wall,
+            3,
+        ),
+        "seconds_to_last_grant": round(granted - started, 3),
+        "grants_per_second": round(text.count("firewall: opened") / (granted - started), 1),
+        "counters": {k: int(v) for k, v in counters.items()},
+        "machine": {"nproc": os.cpu_count()},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"grant-burst-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
