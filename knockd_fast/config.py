@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-import re
 import tomllib
 import types
 from collections.abc import Mapping
@@ -33,16 +32,15 @@ from knock_client.protocol import (
 )
 
 from .capture_spec import MAX_DESTINATIONS
+from .firewall.base import DEFAULT_CHAIN, HOOKS, check_chain
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MODES = ("syn", "udp", "spa")
 KNOCK_MODES = frozenset({"syn", "udp"})
 BACKENDS = ("iptables", "dry-run")
-HOOKS = ("INPUT", "FORWARD")
 MAX_WINDOW = 3600
 MAX_INT31 = 2**31 - 1
-CHAIN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,28}")
 IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
 DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
 _ADDRESS_BITS = {4: 32, 6: 128}
@@ -349,11 +347,11 @@ class _Reader:
                 f"{max_timeout} is less than grants.default_timeout ({default_timeout})",
             )
         backend = self.choice(section, p, "backend", "iptables", BACKENDS)
-        chain = self.string(section, p, "chain", "KNOCKD-FAST")
-        if not CHAIN_PATTERN.fullmatch(chain):
-            raise self.error(
-                f"{p}.chain", f"{chain!r}: a chain name has 1..28 characters of A-Z a-z 0-9 _ -"
-            )
+        chain = self.string(section, p, "chain", DEFAULT_CHAIN)
+        try:
+            check_chain(chain)
+        except ValueError as error:
+            raise self.error(f"{p}.chain", str(error)) from None
         hooks = self.subset(section, p, "hooks", ["INPUT"], HOOKS)
         return GrantSettings(default_timeout, max_timeout, backend, chain, hooks)
 

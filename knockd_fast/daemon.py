@@ -345,8 +345,24 @@ class Doorman:
         except ConfigError as error:
             log.error("reload failed, keeping the running configuration: %s", error)
             return
-        if (fresh.knock.layout, fresh.capture) != (self.config.knock.layout, self.config.capture):
-            log.warning("reload: knock layout and capture settings apply at the next restart")
+        old = self.config
+        pending = [
+            name
+            for name, before, after in (
+                ("knock layout", old.knock.layout, fresh.knock.layout),
+                ("knock.knock_timeout", old.knock.knock_timeout, fresh.knock.knock_timeout),
+                ("[capture]", old.capture, fresh.capture),
+                (
+                    "grants.backend/chain/hooks",
+                    (old.grants.backend, old.grants.chain, old.grants.hooks),
+                    (fresh.grants.backend, fresh.grants.chain, fresh.grants.hooks),
+                ),
+                ("state.directory", old.state_dir, fresh.state_dir),
+            )
+            if before != after
+        ]
+        if pending:
+            log.warning("reload: changes to %s apply at the next restart", ", ".join(pending))
         self.config = fresh
         self.judge.config = fresh
         log.info("reloaded %s: %d users", fresh.path, len(fresh.users))

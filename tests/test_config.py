@@ -285,6 +285,8 @@ def test_not_utf8(conf) -> None:
         ("[grants]\nchain = 'A' \n", None, None),  # valid: one character
         ("[grants]\nchain = 'has space'\n", "grants.chain", "1..28 characters"),
         ("[grants]\nchain = '" + "C" * 29 + "'\n", "grants.chain", "1..28 characters"),
+        ("[grants]\nchain = 'INPUT'\n", "grants.chain", "is a built-in chain"),
+        ("[grants]\nchain = 'ACCEPT'\n", "grants.chain", "is a built-in chain"),
         ("[grants]\nhooks = ['OUTPUT']\n", "grants.hooks[0]", "'OUTPUT' is not one of"),
         ("[grants]\nhooks = []\n", "grants.hooks", "at least one"),
         ("[state]\ndirectory = 1\n", "state.directory", "expected a string"),
