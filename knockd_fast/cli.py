@@ -70,7 +70,7 @@ def _firewall(config: Config):
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ._capture import IMPLEMENTATION, CaptureEngine, CaptureError
-    from .daemon import Doorman, StartError, protected_destinations
+    from .daemon import Doorman, StartError, open_capture, protected_destinations
     from .firewall.base import FirewallError
     from .replay import ReplayCache
 
@@ -88,14 +88,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             capacity=config.capture.table_size,
             destinations=destinations,
         )
-        engine.open_live(config.capture.interface, buffer_bytes=config.capture.buffer_bytes)
-        engine.set_nonblocking()
+        open_capture(engine, config.capture)
         firewall = _firewall(config)
         firewall.setup()
         kept, removed = firewall.reconcile(int(time.time()))
     except (CaptureError, FirewallError) as error:
         raise StartError(str(error)) from None
     replay = ReplayCache.for_state_dir(config.state_dir, now=time.time())
+    doorman = Doorman(config, engine, firewall, replay, json_log=args.json)
     log.info(
         "knockd-fast %s on %s protecting %s; %d users; grants kept %d, expired %d",
         __version__,
@@ -105,7 +105,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         len(kept),
         len(removed),
     )
-    doorman = Doorman(config, engine, firewall, replay, json_log=args.json)
     doorman.install_signal_handlers()
     try:
         doorman.run()

@@ -29,7 +29,7 @@ from knock_client.protocol import Action
 
 from .candidates import candidate_messages
 from .capture_spec import KIND_SPA, MAX_DESTINATIONS, key_address
-from .config import Config, ConfigError, IPAddress, load_config
+from .config import CaptureSettings, Config, ConfigError, IPAddress, load_config
 from .firewall.base import Firewall, FirewallError, Grant
 from .replay import ReplayCache
 from .verdict import grant_duration, judge, replay_expiry
@@ -45,6 +45,7 @@ decisions_log = logging.getLogger("knockd_fast.decisions")
 
 FIREWALL_RETRIES = (0.1, 0.5, 2.0)  # seconds between attempts of one firewall action
 SWEEP_SECONDS = 1.0  # how often expired grants are removed
+REOPEN_SECONDS = 1  # how often a lost capture is retried
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,12 @@ def protected_destinations(config: Config) -> list[IPAddress]:
     return found[:MAX_DESTINATIONS]
 
 
+def open_capture(engine: Any, settings: CaptureSettings) -> None:
+    """Open the live handle (raises CaptureError); the engine's table and counters carry over."""
+    engine.open_live(settings.interface, buffer_bytes=settings.buffer_bytes)
+    engine.set_nonblocking()
+
+
 class Doorman:
     """The live daemon: one capture engine, one firewall worker, the replay cache."""
 
@@ -298,6 +305,8 @@ class Doorman:
         self.judge = Judge(config, replay, self.worker.submit)
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._capture_lost_at: float | None = None
+        self._last_reopen_complaint = 0.0
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
@@ -309,12 +318,15 @@ class Doorman:
 
     def run(self) -> None:
         self.worker.start()
-        fd = self.engine.fileno()
         last_prune = self.clock()
         try:
             while not self._stop.is_set():
-                select.select([fd], [], [], 0.25)
-                self.pump()
+                if self._capture_lost_at is None:
+                    select.select([self.engine.fileno()], [], [], 0.25)
+                    self.pump()
+                else:
+                    self._stop.wait(REOPEN_SECONDS)
+                    self._reopen()
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()
@@ -322,21 +334,56 @@ class Doorman:
                     last_prune = self.clock()
                     self.replay.prune(last_prune)
         finally:
-            self.pump()
+            if self._capture_lost_at is None:
+                self.pump()
             self.worker.stop()
             stats = self.engine.stats()
             log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
 
     def pump(self) -> int:
         """Read what the capture holds, batch by batch; judge each completion."""
+        from ._capture import CaptureError
+
         total = 0
         while True:
-            count = self.engine.dispatch()
+            try:
+                count = self.engine.dispatch()
+            except CaptureError as error:
+                # The interface went down or away: keep grants, replay cache and partial
+                # knocks, and reopen the capture when the interface is back.
+                log.error(
+                    "capture on %s lost: %s; reopening every %d s, grants kept",
+                    self.config.capture.interface,
+                    error,
+                    REOPEN_SECONDS,
+                )
+                self.engine.close()
+                self._capture_lost_at = self.clock()
+                count = 0
             total += count
             for record in self.engine.drain():
                 emit(self.judge.decide(record, self.clock()), self.json_log)
             if count == 0:
                 return total
+
+    def _reopen(self) -> None:
+        from ._capture import CaptureError
+
+        try:
+            open_capture(self.engine, self.config.capture)
+        except CaptureError as error:
+            if self.clock() - self._last_reopen_complaint >= 60:
+                self._last_reopen_complaint = self.clock()
+                log.warning(
+                    "capture on %s still unavailable: %s", self.config.capture.interface, error
+                )
+            return
+        log.info(
+            "capture on %s resumed after %.1f s",
+            self.config.capture.interface,
+            self.clock() - self._capture_lost_at,
+        )
+        self._capture_lost_at = None
 
     def reload(self) -> None:
         """SIGHUP: new users and keys (and grant/timing settings); a broken file changes nothing."""

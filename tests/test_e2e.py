@@ -436,3 +436,59 @@ def test_sighup_reloads_users_and_keeps_running_on_a_broken_file(e2e):
     assert h.can_connect(SERVER_V4, PORT)
     assert h.running()
     h.stop()
+
+
+def test_interface_down_and_up_keeps_grants_and_capture(e2e):
+    h = e2e()
+    open_and_wait(h, SERVER_V4, PORT)
+    for state in ("down", "up"):
+        subprocess.run(["ip", "-n", h.server, "link", "set", h.interface, state], check=True)
+        time.sleep(0.5)
+    assert h.running(), "losing the link must not stop the daemon"
+    assert len(h.grant_rules()) == 1, "the grant survived the outage"
+    h.knock("close", SERVER_V4, f"{PORT}/tcp")
+    decision = h.wait_decision()
+    assert (decision["action"], decision["verdict"]) == ("close", "accepted"), decision
+    h.stop()
+
+
+def test_interface_deleted_and_recreated_resumes_capture_without_restart(e2e):
+    h = e2e()
+    open_and_wait(h, SERVER_V4, PORT)
+    mark = h.mark()
+    client_if = "kfc" + h.interface.removeprefix("kfs")
+    subprocess.run(["ip", "-n", h.server, "link", "del", h.interface], check=True)
+    h.wait_log(r"^capture on .* lost: ", timeout=10, since=mark)
+    assert h.running(), "losing the interface must not stop the daemon"
+    # The same veth again, as after a driver reload or a re-plugged link.
+    subprocess.run(
+        [
+            "ip",
+            "link",
+            "add",
+            h.interface,
+            "netns",
+            h.server,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            client_if,
+            "netns",
+            h.client,
+        ],
+        check=True,
+    )
+    for ns, iface, address in (
+        (h.server, h.interface, SERVER_V4),
+        (h.client, client_if, "192.0.2.2"),
+    ):
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", iface], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", iface, "up"], check=True)
+    h.wait_log(r"^capture on .* resumed after ", timeout=10, since=mark)
+    assert len(h.grant_rules()) == 1, "the grant survived the outage"
+    h.knock("close", SERVER_V4, f"{PORT}/tcp")
+    decision = h.wait_decision()
+    assert (decision["action"], decision["verdict"]) == ("close", "accepted"), decision
+    h.wait_log(rf"^firewall: closed {PORT}/tcp ")
+    h.stop()
