@@ -72,6 +72,21 @@ endif
 demo: $(STAMP)
 	$(IN_VENV) bash demo/demo.sh
 
+# Long fuzzing (not part of `make test`): the capture twins against each other on random
+# hostile streams, and the protocol's properties, with many more hypothesis examples.
+FUZZ_EXAMPLES ?= 20000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	KNOCKD_FAST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) KNOCK_PROTOCOL_PROFILE=protocol-thorough \
+	  $(PYTEST) tests/test_capture_differential.py tests/test_protocol_properties.py
+
+# Coverage-guided fuzzing with atheris (installed on first use): both twins on every input.
+FUZZ_SECONDS ?= 600
+.PHONY: fuzz-atheris
+fuzz-atheris: $(STAMP)
+	@$(VPY) -c 'import atheris' 2>/dev/null || $(VPY) -m pip install -q atheris
+	$(IN_VENV) $(VPY) tests/fuzz_capture.py -max_total_time=$(FUZZ_SECONDS)
+
 # Benchmarks (bench/README.md): packets/s of the bare libpcap loop, the Cython engine and the
 # pure-Python twin over deterministic capture files, cached in bench/results/ (about 1.3 GB).
 # Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
