@@ -362,7 +362,12 @@ class Doorman:
                 count = 0
             total += count
             for record in self.engine.drain():
-                emit(self.judge.decide(record, self.clock()), self.json_log)
+                try:
+                    decision = self.judge.decide(record, self.clock())
+                except Exception:  # a bug must never take the doorman down
+                    log.exception("internal error judging a completion; skipped")
+                    continue
+                emit(decision, self.json_log)
             if count == 0:
                 return total
 
