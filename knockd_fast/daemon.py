@@ -225,10 +225,19 @@ class FirewallWorker(threading.Thread):
                     return
                 log.warning("firewall: %s failed (%s); retrying in %.1f s", action, error, pause)
                 time.sleep(pause)
+                self._heal()
             except Exception:  # a bug must not kill the thread that closes ports
                 log.exception("firewall: unexpected error during %s", action)
                 self.failed += 1
                 return
+
+    def _heal(self) -> None:
+        # Someone may have flushed or deleted our chain or the jump to it: setup() is
+        # idempotent and commits nothing when all is in place.
+        try:
+            self.firewall.setup()
+        except FirewallError as error:
+            log.warning("firewall: cannot restore the chain and jumps: %s", error)
 
     def _resync(self) -> None:
         try:

@@ -492,3 +492,24 @@ def test_interface_deleted_and_recreated_resumes_capture_without_restart(e2e):
     assert (decision["action"], decision["verdict"]) == ("close", "accepted"), decision
     h.wait_log(rf"^firewall: closed {PORT}/tcp ")
     h.stop()
+
+
+def test_rules_removed_by_hand_never_crash_and_the_chain_is_restored(e2e):
+    h = e2e()
+    open_and_wait(h, SERVER_V4, PORT)
+    # An admin deletes our grant rule by hand: the close knock finds nothing to remove.
+    assert ns_run(h.server, ["iptables-legacy", "-D", "KNOCKD-FAST", "1"]).returncode == 0
+    h.knock("close", SERVER_V4, f"{PORT}/tcp")
+    assert h.wait_decision()["verdict"] == "accepted"
+    h.wait_log(rf"^firewall: no grant to close for {PORT}/tcp ")
+    # Someone removes the jump and our chain altogether: the next grant restores them.
+    for argv in (["-D", "INPUT", "-j", "KNOCKD-FAST"], ["-X", "KNOCKD-FAST"]):
+        assert ns_run(h.server, ["iptables-legacy", *argv]).returncode == 0
+    assert not h.can_connect(SERVER_V4, PORT)
+    mark = h.mark()
+    open_and_wait(h, SERVER_V4, PORT)
+    h.wait_log(r"^firewall: open failed .*; retrying", since=mark)
+    assert h.can_connect(SERVER_V4, PORT)
+    assert "-A INPUT -j KNOCKD-FAST" in h.iptables_rules(4)
+    assert h.running()
+    h.stop()
