@@ -513,3 +513,24 @@ def test_rules_removed_by_hand_never_crash_and_the_chain_is_restored(e2e):
     assert "-A INPUT -j KNOCKD-FAST" in h.iptables_rules(4)
     assert h.running()
     h.stop()
+
+
+def test_a_full_state_directory_degrades_to_memory_and_keeps_serving(e2e):
+    h = e2e()
+    open_and_wait(h, SERVER_V4, PORT)
+    # The disk fills up: every further write of the daemon's files fails (EFBIG).
+    limited = subprocess.run(["prlimit", "--pid", str(h.proc.pid), "--fsize=0"])
+    assert limited.returncode == 0
+    mark = h.mark()
+    h.knock("close", SERVER_V4, f"{PORT}/tcp")
+    assert h.wait_decision()["verdict"] == "accepted"
+    h.wait_log(r"replay cache .*memory", since=mark)
+    h.wait_log(rf"^firewall: closed {PORT}/tcp ", since=mark)
+    sent = open_and_wait(h, SERVER_V4, PORT)
+    assert h.can_connect(SERVER_V4, PORT), "nothing granted is lost"
+    # Replays are still refused, from memory.
+    h.cursor = h.mark()
+    h.send_udp(SERVER_V4, SPA_PORT, bytes.fromhex(sent["message"]))
+    assert h.wait_decision()["reason"] == "replay"
+    assert h.running()
+    h.stop()
