@@ -92,7 +92,7 @@ fuzz-atheris: $(STAMP)
 # Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
 BENCH_TOOLS := matplotlib tqdm
 BENCH_RUN   := $(IN_VENV) $(VPY) bench/run.py
-.PHONY: bench bench-quick bench-tools bench-grants
+.PHONY: bench bench-quick bench-tools bench-grants bench-firewall
 
 bench-tools: $(STAMP)
 	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q $(BENCH_TOOLS)
@@ -104,6 +104,10 @@ bench: bench-tools
 # Live: a burst of accepted knocks between two namespaces; firewall commits vs capture.
 bench-grants: $(STAMP)
 	$(BENCH_RUN:run.py=grant_burst.py) --sources 500 --waves 2
+
+# The iptables backend's latency per grant with 10, 1,000 and 10,000 live grants.
+bench-firewall: $(STAMP)
+	$(BENCH_RUN:run.py=firewall_latency.py)
 
 bench-quick: bench-tools
 	$(BENCH_RUN) flood --quick
