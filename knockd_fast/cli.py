@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import logging.handlers
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,12 +27,12 @@ log = logging.getLogger("knockd_fast")
 
 def _libpcap_version() -> str:
     """libpcap's version as the Cython extension reports it, or why there is none."""
-    if os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0"):
+    from . import _capture  # the one place that decides which twin is in use
+
+    if _capture.IMPLEMENTATION != "cython":
         return "libpcap: extension not built"
-    try:
-        from knockd_fast import _capture_c
-    except ImportError:
-        return "libpcap: extension not built"
+    from . import _capture_c
+
     return _capture_c.libpcap_version()
 
 
@@ -115,31 +114,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from ._capture import CaptureError
-    from .daemon import replay_capture
+    from .daemon import REPLAY_JSON_KEYS, replay_capture
 
     config = load_config(args.config, load_keys=True)
 
     def show(decision) -> None:
         if args.json:
             fields = decision.as_json()
-            print(
-                json.dumps(
-                    {
-                        key: fields[key]
-                        for key in (
-                            "time",
-                            "source",
-                            "destination",
-                            "user",
-                            "action",
-                            "port",
-                            "proto",
-                            "verdict",
-                            "reason",
-                        )
-                    }
-                )
-            )
+            print(json.dumps({key: fields[key] for key in REPLAY_JSON_KEYS}))
         else:
             print(decision.as_text())
 

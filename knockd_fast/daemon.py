@@ -48,6 +48,21 @@ SWEEP_SECONDS = 1.0  # how often expired grants are removed
 REOPEN_SECONDS = 1  # how often a lost capture is retried
 
 
+# `knockd-fast replay --json` prints these keys of Decision.as_json() (the live log adds
+# "detail").
+REPLAY_JSON_KEYS = (
+    "time",
+    "source",
+    "destination",
+    "user",
+    "action",
+    "port",
+    "proto",
+    "verdict",
+    "reason",
+)
+
+
 @dataclass(frozen=True)
 class Decision:
     """One line of the decision log: who knocked, for what, and what we decided."""
