@@ -25,8 +25,13 @@ PURE_TWIN_TESTS := tests/test_build.py tests/test_capture.py
 .PHONY: deps venv build debug test lint demo clean
 
 deps:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(DEB_PACKAGES)"
+
+# Installs the Debian packages in PACKAGES that are missing (apt-get; sudo when not root).
+.PHONY: apt-install
+apt-install:
 	@missing=""; \
-	for p in $(DEB_PACKAGES); do \
+	for p in $(PACKAGES); do \
 	  [ "$$(dpkg-query -W -f='$${Status}' $$p 2>/dev/null)" = "install ok installed" ] || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -92,7 +97,7 @@ fuzz-atheris: $(STAMP)
 # Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
 BENCH_TOOLS := matplotlib tqdm
 BENCH_RUN   := $(IN_VENV) $(VPY) bench/run.py
-.PHONY: bench bench-quick bench-tools bench-grants bench-firewall
+.PHONY: bench bench-quick bench-tools bench-grants bench-firewall bench-live
 
 bench-tools: $(STAMP)
 	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q $(BENCH_TOOLS)
@@ -108,6 +113,13 @@ bench-grants: $(STAMP)
 # The iptables backend's latency per grant with 10, 1,000 and 10,000 live grants.
 bench-firewall: $(STAMP)
 	$(BENCH_RUN:run.py=firewall_latency.py)
+
+# Live, side by side with Debian's knockd: tcpreplay onto a veth between two namespaces
+# (bench/README.md, "Live"); about 20 minutes. LIVE_ARGS="--ks 100,1000 --rates top" to narrow.
+LIVE_PACKAGES := tcpreplay knockd
+bench-live: bench-tools
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(LIVE_PACKAGES)"
+	$(BENCH_RUN:run.py=live.py) all $(LIVE_ARGS)
 
 bench-quick: bench-tools
 	$(BENCH_RUN) flood --quick

@@ -236,8 +236,15 @@ def _layout_tag(layout: KnockLayout) -> str:
     return f"-L{layout.base_port}.{layout.digit_bits}.{layout.spa_port}"
 
 
-def _knock_ports(plan: _KnockPlan, layout: KnockLayout, seed: int) -> list[list[int]]:
-    """Each knock's ports, shuffled: sealed messages, digits, a per-knock permutation."""
+def knock_ports(
+    plan: _KnockPlan, layout: KnockLayout, seed: int, timestamp: int = START_SEC
+) -> list[list[int]]:
+    """Each knock's ports, shuffled: sealed messages, digits, a per-knock permutation.
+
+    Messages are dated ``timestamp``: a live daemon judges them against its clock, so a
+    live benchmark seals with the time of the run (the files of ``make_knocks`` use
+    START_SEC, the time of their packets, for ``knockd-fast replay``).
+    """
     (rng_shuffle,) = _rngs(seed, "shuffle", 1)
     ports: list[list[int]] = [[] for _ in range(len(plan.v6))]
     v4_index = v6_index = 0
@@ -255,7 +262,7 @@ def _knock_ports(plan: _KnockPlan, layout: KnockLayout, seed: int) -> list[list[
             continue
         messages = [
             seal(
-                Knock(Action.OPEN, Proto.TCP, OPEN_PORT, START_SEC, a, USER_ID, k % (1 << 24)),
+                Knock(Action.OPEN, Proto.TCP, OPEN_PORT, timestamp, a, USER_ID, k % (1 << 24)),
                 BENCH_KEY,
             )
             for k, a in group
@@ -292,17 +299,28 @@ def make_knocks(
         shape.path = Path(out)
     if shape.path.exists() and not force:
         return shape
-    ports = _knock_ports(plan, layout, seed)
+    write_knocks(plan, knock_ports(plan, layout, seed), shape.path, snaplen, seed)
+    return shape
+
+
+def write_knocks(
+    plan: _KnockPlan, ports: list[list[int]], path: Path, snaplen: int = SNAPLEN, seed: int = 1
+) -> None:
+    """Write ``plan`` with knock k sending SYNs to ``ports[k]`` (in that order).
+
+    The live benchmark gives knockd's port sequences the same plan: same sources, same
+    interleaving. A port None leaves that packet out (knockd's sequences are shorter).
+    """
     prefixes: list[bytes | None] = [None] * len(plan.v6)
     v6_flags = plan.v6.tolist()
     # The knocker's address of knock k: sequential per family, in knock order.
     v4_rank = np.cumsum(~plan.v6) - 1
     v6_rank = np.cumsum(plan.v6) - 1
     ranks = np.where(plan.v6, v6_rank, v4_rank).tolist()
-    background = _Background(seed, ipv6_share)
+    background = _Background(seed, float(plan.shape.params["ipv6_share"]))
     knock_at, slot_at = plan.knock_at.tolist(), plan.slot_at.tolist()
     tcp = frames.tcp
-    with _Output(shape.path, snaplen) as write:
+    with _Output(path, snaplen) as write:
         k = 0
         for i, is_bg in enumerate(plan.is_background.tolist()):
             if is_bg:
@@ -310,12 +328,14 @@ def make_knocks(
                 continue
             knock, slot = knock_at[k], slot_at[k]
             k += 1
+            port = ports[knock][slot]
+            if port is None:
+                continue
             prefix = prefixes[knock]
             if prefix is None:
                 prefix = prefixes[knock] = _syn_prefix(ranks[knock], v6_flags[knock])
             sport = 32768 + knock % 28232
-            write(i, prefix + tcp(sport, ports[knock][slot], TCP_SYN))
-    return shape
+            write(i, prefix + tcp(sport, port, TCP_SYN))
 
 
 def _syn_prefix(rank: int, v6: bool) -> bytes:

@@ -185,9 +185,10 @@ class CaptureEngine:
         self,
         interface: str,
         buffer_bytes: int = 8 << 20,
-        timeout_ms: int = 100,
+        timeout_ms: int = 2,
         snaplen: int = capture_spec.SNAPLEN,
         bpf: bool = True,
+        immediate: bool = False,
     ) -> None:
         raise CaptureError(
             "the pure-Python engine reads capture files only; build the extension for live capture"

@@ -55,7 +55,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"{config.path}: ok: {len(config.users)} users, knock range from {layout.base_port} "
         f"at {layout.digit_bits} bits, spa port {layout.spa_port}, modes "
-        f"{','.join(sorted(config.knock.modes))}, interface {config.capture.interface}, "
+        f"{','.join(sorted(config.knock.modes))}, "
+        f"interface{'s' if len(config.capture.interfaces) > 1 else ''} {config.capture.label}, "
         f"backend {config.grants.backend}"
     )
     return 0
@@ -68,8 +69,8 @@ def _firewall(config: Config):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ._capture import IMPLEMENTATION, CaptureEngine, CaptureError
-    from .daemon import Doorman, StartError, open_capture, protected_destinations
+    from ._capture import IMPLEMENTATION, CaptureError
+    from .daemon import Doorman, StartError, open_captures, protected_destinations
     from .firewall.base import FirewallError
     from .replay import ReplayCache
 
@@ -81,24 +82,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     try:
         destinations = protected_destinations(config)
-        engine = CaptureEngine(
-            config.knock.layout,
-            knock_timeout=config.knock.knock_timeout,
-            capacity=config.capture.table_size,
-            destinations=destinations,
-        )
-        open_capture(engine, config.capture)
+        captures = open_captures(config, destinations)
         firewall = _firewall(config)
         firewall.setup()
         kept, removed = firewall.reconcile(int(time.time()))
     except (CaptureError, FirewallError) as error:
         raise StartError(str(error)) from None
     replay = ReplayCache.for_state_dir(config.state_dir, now=time.time())
-    doorman = Doorman(config, engine, firewall, replay, json_log=args.json)
+    doorman = Doorman(config, captures, firewall, replay, json_log=args.json)
     log.info(
         "knockd-fast %s on %s protecting %s; %d users; grants kept %d, expired %d",
         __version__,
-        config.capture.interface,
+        config.capture.label,
         ", ".join(map(str, destinations)) or "any address",
         len(config.users),
         len(kept),

@@ -77,10 +77,17 @@ class KnockSettings:
 
 @dataclass(frozen=True)
 class CaptureSettings:
-    interface: str
-    destinations: tuple[IPAddress, ...]  # () = the interface's own addresses
-    table_size: int
-    buffer_bytes: int
+    """``[capture]``. ``interfaces`` holds one or more names, each once, or only "any"."""
+
+    interfaces: tuple[str, ...]
+    destinations: tuple[IPAddress, ...]  # () = the interfaces' own addresses
+    table_size: int  # per interface: each has its own capture engine and table
+    buffer_bytes: int  # per interface
+
+    @property
+    def label(self) -> str:
+        """The interfaces as logs show them: ``eth0`` or ``eth0, eth1``."""
+        return ", ".join(self.interfaces)
 
 
 @dataclass(frozen=True)
@@ -308,14 +315,7 @@ class _Reader:
     def capture(self, section: _Section) -> CaptureSettings:
         p = "capture"
         self.no_unknown(section, p, ("interface", "destinations", "table_size", "buffer_bytes"))
-        interface = self.string(section, p, "interface", _REQUIRED)
-        if (
-            len(interface.encode()) >= IFNAMSIZ
-            or interface in (".", "..")
-            or any(c in interface for c in "/:")
-            or any(c.isspace() for c in interface)
-        ):
-            raise self.error(f"{p}.interface", f"{interface!r} is not a network interface name")
+        interfaces = self.interfaces(section, p)
         destinations: list[IPAddress] = []
         for item_key, item in self.string_list(section, p, "destinations", []):
             try:
@@ -330,11 +330,45 @@ class _Reader:
                 f"{p}.destinations", f"{len(destinations)} addresses; at most {MAX_DESTINATIONS}"
             )
         return CaptureSettings(
-            interface=interface,
+            interfaces=interfaces,
             destinations=tuple(destinations),
             table_size=self.integer(section, p, "table_size", 65536, 1, MAX_INT31),
             buffer_bytes=self.integer(section, p, "buffer_bytes", 8388608, 1, MAX_INT31),
         )
+
+    def interfaces(self, section: _Section, p: str) -> tuple[str, ...]:
+        """``interface``: one name, or an array of names (each once); "any" only alone."""
+        key = f"{p}.interface"
+        value = section.get("interface", _REQUIRED)
+        if isinstance(value, list):
+            if not value:
+                raise self.error(key, "an empty array; name at least one interface")
+            items = self.string_list(section, p, "interface", _REQUIRED)
+        else:
+            if value is not _REQUIRED and not isinstance(value, str):
+                raise self.error(
+                    key, f"expected a string or an array of strings, got {_describe(value)}"
+                )
+            items = [(key, self.string(section, p, "interface", _REQUIRED))]
+        names: list[str] = []
+        for item_key, name in items:
+            if not name:
+                raise self.error(item_key, "must not be empty")
+            if (
+                len(name.encode()) >= IFNAMSIZ
+                or name in (".", "..")
+                or any(c in name for c in "/:")
+                or any(c.isspace() for c in name)
+            ):
+                raise self.error(item_key, f"{name!r} is not a network interface name")
+            if name in names:
+                raise self.error(item_key, f"{name!r} is listed twice")
+            names.append(name)
+        if "any" in names and len(names) > 1:
+            raise self.error(
+                key, '"any" already captures on every interface; list it alone or not at all'
+            )
+        return tuple(names)
 
     def grants(self, section: _Section) -> GrantSettings:
         p = "grants"

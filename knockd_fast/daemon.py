@@ -19,7 +19,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from knock_client.protocol import Action
 from .candidates import candidate_messages
 from .capture_spec import KIND_SPA, MAX_DESTINATIONS, key_address
 from .config import CaptureSettings, Config, ConfigError, IPAddress, load_config
-from .firewall.base import Firewall, FirewallError, Grant
+from .firewall.base import Firewall, FirewallBusy, FirewallError, Grant
 from .replay import ReplayCache
 from .verdict import grant_duration, judge, replay_expiry
 
@@ -44,8 +44,15 @@ class StartError(Exception):
 decisions_log = logging.getLogger("knockd_fast.decisions")
 
 FIREWALL_RETRIES = (0.1, 0.5, 2.0)  # seconds between attempts of one firewall action
+# Seconds one attempt waits for the xtables lock once the daemon runs (at start it waits
+# the backend's default, 5 s). With the pauses above, a change held up by another process
+# holding the lock gives up after about 4 * 1 + 2.6 = 6.6 s, so one stuck `iptables -w`
+# never stalls the firewall thread (and the expiry sweep) for long per change.
+FIREWALL_LOCK_WAIT = 1.0
 SWEEP_SECONDS = 1.0  # how often expired grants are removed
 REOPEN_SECONDS = 1  # how often a lost capture is retried
+WAIT_SECONDS = 0.25  # longest wait for packets before the loop looks at signals and timers
+PUMP_BATCHES = 64  # dispatches per interface and turn, so a flood on one starves no other
 
 
 # `knockd-fast replay --json` prints these keys of Decision.as_json() (the live log adds
@@ -77,6 +84,7 @@ class Decision:
     verdict: str  # "accepted" | "rejected"
     reason: str  # "ok" or a rejection reason of docs/protocol.md section 7
     detail: str
+    interface: str | None = None  # the capture interface it came through (None: a file)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -90,12 +98,14 @@ class Decision:
             "verdict": self.verdict,
             "reason": self.reason,
             "detail": self.detail,
+            "interface": self.interface,
         }
 
     def as_text(self) -> str:
         what = f"{self.action} {self.port}/{self.proto}" if self.action else "-"
+        via = f" on {self.interface}" if self.interface else ""
         return (
-            f"{_iso(self.time)} {self.source} user={self.user or '-'} {what} "
+            f"{_iso(self.time)} {self.source}{via} user={self.user or '-'} {what} "
             f"{self.verdict} {self.reason}: {self.detail}"
         )
 
@@ -118,7 +128,8 @@ class Judge:
         self.replay = replay
         self.act = act  # ("open" | "close", grant) -> None; never blocks on the firewall
 
-    def decide(self, record: np.void, now: float) -> Decision:
+    def decide(self, record: np.void, now: float, interface: str | None = None) -> Decision:
+        """Judge one completion; ``interface`` (the capture it came from) is only logged."""
         source = key_address(bytes(record["source"]))
         destination = key_address(bytes(record["destination"]))
         settings = self.config.knock
@@ -138,6 +149,7 @@ class Judge:
                 "rejected",
                 "not_allowed",
                 f"{mode} mode is disabled",
+                interface,
             )
         verdict = judge(
             candidate_messages(record, settings.layout.digit_bits),
@@ -160,6 +172,7 @@ class Judge:
             "accepted" if verdict.accepted else "rejected",
             verdict.reason,
             verdict.detail,
+            interface,
         )
         if verdict.accepted:
             assert knock is not None and verdict.user is not None and verdict.siv is not None
@@ -180,11 +193,25 @@ class Judge:
 
 
 class FirewallWorker(threading.Thread):
-    """Applies grants in order on its own thread, retries failures, sweeps expiry."""
+    """Applies grants in order on its own thread, retries failures, sweeps expiry.
 
-    def __init__(self, firewall: Firewall, clock: Callable[[], float] = time.time):
+    A failed action is retried after each pause of ``FIREWALL_RETRIES``. Before a retry the
+    chain and jumps are restored (someone may have flushed them), except when the failure
+    was the xtables lock held by another process: then only waiting helps. After the last
+    attempt the failure is logged with its cause and what it left behind, read back from
+    the firewall, so the log never claims a grant the firewall does not hold.
+    """
+
+    def __init__(
+        self,
+        firewall: Firewall,
+        clock: Callable[[], float] = time.time,
+        lock_wait: float | None = FIREWALL_LOCK_WAIT,
+    ):
         super().__init__(name="knockd-fast-firewall", daemon=True)
         self.firewall = firewall
+        if lock_wait is not None and hasattr(firewall, "lock_wait"):
+            firewall.lock_wait = lock_wait  # the iptables backend; the dry run has no lock
         self.clock = clock
         self.jobs: queue.Queue[tuple[str, Grant] | None] = queue.Queue()
         self.applied = 0
@@ -233,14 +260,12 @@ class FirewallWorker(threading.Thread):
             except FirewallError as error:
                 if pause is None:
                     self.failed += 1
-                    log.error(
-                        "firewall: %s failed after %d attempts: %s", action, attempt + 1, error
-                    )
-                    self._resync()
+                    self._give_up(action, grant, attempt + 1, error)
                     return
                 log.warning("firewall: %s failed (%s); retrying in %.1f s", action, error, pause)
                 time.sleep(pause)
-                self._heal()
+                if not isinstance(error, FirewallBusy):
+                    self._heal()
             except Exception:  # a bug must not kill the thread that closes ports
                 log.exception("firewall: unexpected error during %s", action)
                 self.failed += 1
@@ -254,13 +279,35 @@ class FirewallWorker(threading.Thread):
         except FirewallError as error:
             log.warning("firewall: cannot restore the chain and jumps: %s", error)
 
-    def _resync(self) -> None:
+    def _give_up(self, action: str, grant: Grant | None, attempts: int, error: Exception) -> None:
+        """Log the failure with what it left in the firewall, and re-read the grants."""
+        live = self._resync()
+        if grant is None:
+            outcome = "expired grants are removed at a later sweep"
+        else:
+            what = _describe(grant, expiry=False)
+            held = next((g for g in live or () if g.key == grant.key), None)
+            if live is None:
+                outcome = f"unknown whether the firewall holds {what}"
+            elif action != "open":
+                outcome = f"still open until it expires: {what}" if held else f"gone: {what}"
+            elif held is None:
+                outcome = f"not granted: {what}"
+            elif held.expires < grant.expires:  # an extension that did not happen
+                outcome = f"not extended: {what} stays until {_iso(held.expires)}"
+            else:
+                outcome = f"in the firewall after all: {what}"
+        log.error("firewall: %s failed after %d attempts: %s; %s", action, attempts, error, outcome)
+        if live is not None:
+            log.warning("firewall: view reconciled from the firewall: %d live grants", len(live))
+
+    def _resync(self) -> list[Grant] | None:
+        """The grants read back from the firewall (the backend's view is reset to them)."""
         try:
-            grants = self.firewall.grants()
+            return self.firewall.grants()
         except FirewallError as error:
             log.error("firewall: cannot read back the grants: %s", error)
-        else:
-            log.warning("firewall: view reconciled from the firewall: %d live grants", len(grants))
+            return None
 
 
 def _describe(grant: Grant, expiry: bool = True) -> str:
@@ -288,39 +335,81 @@ def interface_addresses(interface: str) -> list[IPAddress]:
 
 
 def protected_destinations(config: Config) -> list[IPAddress]:
+    """``capture.destinations``, or the union of the addresses of every capture interface."""
     if config.capture.destinations:
         return list(config.capture.destinations)
-    found = interface_addresses(config.capture.interface)
+    found: list[IPAddress] = []
+    for interface in config.capture.interfaces:
+        found += [a for a in interface_addresses(interface) if a not in found]
     if len(found) > MAX_DESTINATIONS:
         log.warning(
             "capture: %d addresses on %s; protecting the first %d (set capture.destinations)",
             len(found),
-            config.capture.interface,
+            config.capture.label,
             MAX_DESTINATIONS,
         )
     return found[:MAX_DESTINATIONS]
 
 
-def open_capture(engine: Any, settings: CaptureSettings) -> None:
+def open_capture(engine: Any, interface: str, settings: CaptureSettings) -> None:
     """Open the live handle (raises CaptureError); the engine's table and counters carry over."""
-    engine.open_live(settings.interface, buffer_bytes=settings.buffer_bytes)
+    engine.open_live(interface, buffer_bytes=settings.buffer_bytes)
     engine.set_nonblocking()
 
 
+@dataclass(eq=False)
+class Capture:
+    """One capture interface: its engine (its own table and counters) and whether it is lost."""
+
+    interface: str
+    engine: Any
+    lost_at: float | None = None  # when the capture failed; None while it runs
+    retry_at: float = 0.0  # when to try to reopen it next
+    last_complaint: float = 0.0
+
+
+def open_captures(config: Config, destinations: Sequence[IPAddress]) -> list[Capture]:
+    """One engine per ``capture.interfaces`` entry, opened live; raises CaptureError (the
+    ones opened already are closed again)."""
+    from ._capture import CaptureEngine
+
+    captures: list[Capture] = []
+    try:
+        for interface in config.capture.interfaces:
+            engine = CaptureEngine(
+                config.knock.layout,
+                knock_timeout=config.knock.knock_timeout,
+                capacity=config.capture.table_size,
+                destinations=destinations,
+            )
+            captures.append(Capture(interface, engine))
+            open_capture(engine, interface, config.capture)
+    except BaseException:
+        for capture in captures:
+            capture.engine.close()
+        raise
+    return captures
+
+
 class Doorman:
-    """The live daemon: one capture engine, one firewall worker, the replay cache."""
+    """The live daemon: a capture engine per interface, one firewall worker, the replay cache.
+
+    Every engine's completions go through the same ``Judge``. Each interface is lost and
+    reopened on its own: the others go on capturing meanwhile.
+    """
 
     def __init__(
         self,
         config: Config,
-        engine: Any,
+        captures: Sequence[Capture],
         firewall: Firewall,
         replay: ReplayCache,
         json_log: bool = False,
         clock: Callable[[], float] = time.time,
     ):
         self.config = config
-        self.engine = engine
+        self.capture_settings = config.capture  # [capture] changes apply at the next start
+        self.captures = list(captures)
         self.firewall = firewall
         self.replay = replay
         self.json_log = json_log
@@ -329,8 +418,6 @@ class Doorman:
         self.judge = Judge(config, replay, self.worker.submit)
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._capture_lost_at: float | None = None
-        self._last_reopen_complaint = 0.0
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
@@ -345,12 +432,16 @@ class Doorman:
         last_prune = self.clock()
         try:
             while not self._stop.is_set():
-                if self._capture_lost_at is None:
-                    select.select([self.engine.fileno()], [], [], 0.25)
-                    self.pump()
+                live = [c for c in self.captures if c.lost_at is None]
+                if live:
+                    select.select([c.engine.fileno() for c in live], [], [], WAIT_SECONDS)
                 else:
-                    self._stop.wait(REOPEN_SECONDS)
-                    self._reopen()
+                    self._stop.wait(WAIT_SECONDS)
+                for capture in live:
+                    self.pump(capture)
+                for capture in self.captures:
+                    if capture.lost_at is not None and self.clock() >= capture.retry_at:
+                        self._reopen(capture)
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()
@@ -358,61 +449,77 @@ class Doorman:
                     last_prune = self.clock()
                     self.replay.prune(last_prune)
         finally:
-            if self._capture_lost_at is None:
-                self.pump()
+            for capture in self.captures:
+                if capture.lost_at is None:
+                    self.pump(capture)
             self.worker.stop()
-            stats = self.engine.stats()
-            log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
+            self._log_stats()
 
-    def pump(self) -> int:
-        """Read what the capture holds, batch by batch; judge each completion."""
+    def _log_stats(self) -> None:
+        """The ``stopped:`` line: counters summed over the interfaces, each one's before it
+        when there are several."""
+        totals: dict[str, int] = {}
+        for capture in self.captures:
+            stats = capture.engine.stats()
+            if len(self.captures) > 1:
+                log.info("stopped capture on %s: %s", capture.interface, _counters(stats))
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0) + value
+        log.info("stopped: %s", _counters(totals))
+
+    def pump(self, capture: Capture) -> int:
+        """Read what one capture holds, batch by batch (at most ``PUMP_BATCHES``); judge
+        each completion."""
         from ._capture import CaptureError
 
         total = 0
-        while True:
+        for _ in range(PUMP_BATCHES):
             try:
-                count = self.engine.dispatch()
+                count = capture.engine.dispatch()
             except CaptureError as error:
-                # The interface went down or away: keep grants, replay cache and partial
-                # knocks, and reopen the capture when the interface is back.
+                # The interface went away: keep grants, replay cache and partial knocks
+                # (of this interface and the others), and reopen it when it is back.
                 log.error(
                     "capture on %s lost: %s; reopening every %d s, grants kept",
-                    self.config.capture.interface,
+                    capture.interface,
                     error,
                     REOPEN_SECONDS,
                 )
-                self.engine.close()
-                self._capture_lost_at = self.clock()
+                capture.engine.close()
+                capture.lost_at = self.clock()
+                capture.retry_at = capture.lost_at + REOPEN_SECONDS
                 count = 0
             total += count
-            for record in self.engine.drain():
+            for record in capture.engine.drain():
                 try:
-                    decision = self.judge.decide(record, self.clock())
+                    decision = self.judge.decide(record, self.clock(), capture.interface)
                 except Exception:  # a bug must never take the doorman down
-                    log.exception("internal error judging a completion; skipped")
+                    log.exception(
+                        "internal error judging a completion on %s; skipped", capture.interface
+                    )
                     continue
                 emit(decision, self.json_log)
             if count == 0:
-                return total
+                break
+        return total
 
-    def _reopen(self) -> None:
+    def _reopen(self, capture: Capture) -> None:
         from ._capture import CaptureError
 
+        capture.retry_at = self.clock() + REOPEN_SECONDS
         try:
-            open_capture(self.engine, self.config.capture)
+            open_capture(capture.engine, capture.interface, self.capture_settings)
         except CaptureError as error:
-            if self.clock() - self._last_reopen_complaint >= 60:
-                self._last_reopen_complaint = self.clock()
-                log.warning(
-                    "capture on %s still unavailable: %s", self.config.capture.interface, error
-                )
+            if self.clock() - capture.last_complaint >= 60:
+                capture.last_complaint = self.clock()
+                log.warning("capture on %s still unavailable: %s", capture.interface, error)
             return
         log.info(
             "capture on %s resumed after %.1f s",
-            self.config.capture.interface,
-            self.clock() - self._capture_lost_at,
+            capture.interface,
+            self.clock() - capture.lost_at,
         )
-        self._capture_lost_at = None
+        capture.lost_at = None
 
     def reload(self) -> None:
         """SIGHUP: new users and keys (and grant/timing settings); a broken file changes nothing."""
@@ -473,6 +580,10 @@ def replay_capture(config: Config, path: str, judge_sink: Callable[[Decision], N
             break
     engine.close()
     return engine.stats()
+
+
+def _counters(stats: dict[str, int]) -> str:
+    return " ".join(f"{name}={value}" for name, value in stats.items())
 
 
 def _dry_act(firewall: Any, action: str, grant: Grant) -> None:

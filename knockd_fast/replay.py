@@ -2,8 +2,12 @@
 
 Lookups are served from a dict in memory; every ``remember`` is also written to a
 SQLite file and committed before it returns, so a restart never reopens the replay
-window. If the file cannot be opened or written (read-only or missing directory, disk
-full, corrupt file), the cache goes on from memory alone: it sets ``degraded`` to the
+window. Inside ``with cache.batch():`` the writes of the block are committed together
+when it ends (one transaction: a commit costs ~70 µs, a row ~5 µs); the daemon judges
+each capture batch in one such block and acts on the accepted knocks only after it.
+
+If the file cannot be opened or written (read-only or missing directory, disk full,
+corrupt file), the cache goes on from memory alone: it sets ``degraded`` to the
 reason and logs one warning, never raising to the daemon. Protection then holds until
 the next restart only.
 
@@ -17,10 +21,12 @@ cache forgetting a message and check 4 rejecting it as expired.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("knockd_fast.replay")
@@ -60,6 +66,7 @@ class ReplayCache:
         self.degraded: str | None = None
         self._entries: dict[tuple[int, bytes], int] = {}
         self._db: sqlite3.Connection | None = None
+        self._pending: dict[tuple[int, bytes], int] | None = None  # inside batch()
         if self.path is not None:
             self._open(_second(time.time() if now is None else now))
 
@@ -79,12 +86,33 @@ class ReplayCache:
         key = (int(user_id), bytes(siv))
         expires_at = max(int(expires_at), self._entries.get(key, int(expires_at)))
         self._entries[key] = expires_at
-        if self._db is not None:
-            try:
-                with self._db:  # commits, or rolls back on error
-                    self._db.execute(_UPSERT, (key[0], key[1], expires_at))
-            except sqlite3.Error as error:
-                self._degrade(f"cannot write: {error}")
+        if self._pending is not None:
+            self._pending[key] = expires_at
+        else:
+            self._write({key: expires_at})
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Write the ``remember`` calls of the block in one transaction, at its end."""
+        if self._pending is not None:  # nested: the outer block commits
+            yield
+            return
+        self._pending = {}
+        try:
+            yield
+        finally:
+            pending, self._pending = self._pending, None
+            if pending:
+                self._write(pending)
+
+    def _write(self, rows: dict[tuple[int, bytes], int]) -> None:
+        if self._db is None:
+            return
+        try:
+            with self._db:  # commits, or rolls back on error
+                self._db.executemany(_UPSERT, ((u, s, e) for (u, s), e in rows.items()))
+        except sqlite3.Error as error:
+            self._degrade(f"cannot write: {error}")
 
     def prune(self, now: float) -> int:
         """Forget entries no longer live at ``now``, in memory and on disk; return how many."""

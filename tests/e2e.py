@@ -9,7 +9,16 @@ is torn down on the way out, also when a test fails: the daemon and the helpers 
 killed, the namespaces deleted (the veth pairs go with them).
 
 The client namespace has a second address on the same link, ``OTHER_V4`` /
-``OTHER_V6``: "another host" in the spoofing scenario sends from it.
+``OTHER_V6``: "another host" in the spoofing scenario sends from it. With
+``second_link=True`` the server gets a second interface: a veth to a third namespace
+(``Harness.client2``, 198.51.100.2 / 2001:db8:1::2 facing 198.51.100.1 / 2001:db8:1::1),
+and the daemon captures on both (``capture.interface`` is then a list).
+
+The xtables lock: the daemon and every iptables command the harness runs that changes
+something use a lock file in the test's directory (``Harness.lock_path``, through
+``$XTABLES_LOCKFILE``), never the machine's ``/run/xtables.lock``; ``hold_lock()`` takes
+it from another process. Listing rules (``iptables_rules``) needs no lock, so it uses yet
+another private lock file and works while a test holds the daemon's.
 
 Run as a script, this file is the packet tool the tests start inside a namespace::
 
@@ -18,6 +27,7 @@ Run as a script, this file is the packet tool the tests start inside a namespace
     python tests/e2e.py udp HOST PORT HEX [--source A]     one datagram with that payload
     python tests/e2e.py syn HOST PORT... [--source A]      one bare SYN per port
     python tests/e2e.py session HOST PORT                  a held connection (see Session)
+    python tests/e2e.py lock FILE                          flock FILE until stdin closes
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 SERVER_V4, CLIENT_V4, OTHER_V4 = "192.0.2.1", "192.0.2.2", "192.0.2.3"
 SERVER_V6, CLIENT_V6, OTHER_V6 = "2001:db8::1", "2001:db8::2", "2001:db8::3"
+# The second link (second_link=True): server and client2 addresses.
+SERVER2_V4, CLIENT2_V4 = "198.51.100.1", "198.51.100.2"
+SERVER2_V6, CLIENT2_V6 = "2001:db8:1::1", "2001:db8:1::2"
 VERSION = "0.1.0"
 CONNECT_TIMEOUT = 1.5
 START_TIMEOUT = 20.0
@@ -132,7 +145,7 @@ def _toml_value(value: Any) -> str:
 
 
 def render_config(
-    interface: str,
+    interface: str | Sequence[str],
     state_dir: Path,
     users: Sequence[User],
     *,
@@ -145,7 +158,7 @@ def render_config(
     """The text of a daemon configuration; ``extra`` adds keys per table (tests of typos)."""
     tables: dict[str, dict[str, Any]] = {
         "knock": {"modes": list(modes), "window": window},
-        "capture": {"interface": interface},
+        "capture": {"interface": interface if isinstance(interface, str) else list(interface)},
         "grants": {"default_timeout": default_timeout, "max_timeout": max_timeout},
         "state": {"directory": state_dir},
     }
@@ -221,6 +234,93 @@ class Session:
 # --- the harness -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Link:
+    """One veth between the server and a client namespace, with its addresses."""
+
+    server_if: str
+    client: str  # the client namespace
+    client_if: str
+    server_v4: str
+    client_v4: str
+    server_v6: str
+    client_v6: str
+    server: str  # the server namespace
+
+    def add(self) -> None:
+        """Create the veth pair with its addresses, both ends up (IPv6 without DAD)."""
+        _ip(
+            "link", "add", self.server_if, "netns", self.server, "type", "veth",
+            "peer", "name", self.client_if, "netns", self.client,
+        )  # fmt: skip
+        for ns, iface, v4, v6 in (
+            (self.server, self.server_if, self.server_v4, self.server_v6),
+            (self.client, self.client_if, self.client_v4, self.client_v6),
+        ):
+            _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", iface)
+            _ip("-n", ns, "addr", "add", f"{v6}/64", "dev", iface, "nodad")
+            _ip("-n", ns, "link", "set", iface, "up")
+        self.wait_up()
+
+    def delete(self) -> None:
+        """Delete the veth pair (both ends), as a driver reload or an unplugged link does."""
+        _ip("-n", self.server, "link", "del", self.server_if)
+
+    def set(self, state: str) -> None:
+        """``ip link set`` the server's end down or up (the link stays, its state changes)."""
+        _ip("-n", self.server, "link", "set", self.server_if, state)
+        if state == "up":
+            self.wait_up()
+
+    def wait_up(self, timeout: float = 5.0) -> None:
+        """Until both ends report carrier (a packet sent before is lost)."""
+        deadline = time.monotonic() + timeout
+        ends = ((self.server, self.server_if), (self.client, self.client_if))
+        while not all(_carrier(ns, iface) for ns, iface in ends):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"link {self.server_if} did not come up within {timeout} s")
+            time.sleep(0.05)
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _carrier(ns: str, iface: str) -> bool:
+    done = subprocess.run(["ip", "-n", ns, "-j", "link", "show", iface], capture_output=True)
+    if done.returncode != 0:
+        return False
+    return "LOWER_UP" in json.loads(done.stdout)[0].get("flags", [])
+
+
+class LockHolder:
+    """Another process holding the xtables lock file (flock) until ``release()``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE), "lock", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        line = self.proc.stdout.readline().strip() if ready else ""
+        if line != "held":
+            self.proc.kill()
+            raise RuntimeError(f"could not take the lock {path}: {self.proc.communicate()}")
+        self.held_at = time.monotonic()
+
+    def release(self) -> float:
+        """Let go of the lock (the holder exits); returns how long it was held."""
+        # EOF on its stdin: the holder exits, closing (so unlocking) the file.
+        self.proc.communicate(timeout=5)
+        return time.monotonic() - self.held_at
+
+
 class DaemonFailed(AssertionError):
     """The daemon did not do what the harness waited for; the message holds its log."""
 
@@ -229,17 +329,38 @@ class DaemonFailed(AssertionError):
 class Harness:
     server: str
     client: str
-    interface: str
+    interface: str  # the first capture interface (the link to ``client``)
     directory: Path
     config_path: Path
     users: list[User]
     ports: tuple[int, ...]
+    links: list[Link] = field(default_factory=list)  # links[0] to client, links[1] to client2
     lines: list[str] = field(default_factory=list)  # the daemon's stderr, across restarts
     cursor: int = 0  # where wait_* start by default: the line count before the last action
     proc: subprocess.Popen | None = None
     _changed: threading.Condition = field(default_factory=threading.Condition)
     _reader: threading.Thread | None = None
     _helpers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def interfaces(self) -> list[str]:
+        """The capture interfaces, in the order of the config."""
+        return [link.server_if for link in self.links]
+
+    @property
+    def client2(self) -> str:
+        """The namespace behind the second link (``second_link=True``)."""
+        return self.links[1].client
+
+    @property
+    def lock_path(self) -> Path:
+        """The xtables lock file the daemon (and the harness's iptables changes) use."""
+        return self.directory / "xtables.lock"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of the daemon and of iptables commands that change rules."""
+        return dict(os.environ, XTABLES_LOCKFILE=str(self.lock_path))
 
     # -- the daemon --
 
@@ -250,15 +371,25 @@ class Harness:
         argv = ["ip", "netns", "exec", self.server, *knockd_command()]
         argv += ["run", "-c", str(self.config_path), "--json"]
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=self.env,
         )
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
         self.start_line = self.wait_log(
-            rf"^knockd-fast {re.escape(VERSION)} on {re.escape(self.interface)} ",
+            rf"^knockd-fast {re.escape(VERSION)} on {re.escape(', '.join(self.interfaces))} ",
             START_TIMEOUT,
             since=since,
         )
+
+    def hold_lock(self) -> LockHolder:
+        """Take the daemon's xtables lock from another process (released at teardown)."""
+        holder = LockHolder(self.lock_path)
+        self._helpers.append(holder.proc)
+        return holder
 
     def _read(self, proc: subprocess.Popen) -> None:
         for raw in proc.stderr:
@@ -422,26 +553,42 @@ class Harness:
 
     def iptables_rules(self, family: int | None = None) -> list[str]:
         """``iptables-legacy -S`` then ``ip6tables-legacy -S`` in the server namespace
-        (or only the one of ``family``)."""
+        (or only the one of ``family``). Reading needs no lock (the kernel hands out a
+        consistent copy): a private lock file lets this work while ``hold_lock()`` holds
+        the daemon's."""
+        env = dict(os.environ, XTABLES_LOCKFILE=str(self.directory / "reader.lock"))
         rules = []
         for command in {4: ["iptables-legacy"], 6: ["ip6tables-legacy"]}.get(
             family, ["iptables-legacy", "ip6tables-legacy"]
         ):
-            done = ns_run(self.server, [command, "-S"])
+            done = ns_run(self.server, [command, "-S"], env=env)
             assert done.returncode == 0, done.stderr
             rules += done.stdout.splitlines()
         return rules
+
+    def iptables(self, *args: Any, family: int = 4) -> subprocess.CompletedProcess:
+        """``iptables-legacy ARGS`` (``ip6tables-legacy`` for family 6) in the server
+        namespace, under the daemon's xtables lock file; no check."""
+        command = "iptables-legacy" if family == 4 else "ip6tables-legacy"
+        return ns_run(self.server, [command, *args], env=self.env)
 
     def grant_rules(self) -> list[str]:
         return [rule for rule in self.iptables_rules() if rule.startswith("-A KNOCKD-FAST ")]
 
     def knockd(self, *args: str, ns: str | None = None) -> subprocess.CompletedProcess:
         """``knockd-fast ARGS`` (in the server namespace by default)."""
-        return ns_run(ns or self.server, [*knockd_command(), *args])
+        return ns_run(ns or self.server, [*knockd_command(), *args], env=self.env)
 
-    def write_config(self, **settings: Any) -> None:
+    def write_config(self, interfaces: Sequence[str] | None = None, **settings: Any) -> None:
+        """Write the config: ``interfaces`` (default: every link's; one as a plain string)."""
+        names = list(self.interfaces if interfaces is None else interfaces)
         self.config_path.write_text(
-            render_config(self.interface, self.directory / "state", self.users, **settings)
+            render_config(
+                names[0] if len(names) == 1 else names,
+                self.directory / "state",
+                self.users,
+                **settings,
+            )
         )
 
 
@@ -473,15 +620,18 @@ def doorman(
     users: Sequence[User] | None = None,
     ports: Sequence[int] = (2222,),
     start: bool = True,
+    second_link: bool = False,
     **settings: Any,
 ) -> Iterator[Harness]:
     """Two hosts, a configured daemon, closed ports with listeners; yields the ``Harness``.
 
     ``users`` defaults to alice (id 7), allowed every one of ``ports`` over tcp; their
     keys are written into ``directory``. ``settings`` go to ``render_config`` (window,
-    default_timeout, max_timeout, modes). With ``start=False`` nothing runs yet.
+    default_timeout, max_timeout, modes). With ``start=False`` nothing runs yet. With
+    ``second_link`` a third namespace hangs off a second server interface, and the daemon
+    captures on both.
     """
-    from netns import two_hosts  # here, so that the packet tool runs without it
+    from netns import network_namespace, two_hosts  # here: the packet tool runs without it
 
     directory = Path(directory)
     (directory / "home").mkdir(parents=True, exist_ok=True)
@@ -512,6 +662,25 @@ def doorman(
         harness = Harness(
             server, client, interface, directory, directory / "config.toml", users, tuple(ports)
         )
+        suffix = interface[3:]
+        harness.links.append(
+            Link(interface, client, client_if, SERVER_V4, CLIENT_V4, SERVER_V6, CLIENT_V6, server)
+        )
+        if second_link:
+            # Deleting the namespaces (on the way out, also on failure) deletes the veth.
+            client2 = stack.enter_context(network_namespace("kfd"))
+            link = Link(
+                f"kft{suffix}",
+                client2,
+                f"kfd{suffix}",
+                SERVER2_V4,
+                CLIENT2_V4,
+                SERVER2_V6,
+                CLIENT2_V6,
+                server,
+            )
+            link.add()
+            harness.links.append(link)
         harness.write_config(**settings)
         stack.callback(_teardown, harness)
         harness._helpers.append(_spawn_listener(server, ports))
@@ -523,11 +692,10 @@ def doorman(
 
 def close_ports(harness: Harness) -> None:
     """DROP the protected ports (after the daemon put its jump first in INPUT)."""
-    for command in ("iptables-legacy", "ip6tables-legacy"):
+    for family in (4, 6):
         for port in harness.ports:
-            done = ns_run(
-                harness.server,
-                [command, "-A", "INPUT", "-p", "tcp", "--dport", port, "-j", "DROP"],
+            done = harness.iptables(
+                "-A", "INPUT", "-p", "tcp", "--dport", port, "-j", "DROP", family=family
             )
             assert done.returncode == 0, done.stderr
 
@@ -536,7 +704,7 @@ def _teardown(harness: Harness) -> None:
     if harness.proc is not None and harness.proc.poll() is None:
         harness.proc.kill()
         harness.proc.wait()
-    for helper in harness._helpers:
+    for helper in harness._helpers:  # listeners, sessions, lock holders
         if helper.poll() is None:
             helper.kill()
         helper.communicate()
@@ -625,6 +793,18 @@ def _syn(host: str, ports: Sequence[int], source: str | None) -> int:
     return 0
 
 
+def _hold_lock(path: str) -> int:
+    """flock ``path`` (the xtables lock: what ``iptables -w`` takes) until stdin closes."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("held", flush=True)
+    sys.stdin.read()
+    os.close(fd)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="packet tool of the end-to-end tests")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -644,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = sub.add_parser("session")
     session.add_argument("host")
     session.add_argument("port", type=int)
+    lock = sub.add_parser("lock")
+    lock.add_argument("file")
     for command in (connect, udp, syn):
         command.add_argument("--source")
     args = parser.parse_args(argv)
@@ -657,6 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "syn":
         return _syn(args.host, args.ports, args.source)
+    if args.command == "lock":
+        return _hold_lock(args.file)
     return _session(args.host, args.port)
 
 

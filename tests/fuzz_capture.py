@@ -30,6 +30,8 @@ LINKTYPES = sorted(SUPPORTED_LINKTYPES)
 # Small settings so that short inputs reach eviction, expiry and the alternative bounds.
 LAYOUT = KnockLayout(base_port=20000, digit_bits=4, spa_port=30000)
 PATH = os.path.join(tempfile.mkdtemp(prefix="kf-fuzz-"), "input.pcap")
+REPORT_EVERY = 10_000  # inputs between two progress lines (inputs and frames so far)
+totals = {"inputs": 0, "frames": 0}
 
 
 def run(engine_cls: type, capacity: int, ring: int, timeout: float) -> tuple:
@@ -56,6 +58,11 @@ def test_one_input(data: bytes) -> None:
             usec += fdp.ConsumeIntInRange(0, 300_000)
             frame = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 120))
             writer.write(1_800_000_000 + usec // 1_000_000, usec % 1_000_000, frame)
+            totals["frames"] += 1
+    totals["inputs"] += 1
+    if totals["inputs"] % REPORT_EVERY == 0:
+        print(f"fuzz_capture: {totals['inputs']:,} inputs, {totals['frames']:,} frames, "
+              "twins agree", file=sys.stderr, flush=True)  # fmt: skip
     c = run(_capture_c.CaptureEngine, capacity, ring, timeout)
     py = run(_capture_py.CaptureEngine, capacity, ring, timeout)
     if c != py:

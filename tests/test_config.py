@@ -64,7 +64,8 @@ def test_every_default(conf) -> None:
     assert config.knock.modes == frozenset({"syn", "udp", "spa"})
     assert config.knock.knock_timeout == 10.0 and isinstance(config.knock.knock_timeout, float)
     assert config.knock.window == 30
-    assert config.capture.interface == "eth0"
+    assert config.capture.interfaces == ("eth0",)
+    assert config.capture.label == "eth0"
     assert config.capture.destinations == ()
     assert config.capture.table_size == 65536
     assert config.capture.buffer_bytes == 8388608
@@ -88,6 +89,7 @@ def test_example_config_has_the_defaults(tmp_path: Path) -> None:
     assert config.knock.layout == KnockLayout()
     assert config.knock.modes == frozenset({"syn", "udp", "spa"})
     assert (config.knock.knock_timeout, config.knock.window) == (10.0, 30)
+    assert config.capture.interfaces == ("eth0",)
     assert config.capture.destinations == ()
     assert (config.capture.table_size, config.capture.buffer_bytes) == (65536, 8388608)
     assert config.grants.default_timeout == 300 and config.grants.max_timeout == 3600
@@ -144,7 +146,7 @@ source = 56
     assert config.knock.layout == KnockLayout(30000, 4, 40000)
     assert config.knock.modes == {"spa"} and not config.knock.knock_mode
     assert config.knock.knock_timeout == 2.5 and config.knock.window == 3600
-    assert config.capture.interface == "any"
+    assert config.capture.interfaces == ("any",)
     assert config.capture.destinations == (
         ipaddress.ip_address("192.0.2.1"),
         ipaddress.ip_address("2001:db8::1"),
@@ -278,7 +280,11 @@ def test_not_utf8(conf) -> None:
         ("[capture]\ninterface = 'a/b'\n", "capture.interface", "not a network interface"),
         ("[capture]\ninterface = 'sixteen-chars-xx'\n", "capture.interface", "not a network"),
         ("[capture]\ninterface = ''\n", "capture.interface", "must not be empty"),
-        ("[capture]\ninterface = 3\n", "capture.interface", "expected a string, got integer"),
+        (
+            "[capture]\ninterface = 3\n",
+            "capture.interface",
+            "expected a string or an array of strings, got integer",
+        ),
         ("[grants]\nmax_timeout = 299\n", "grants.max_timeout", "less than grants.default"),
         ("[grants]\ndefault_timeout = 0\n", "grants.default_timeout", "outside 1.."),
         ("[grants]\nbackend = 'nft'\n", "grants.backend", "'nft' is not one of"),
@@ -304,6 +310,84 @@ def test_field_errors(conf, text: str, key: str | None, words: str | None) -> No
     message = error_of(path)
     assert message.startswith(f"{path}: {key}: "), message
     assert words in message, message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"eth0"', ("eth0",)),
+        ('["eth0"]', ("eth0",)),
+        ('["veth-a", "veth-b"]', ("veth-a", "veth-b")),
+        ('["eth1", "eth0", "wg0"]', ("eth1", "eth0", "wg0")),  # order kept
+        ('["any"]', ("any",)),
+        ('"any"', ("any",)),
+        ('["' + "x" * 15 + '", "eth0"]', ("x" * 15, "eth0")),
+    ],
+)
+def test_interface_string_or_list(conf, value: str, expected: tuple[str, ...]) -> None:
+    config = load_config(conf(MINIMAL_USER, capture=f"[capture]\ninterface = {value}\n"))
+    assert config.capture.interfaces == expected
+    assert config.capture.label == ", ".join(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "reason"),
+    [
+        ("[]", "capture.interface", "an empty array; name at least one interface"),
+        ('["eth0", "eth0"]', "capture.interface[1]", "'eth0' is listed twice"),
+        ('["eth0", "eth1", "eth0"]', "capture.interface[2]", "'eth0' is listed twice"),
+        (
+            '["any", "eth0"]',
+            "capture.interface",
+            '"any" already captures on every interface; list it alone or not at all',
+        ),
+        (
+            '["eth0", "any"]',
+            "capture.interface",
+            '"any" already captures on every interface; list it alone or not at all',
+        ),
+        ('["any", "any"]', "capture.interface[1]", "'any' is listed twice"),
+        ('["eth0", "a/b"]', "capture.interface[1]", "'a/b' is not a network interface name"),
+        ('["eth0", "a:1"]', "capture.interface[1]", "'a:1' is not a network interface name"),
+        ('["eth 0"]', "capture.interface[0]", "'eth 0' is not a network interface name"),
+        ('[".."]', "capture.interface[0]", "'..' is not a network interface name"),
+        (
+            '["eth0", "' + "x" * 16 + '"]',
+            "capture.interface[1]",
+            f"{'x' * 16!r} is not a network interface name",
+        ),
+        ('["eth0", ""]', "capture.interface[1]", "must not be empty"),
+        ('["eth0", 3]', "capture.interface[1]", "expected a string, got integer 3"),
+        ('[["eth0"]]', "capture.interface[0]", "expected a string, got array"),
+        (
+            "{ name = 'eth0' }",
+            "capture.interface",
+            "expected a string or an array of strings, got table",
+        ),
+        (
+            "true",
+            "capture.interface",
+            "expected a string or an array of strings, got boolean True",
+        ),
+    ],
+)
+def test_interface_list_errors(conf, value: str, key: str, reason: str) -> None:
+    path = conf(MINIMAL_USER, capture=f"[capture]\ninterface = {value}\n")
+    assert error_of(path) == f"{path}: {key}: {reason}"
+    assert error_of(path, load_keys=False) == f"{path}: {key}: {reason}"
+
+
+def test_example_config_list_form_loads(tmp_path: Path) -> None:
+    # The commented list form of the example is valid as written.
+    text = EXAMPLE.read_text()
+    listed = '# interface = ["eth0", "eth1"]'
+    assert listed in text
+    path = tmp_path / "config.toml"
+    path.write_text(
+        text.replace('interface = "eth0"\n', "").replace(listed, listed.removeprefix("# "))
+    )
+    config = load_config(path, load_keys=False)
+    assert config.capture.interfaces == ("eth0", "eth1")
 
 
 def test_interface_is_required(conf) -> None:

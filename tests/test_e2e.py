@@ -108,6 +108,7 @@ def test_open_then_close(e2e, mode, family):
     decision = h.decisions()[-1]
     assert decision["source"] == client_address(family)
     assert decision["destination"] == target
+    assert decision["interface"] == h.interface
     assert h.can_connect(target, PORT)
     status = h.knockd("status", "-c", str(h.config_path))
     assert status.returncode == 0 and f"{client_address(family)} -> {target} 2222/tcp" in (
@@ -362,7 +363,11 @@ def test_replay_command_judges_a_recorded_capture_without_touching_the_firewall(
     h = e2e()
     capture = h.directory / "knocks.pcap"
     # --immediate-mode: without it, packets still in the kernel's ring at SIGTERM are lost.
-    argv = ["tcpdump", "--immediate-mode", "-U", "-n", "-i", h.interface, "-w", capture]
+    # -s 512 -B 8192: in immediate mode each packet takes a frame of the snaplen, and at
+    # tcpdump's default 262144 bytes its 2 MiB ring holds about 8: a burst (34 SYNs, 34
+    # RSTs) overflowed it whenever tcpdump was not scheduled at once (a busy machine).
+    argv = ["tcpdump", "--immediate-mode", "-U", "-n", "-s", "512", "-B", "8192"]
+    argv += ["-i", h.interface, "-w", capture]
     tcpdump = subprocess.Popen(
         ["ip", "netns", "exec", h.server, *argv],
         stdout=subprocess.DEVNULL,
@@ -456,35 +461,11 @@ def test_interface_deleted_and_recreated_resumes_capture_without_restart(e2e):
     h = e2e()
     open_and_wait(h, SERVER_V4, PORT)
     mark = h.mark()
-    client_if = "kfc" + h.interface.removeprefix("kfs")
-    subprocess.run(["ip", "-n", h.server, "link", "del", h.interface], check=True)
+    h.links[0].delete()
     h.wait_log(r"^capture on .* lost: ", timeout=10, since=mark)
     assert h.running(), "losing the interface must not stop the daemon"
     # The same veth again, as after a driver reload or a re-plugged link.
-    subprocess.run(
-        [
-            "ip",
-            "link",
-            "add",
-            h.interface,
-            "netns",
-            h.server,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            client_if,
-            "netns",
-            h.client,
-        ],
-        check=True,
-    )
-    for ns, iface, address in (
-        (h.server, h.interface, SERVER_V4),
-        (h.client, client_if, "192.0.2.2"),
-    ):
-        subprocess.run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", iface], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", iface, "up"], check=True)
+    h.links[0].add()
     h.wait_log(r"^capture on .* resumed after ", timeout=10, since=mark)
     assert len(h.grant_rules()) == 1, "the grant survived the outage"
     h.knock("close", SERVER_V4, f"{PORT}/tcp")
@@ -498,13 +479,13 @@ def test_rules_removed_by_hand_never_crash_and_the_chain_is_restored(e2e):
     h = e2e()
     open_and_wait(h, SERVER_V4, PORT)
     # An admin deletes our grant rule by hand: the close knock finds nothing to remove.
-    assert ns_run(h.server, ["iptables-legacy", "-D", "KNOCKD-FAST", "1"]).returncode == 0
+    assert h.iptables("-D", "KNOCKD-FAST", "1").returncode == 0
     h.knock("close", SERVER_V4, f"{PORT}/tcp")
     assert h.wait_decision()["verdict"] == "accepted"
     h.wait_log(rf"^firewall: no grant to close for {PORT}/tcp ")
     # Someone removes the jump and our chain altogether: the next grant restores them.
     for argv in (["-D", "INPUT", "-j", "KNOCKD-FAST"], ["-X", "KNOCKD-FAST"]):
-        assert ns_run(h.server, ["iptables-legacy", *argv]).returncode == 0
+        assert h.iptables(*argv).returncode == 0
     assert not h.can_connect(SERVER_V4, PORT)
     mark = h.mark()
     open_and_wait(h, SERVER_V4, PORT)
@@ -533,4 +514,193 @@ def test_a_full_state_directory_degrades_to_memory_and_keeps_serving(e2e):
     h.send_udp(SERVER_V4, SPA_PORT, bytes.fromhex(sent["message"]))
     assert h.wait_decision()["reason"] == "replay"
     assert h.running()
+    h.stop()
+
+
+# --- several capture interfaces ----------------------------------------------------------
+
+
+def knock_via(h, link, action: str, port: int, family: int = 4) -> dict:
+    """Knock from the client behind ``link`` to the server's address on it; the decision
+    must be accepted, logged as coming through that link's interface, and carried out."""
+    target, source = (
+        (link.server_v4, link.client_v4)
+        if family == 4
+        else (
+            link.server_v6,
+            link.client_v6,
+        )
+    )
+    h.knock(action, target, f"{port}/tcp", family_args(family)[0], ns=link.client)
+    decision = h.wait_decision(
+        lambda d: (d["source"], d["action"], d["port"]) == (source, action, port)
+    )
+    assert (decision["verdict"], decision["reason"]) == ("accepted", "ok"), decision
+    assert (decision["interface"], decision["destination"]) == (link.server_if, target), decision
+    verb = "opened" if action == "open" else "closed"
+    h.wait_log(rf"^firewall: {verb} {port}/tcp for {re.escape(source)} ")
+    return decision
+
+
+@live
+def test_two_interfaces_a_knock_through_each_opens_the_port_for_its_source(e2e):
+    h = e2e(second_link=True)
+    a, b = h.links
+    assert h.start_line.startswith(
+        f"knockd-fast 0.1.0 on {a.server_if}, {b.server_if} protecting "
+    ), h.start_line
+    protected = h.start_line.split(" protecting ", 1)[1].split(";", 1)[0].split(", ")
+    protected = [address for address in protected if not address.startswith("fe80:")]
+    assert sorted(protected) == sorted([a.server_v4, a.server_v6, b.server_v4, b.server_v6]), (
+        h.start_line
+    )  # the union of both interfaces' addresses (and their link-local ones)
+    assert not h.can_connect(a.server_v4, PORT)
+    assert not h.can_connect(b.server_v4, PORT, ns=b.client)
+
+    knock_via(h, a, "open", PORT)
+    assert h.can_connect(a.server_v4, PORT)
+    assert not h.can_connect(b.server_v4, PORT, ns=b.client), "A's grant opened the port for B"
+    knock_via(h, b, "open", PORT)
+    knock_via(h, b, "open", PORT, family=6)
+    assert h.can_connect(b.server_v4, PORT, ns=b.client)
+    assert h.can_connect(b.server_v6, PORT, ns=b.client)
+    status = h.knockd("status", "-c", str(h.config_path))
+    assert status.returncode == 0, status
+    for link in (a, b):
+        line = f"{link.client_v4} -> {link.server_v4} 2222/tcp user=alice "
+        assert line in status.stdout, status.stdout
+    assert f"{b.client_v6} -> {b.server_v6} 2222/tcp " in status.stdout, status.stdout
+
+    # Changing the interface list is a restart's business: a reload warns and keeps both.
+    h.write_config(interfaces=[a.server_if])
+    h.send_signal(signal.SIGHUP)
+    h.wait_log(r"^reload: changes to .*\[capture\].* apply at the next restart")
+    h.wait_log(r"^reloaded .*: 1 users")
+    knock_via(h, b, "close", PORT)
+    assert not h.can_connect(b.server_v4, PORT, ns=b.client)
+    assert h.can_connect(a.server_v4, PORT)
+
+    h.stop()
+    # The stop line sums the counters; one line per interface comes before it.
+    per_if = {
+        name: line
+        for name in (a.server_if, b.server_if)
+        for line in [h.wait_log(rf"^stopped capture on {name}: ", 0, since=0)]
+    }
+    assert " completions=1 " in per_if[a.server_if], per_if
+    assert " completions=3 " in per_if[b.server_if], per_if
+    assert " completions=4 " in h.wait_log(r"^stopped: ", 0, since=0)
+
+
+@live
+def test_one_link_down_and_up_while_the_other_keeps_working(e2e):
+    h = e2e(second_link=True, ports=(PORT, PORT_B))
+    a, b = h.links
+    knock_via(h, a, "open", PORT)
+    a.set("down")
+    knock_via(h, b, "open", PORT)  # the other link captures on
+    assert h.can_connect(b.server_v4, PORT, ns=b.client)
+    a.set("up")
+    assert h.can_connect(a.server_v4, PORT), "A's grant survived its link going down"
+    knock_via(h, a, "open", PORT_B)  # the link that came back captures again
+    assert h.can_connect(a.server_v4, PORT_B)
+    knock_via(h, b, "close", PORT)
+    assert not h.can_connect(b.server_v4, PORT, ns=b.client)
+    assert h.can_connect(a.server_v4, PORT)
+    assert h.running()
+    assert " lost: " not in h.log(), "a link that is only down is no lost capture"
+    h.stop()
+
+
+@live
+def test_one_interface_lost_and_back_while_the_other_keeps_capturing(e2e):
+    h = e2e(second_link=True)
+    a, b = h.links
+    knock_via(h, a, "open", PORT)
+    mark = h.mark()
+    a.delete()
+    h.wait_log(rf"^capture on {a.server_if} lost: .*; reopening every 1 s, grants kept$")
+    knock_via(h, b, "open", PORT)  # while A is gone
+    assert h.can_connect(b.server_v4, PORT, ns=b.client)
+    a.add()  # the same veth again, as after a driver reload or a re-plugged link
+    h.wait_log(rf"^capture on {a.server_if} resumed after \d+\.\d s$", timeout=10, since=mark)
+    assert not re.search(rf"^capture on {b.server_if} ", h.log(), re.M), "B was never lost"
+    assert len(h.grant_rules()) == 2, "the grants survived the outage"
+    assert h.can_connect(a.server_v4, PORT)
+    knock_via(h, a, "close", PORT)  # A captures again, with a fresh handle
+    assert not h.can_connect(a.server_v4, PORT)
+    assert h.can_connect(b.server_v4, PORT, ns=b.client)
+    h.stop()
+
+
+# --- the xtables lock held by another process --------------------------------------------
+
+BUSY = r"xtables lock held by another process \(waited 1 s\)"
+ADD_GRANT = r"iptables: add grant 192\.0\.2\.2 -> 192\.0\.2\.1 2222/tcp: "
+
+
+@live
+def test_xtables_lock_held_during_a_knock_delays_the_grant_until_released(e2e):
+    h = e2e()
+    mark = h.mark()
+    holder = h.hold_lock()
+    h.knock("open", SERVER_V4, f"{PORT}/tcp")
+    decision = h.wait_decision(accepted("open"))
+    assert (decision["verdict"], decision["reason"]) == ("accepted", "ok"), decision
+    h.wait_log(rf"^firewall: open failed \({ADD_GRANT}{BUSY}\); retrying in 0\.1 s$")
+    # Nothing is granted while the lock is held, and nobody claims otherwise.
+    assert h.grant_rules() == []
+    assert h.knockd("status", "-c", str(h.config_path)).stdout.strip() == "no live grants"
+    assert holder.release() > 1.0
+    h.wait_log(r"^firewall: opened 2222/tcp for 192\.0\.2\.2 to 192\.0\.2\.1 ", timeout=10)
+    assert h.can_connect(SERVER_V4, PORT)
+    log = h.log(since=mark)
+    assert 1 <= len(re.findall(r"^firewall: open failed \(", log, re.M)) <= 3, log
+    assert "failed after" not in log and "cannot restore" not in log, log
+    assert h.running()
+    # Later knocks work as usual.
+    h.knock("close", SERVER_V4, f"{PORT}/tcp")
+    h.wait_log(r"^firewall: closed 2222/tcp ")
+    assert not h.can_connect(SERVER_V4, PORT)
+    open_and_wait(h, SERVER_V4, PORT)
+    assert h.can_connect(SERVER_V4, PORT)
+    h.stop()
+
+
+@live
+def test_xtables_lock_held_past_every_retry_fails_cleanly_and_knocks_work_after(e2e):
+    h = e2e(ports=(PORT, PORT_B))
+    open_and_wait(h, SERVER_V4, PORT_B)  # a grant made before the lock is taken
+    mark = h.mark()
+    holder = h.hold_lock()
+    h.knock("open", SERVER_V4, f"{PORT}/tcp")
+    assert h.wait_decision(accepted("open"))["verdict"] == "accepted"
+    failed = h.wait_log(r"^firewall: open failed after 4 attempts: ", timeout=15)
+    assert holder.proc.poll() is None, "the lock was held all along"
+    assert re.search(
+        rf"after 4 attempts: {ADD_GRANT}{BUSY}; "
+        r"not granted: 2222/tcp for 192\.0\.2\.2 to 192\.0\.2\.1 \(user alice\)$",
+        failed,
+    ), failed
+    h.wait_log(r"^firewall: view reconciled from the firewall: 1 live grants$", since=mark)
+    log = h.log(since=mark)
+    retries = re.findall(r"^firewall: open failed \(.*; retrying in (\S+) s$", log, re.M)
+    assert retries == ["0.1", "0.5", "2.0"], log
+    assert BUSY.replace("\\", "") in log and "cannot restore" not in log, log
+    assert h.running(), "a failed firewall change must not stop the daemon"
+    # No phantom grant: the firewall, `status` and reachability agree, lock still held.
+    rules = h.grant_rules()
+    assert len(rules) == 1 and "--dport 2223 " in rules[0], rules
+    status = h.knockd("status", "-c", str(h.config_path)).stdout.splitlines()
+    assert len(status) == 1 and " 2223/tcp user=alice " in status[0], status
+    assert not h.can_connect(SERVER_V4, PORT)
+    assert h.can_connect(SERVER_V4, PORT_B)
+
+    holder.release()
+    open_and_wait(h, SERVER_V4, PORT)  # a fresh knock (the failed one's message is spent)
+    assert h.can_connect(SERVER_V4, PORT)
+    assert len(h.grant_rules()) == 2
+    h.knock("close", SERVER_V4, f"{PORT_B}/tcp")
+    h.wait_log(r"^firewall: closed 2223/tcp ")
+    assert not h.can_connect(SERVER_V4, PORT_B)
     h.stop()

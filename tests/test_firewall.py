@@ -377,6 +377,56 @@ def test_lock_contention_is_a_firewall_error(probe: Probe, env: dict[str, str]) 
     assert probe.chain(4) == [rule_line(grant("192.0.2.2"))]
 
 
+BUSY_SCRIPT = """
+import json, sys
+from knockd_fast.firewall import FirewallBusy, FirewallError, Grant, IptablesFirewall
+fw = IptablesFirewall(lock_wait=5.0)
+out = {"default_wait": fw.lock_wait}
+fw.lock_wait = 0.2
+out["wait"] = fw.lock_wait
+try:
+    fw.open(Grant("192.0.2.2", "tcp", 22, None, 1800003600, "alice"))
+except FirewallError as error:
+    out["type"], out["error"] = type(error).__name__, str(error)
+print(json.dumps(out))
+"""
+
+
+@netns_test
+@needs_legacy
+def test_lock_contention_is_firewall_busy_and_lock_wait_can_be_changed(
+    probe: Probe, env: dict[str, str]
+) -> None:
+    # The daemon shortens the wait once started and tells "busy" from other failures
+    # (it repairs the chain before retrying those, never for a busy lock).
+    def attempt() -> dict:
+        done = run_in(
+            probe.ns,
+            [sys.executable, "-c", BUSY_SCRIPT],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    not_set_up = attempt()  # the lock is free: the failure is the missing chain
+    assert not_set_up["type"] == "FirewallError", not_set_up
+    assert "chain KNOCKD-FAST is missing" in not_set_up["error"], not_set_up
+    with open(env["XTABLES_LOCKFILE"], "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        busy = attempt()
+    assert busy == {
+        "default_wait": 5.0,
+        "wait": 0.2,
+        "type": "FirewallBusy",
+        "error": "iptables: add grant 192.0.2.2 22/tcp: xtables lock held by another process "
+        "(waited 0.2 s)",
+    }
+    assert probe.ipt(4, "-S").count(CHAIN) == 0  # nothing was touched
+
+
 @netns_test
 @needs_legacy
 def test_errors_before_setup_and_disabled_family(probe: Probe) -> None:

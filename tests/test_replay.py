@@ -105,6 +105,37 @@ def test_every_remember_is_committed_at_once(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_batch_commits_once_at_the_end_of_the_block(tmp_path: Path) -> None:
+    """Inside batch() lookups see every remember at once; the file sees them at the end."""
+    cache = ReplayCache(tmp_path / DB_NAME, now=NOW)
+    other = sqlite3.connect(tmp_path / DB_NAME)
+    with cache.batch():
+        cache.remember(7, SIV_A, NOW + 30)
+        cache.remember(8, SIV_B, NOW + 5)
+        cache.remember(7, SIV_A, NOW + 10)  # the later expiry stays
+        with cache.batch():  # nested blocks commit with the outer one
+            cache.remember(9, SIV_A, NOW + 1)
+        assert cache.seen(7, SIV_A, NOW + 30) and cache.seen(9, SIV_A, NOW)
+        assert other.execute("SELECT COUNT(*) FROM seen").fetchone() == (0,)
+    assert sorted(other.execute("SELECT user_id, siv, expires_at FROM seen").fetchall()) == [
+        (7, SIV_A, NOW + 30),
+        (8, SIV_B, NOW + 5),
+        (9, SIV_A, NOW + 1),
+    ]
+    other.close()
+    cache.close()
+
+
+def test_batch_commits_when_the_block_raises(tmp_path: Path) -> None:
+    """What was remembered before an error is still written: it may have been acted on."""
+    cache = ReplayCache(tmp_path / DB_NAME, now=NOW)
+    with pytest.raises(RuntimeError), cache.batch():
+        cache.remember(7, SIV_A, NOW + 30)
+        raise RuntimeError("judging bug")
+    cache.close()
+    assert ReplayCache(tmp_path / DB_NAME, now=NOW).seen(7, SIV_A, NOW)
+
+
 def test_database_layout(tmp_path: Path) -> None:
     ReplayCache(tmp_path / DB_NAME, now=NOW).close()
     db = sqlite3.connect(tmp_path / DB_NAME)

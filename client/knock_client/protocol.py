@@ -17,6 +17,7 @@ per digit, in any order) or whole, as the payload of one UDP datagram (SPA).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
@@ -179,6 +180,13 @@ def check_key(key: bytes) -> bytes:
     return key
 
 
+@functools.lru_cache(maxsize=4096)
+def _cipher(key: bytes) -> AESSIV:
+    # Building an AESSIV costs twice a decryption; a daemon opens every knock with one of
+    # its users' keys (at most 4096 users).
+    return AESSIV(check_key(key))
+
+
 def encode_header(user_id: int, version: int = VERSION) -> bytes:
     if not 0 <= user_id <= MAX_USER_ID:
         raise FieldError(f"user id {user_id} is outside 0..{MAX_USER_ID}")
@@ -223,7 +231,7 @@ def seal(knock: Knock, key: bytes) -> bytes:
         )
         + knock.claimed_ip.packed
     )
-    return header + AESSIV(check_key(key)).encrypt(plaintext, [header])
+    return header + _cipher(bytes(key)).encrypt(plaintext, [header])
 
 
 def open_message(message: bytes, key: bytes) -> Knock:
@@ -232,7 +240,7 @@ def open_message(message: bytes, key: bytes) -> Knock:
     user_id = read_header(message)
     header = message[:HEADER_LEN]
     try:
-        plaintext = AESSIV(check_key(key)).decrypt(message[HEADER_LEN:], [header])
+        plaintext = _cipher(bytes(key)).decrypt(message[HEADER_LEN:], [header])
     except InvalidTag:
         raise AuthenticationError(f"message does not authenticate for user {user_id}") from None
     flags, port, timestamp, salt_high, salt_low, duration = _FIXED_PLAINTEXT.unpack_from(plaintext)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from knockd_fast.firewall.base import (
     DEFAULT_CHAIN,
     Firewall,
+    FirewallBusy,
     FirewallError,
     Grant,
     GrantKey,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_CHAIN",
     "DryRunFirewall",
     "Firewall",
+    "FirewallBusy",
     "FirewallError",
     "Grant",
     "GrantKey",

@@ -54,6 +54,13 @@ class FirewallError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class FirewallBusy(FirewallError):
+    """The firewall is locked by another process (the xtables lock) past our wait.
+
+    Retrying later may succeed; repairing anything will not help.
+    """
+
+
 @dataclass(frozen=True)
 class Grant:
     """One opened port for one source, until ``expires`` (unix seconds)."""

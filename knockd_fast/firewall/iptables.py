@@ -52,6 +52,7 @@ from iptc.xtables import XTablesError, xt_align
 from knockd_fast.firewall.base import (
     DEFAULT_CHAIN,
     HOOKS,
+    FirewallBusy,
     FirewallError,
     Grant,
     GrantKey,
@@ -135,6 +136,10 @@ _FAMILIES = {4: _family(4), 6: _family(6)}
 
 class _Cause(Exception):
     """A failure whose text is the cause part of a FirewallError."""
+
+
+class _Busy(_Cause):
+    """The xtables lock stayed held by another process for the whole wait."""
 
 
 def _cause(error: BaseException) -> str:
@@ -270,7 +275,7 @@ class _XtablesLock:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        raise _Cause(
+                        raise _Busy(
                             f"xtables lock held by another process (waited {self.wait:g} s)"
                         ) from None
                     time.sleep(0.01)
@@ -285,7 +290,8 @@ class IptablesFirewall:
     ``hooks``: the built-in chains that jump to ours first (INPUT for local services,
     FORWARD for hosts behind this one). ``families``: 4, 6 or both. ``lock_path``: the
     xtables lock file (None: ``$XTABLES_LOCKFILE`` or ``/run/xtables.lock``), waited for
-    at most ``lock_wait`` seconds. ``retries``: how often an operation is redone when the
+    at most ``lock_wait`` seconds (an attribute: the daemon shortens it once started), else
+    ``FirewallBusy``. ``retries``: how often an operation is redone when the
     kernel refuses the commit because the table changed meanwhile.
     """
 
@@ -311,6 +317,15 @@ class IptablesFirewall:
         self._fams = [_FAMILIES[version] for version in self.families]
         self._view: dict[GrantKey, Grant] = {}
         self._mutex = threading.RLock()
+
+    @property
+    def lock_wait(self) -> float:
+        """Seconds one operation waits for the xtables lock before ``FirewallBusy``."""
+        return self._lock.wait
+
+    @lock_wait.setter
+    def lock_wait(self, seconds: float) -> None:
+        self._lock.wait = float(seconds)
 
     # -- the interface ------------------------------------------------------------------
 
@@ -506,6 +521,8 @@ class IptablesFirewall:
         try:
             with self._mutex, self._lock.hold() if lock else contextlib.nullcontext():
                 yield
+        except _Busy as error:
+            raise FirewallBusy(f"iptables: {what}: {error}") from None
         except _Cause as error:
             raise FirewallError(f"iptables: {what}: {error}") from None
         except (IPTCError, XTablesError, OSError) as error:
