@@ -94,16 +94,21 @@ def segment_counts(layout: KnockLayout) -> tuple[int, int]:
     )
 
 
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"  # ::ffff:0:0/96
+
+
 def address_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     """The 16-byte table key: IPv6 as is, IPv4 as IPv4-mapped IPv6."""
     if address.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + address.packed
+        return _V4_MAPPED + address.packed
     return address.packed
 
 
 def key_address(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    address = ipaddress.IPv6Address(bytes(key))
-    return address.ipv4_mapped or address
+    key = bytes(key)
+    if key[:12] == _V4_MAPPED:  # the common case, without building an IPv6Address first
+        return ipaddress.IPv4Address(key[12:])
+    return ipaddress.IPv6Address(key)
 
 
 def filter_expression(

@@ -94,7 +94,8 @@ def judge(
     not checked (the capture only reports knocks to protected addresses); it is taken so
     that callers pass one completion whole.
     """
-    source = ipaddress.ip_address(source)
+    if isinstance(source, str):  # an address object as is: ip_address() would re-parse it
+        source = ipaddress.ip_address(source)
     first: Verdict | None = None
     tried = 0
     found = None

@@ -97,7 +97,11 @@ class Grant:
         object.__setattr__(self, "expires", expires)
         if not isinstance(self.user, str) or not self.user.isprintable():
             raise ValueError(f"grant user {self.user!r} is not a printable name")
-        if len(format_comment(self).encode()) > MAX_COMMENT_BYTES:
+        # Quoting makes a character at most 12 bytes (%XX of 4 UTF-8 bytes); most names
+        # are far too short to matter, so the comment is only built for long ones.
+        if 12 * len(self.user) + 40 > MAX_COMMENT_BYTES and (
+            len(format_comment(self).encode()) > MAX_COMMENT_BYTES
+        ):
             raise ValueError(f"grant user name {self.user[:40]!r}... is too long for a comment")
 
     @property

@@ -38,18 +38,24 @@ class DryRunFirewall:
         families: tuple[int, ...] = (4, 6),
         history: int = 1000,
         logger: logging.Logger | None = None,
+        level: int = logging.INFO,
     ) -> None:
         self.chain = check_chain(chain)
         self.hooks = check_hooks(hooks)
         self.families = check_families(families)
         self.actions: collections.deque[str] = collections.deque(maxlen=history)
         self._log = logger or log
+        self._level = level  # the daemon logs each action itself, and passes DEBUG
         self._grants: dict[GrantKey, Grant] = {}
         self._ready = False
 
     def _say(self, text: str) -> None:
         self.actions.append(text)
-        self._log.info("dry-run: would %s", text)
+        self._log.log(self._level, "dry-run: would %s", text)
+
+    def _saying(self) -> bool:
+        # The daemon keeps no history and logs at debug: then skip building the text.
+        return bool(self.actions.maxlen) or self._log.isEnabledFor(self._level)
 
     def setup(self) -> None:
         if not self._ready:
@@ -66,7 +72,8 @@ class DryRunFirewall:
             )
         verb = "extend" if grant.key in self._grants else "add"
         self._grants[grant.key] = grant
-        self._say(f"{verb} grant {grant}")
+        if self._saying():
+            self._say(f"{verb} grant {grant}")
 
     def close(self, key: GrantKey) -> bool:
         key = getattr(key, "key", key)  # a Grant is accepted for its key
