@@ -676,16 +676,16 @@ cdef class CaptureEngine:
         self._adopt(handle, bpf, f"capture file {path}")
         self.live = False
 
-    def open_live(self, interface, buffer_bytes=8 << 20, timeout_ms=2, snaplen=spec.SNAPLEN,
+    def open_live(self, interface, buffer_bytes=32 << 20, timeout_ms=5, snaplen=spec.SNAPLEN,
                   bpf=True, immediate=False):
         """Capture on an interface (``any`` for all), not promiscuous.
 
         By default libpcap uses TPACKET_V3: packets are packed into the kernel's blocks at
-        their own length (a SYN takes ~100 bytes, so 8 MiB holds ~80k) and the descriptor
+        their own length (a SYN takes ~100 bytes, so 32 MiB holds ~300k) and the descriptor
         becomes readable when a block fills or ``timeout_ms`` after its first packet: one
         wakeup per batch, at most ``timeout_ms`` of added latency. ``immediate`` wakes for
         every packet and stores each in a fixed slot sized for the snaplen (~600 bytes:
-        8 MiB holds ~13k packets): fine for tests, costly under load.
+        32 MiB holds ~50k packets): fine for tests, costly under load.
         """
         cdef char errbuf[pcap.PCAP_ERRBUF_SIZE]
         cdef bytes name = os.fsencode(interface)

@@ -184,8 +184,8 @@ class CaptureEngine:
     def open_live(
         self,
         interface: str,
-        buffer_bytes: int = 8 << 20,
-        timeout_ms: int = 2,
+        buffer_bytes: int = 32 << 20,
+        timeout_ms: int = 5,
         snaplen: int = capture_spec.SNAPLEN,
         bpf: bool = True,
         immediate: bool = False,

@@ -333,7 +333,7 @@ class _Reader:
             interfaces=interfaces,
             destinations=tuple(destinations),
             table_size=self.integer(section, p, "table_size", 65536, 1, MAX_INT31),
-            buffer_bytes=self.integer(section, p, "buffer_bytes", 8388608, 1, MAX_INT31),
+            buffer_bytes=self.integer(section, p, "buffer_bytes", 33554432, 1, MAX_INT31),
         )
 
     def interfaces(self, section: _Section, p: str) -> tuple[str, ...]:

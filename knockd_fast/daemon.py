@@ -64,9 +64,11 @@ REOPEN_SECONDS = 1  # how often a lost capture is retried
 WAIT_SECONDS = 0.25  # longest wait for packets before the loop looks at signals and timers
 PUMP_BATCHES = 64  # dispatches per interface and turn, so a flood on one starves no other
 JUDGE_SLICE = 64  # completions judged per turn, between two reads of the captures
-# Completions waiting to be judged; past this, new ones are dropped (counted and logged):
-# memory stays bounded (~100 bytes each) when someone floods us with whole bogus knocks.
-BACKLOG_LIMIT = 65_536
+# Completions waiting to be judged: at least this many, or as many as the table holds
+# sources (all knocks in progress may complete in one burst: 120 bytes each, a fifth of
+# the table's own memory). Past it new ones are dropped, counted and logged, so memory
+# stays bounded when someone floods us with whole bogus knocks.
+MIN_BACKLOG = 65_536
 
 
 # `knockd-fast replay --json` prints these keys of Decision.as_json() (the live log adds
@@ -499,6 +501,7 @@ class Doorman:
         )
         self._backlog: collections.deque[tuple[str, np.ndarray]] = collections.deque()
         self._backlog_size = 0
+        self.backlog_limit = max(MIN_BACKLOG, config.capture.table_size)
         self.backlog_dropped = 0
         self._last_backlog_complaint = -math.inf
         self._stop = threading.Event()
@@ -595,7 +598,7 @@ class Doorman:
         return total
 
     def _enqueue(self, interface: str, records: np.ndarray) -> None:
-        room = BACKLOG_LIMIT - self._backlog_size
+        room = self.backlog_limit - self._backlog_size
         if len(records) > room:
             self.backlog_dropped += len(records) - room
             if self.clock() - self._last_backlog_complaint >= 60:
@@ -603,7 +606,7 @@ class Doorman:
                 log.warning(
                     "judging backlog full (%d completions): dropped %d so far; someone "
                     "is sending whole knocks faster than they can be checked",
-                    BACKLOG_LIMIT,
+                    self.backlog_limit,
                     self.backlog_dropped,
                 )
             records = records[:room]

@@ -68,7 +68,7 @@ def test_every_default(conf) -> None:
     assert config.capture.label == "eth0"
     assert config.capture.destinations == ()
     assert config.capture.table_size == 65536
-    assert config.capture.buffer_bytes == 8388608
+    assert config.capture.buffer_bytes == 33554432
     assert config.grants.default_timeout == 300
     assert config.grants.max_timeout == 3600
     assert config.grants.backend == "iptables"
@@ -91,7 +91,7 @@ def test_example_config_has_the_defaults(tmp_path: Path) -> None:
     assert (config.knock.knock_timeout, config.knock.window) == (10.0, 30)
     assert config.capture.interfaces == ("eth0",)
     assert config.capture.destinations == ()
-    assert (config.capture.table_size, config.capture.buffer_bytes) == (65536, 8388608)
+    assert (config.capture.table_size, config.capture.buffer_bytes) == (65536, 33554432)
     assert config.grants.default_timeout == 300 and config.grants.max_timeout == 3600
     assert (config.grants.backend, config.grants.chain) == ("iptables", "KNOCKD-FAST")
     assert config.grants.hooks == ("INPUT",)
