@@ -12,7 +12,10 @@ The client namespace has a second address on the same link, ``OTHER_V4`` /
 ``OTHER_V6``: "another host" in the spoofing scenario sends from it. With
 ``second_link=True`` the server gets a second interface: a veth to a third namespace
 (``Harness.client2``, 198.51.100.2 / 2001:db8:1::2 facing 198.51.100.1 / 2001:db8:1::1),
-and the daemon captures on both (``capture.interface`` is then a list).
+and the daemon captures on both (``capture.interface`` is then a list). ``capture="any"``
+configures ``capture.interface = "any"`` instead of the links' interfaces: the daemon then
+captures on every interface of the server namespace, loopback included, with a cooked
+link type (LINUX_SLL from Debian 12's libpcap; LINUX_SLL2 from others).
 
 The xtables lock: the daemon and every iptables command the harness runs that changes
 something use a lock file in the test's directory (``Harness.lock_path``, through
@@ -335,6 +338,7 @@ class Harness:
     users: list[User]
     ports: tuple[int, ...]
     links: list[Link] = field(default_factory=list)  # links[0] to client, links[1] to client2
+    capture: tuple[str, ...] = ()  # ``capture.interface`` when not the links' ("any")
     lines: list[str] = field(default_factory=list)  # the daemon's stderr, across restarts
     cursor: int = 0  # where wait_* start by default: the line count before the last action
     proc: subprocess.Popen | None = None
@@ -344,8 +348,8 @@ class Harness:
 
     @property
     def interfaces(self) -> list[str]:
-        """The capture interfaces, in the order of the config."""
-        return [link.server_if for link in self.links]
+        """The capture interfaces, in the order of the config (``["any"]`` for "any")."""
+        return list(self.capture) or [link.server_if for link in self.links]
 
     @property
     def client2(self) -> str:
@@ -621,6 +625,7 @@ def doorman(
     ports: Sequence[int] = (2222,),
     start: bool = True,
     second_link: bool = False,
+    capture: str | Sequence[str] = (),
     **settings: Any,
 ) -> Iterator[Harness]:
     """Two hosts, a configured daemon, closed ports with listeners; yields the ``Harness``.
@@ -629,7 +634,8 @@ def doorman(
     keys are written into ``directory``. ``settings`` go to ``render_config`` (window,
     default_timeout, max_timeout, modes). With ``start=False`` nothing runs yet. With
     ``second_link`` a third namespace hangs off a second server interface, and the daemon
-    captures on both.
+    captures on both. ``capture`` (e.g. ``"any"``) is the ``capture.interface`` to configure
+    instead of the links' interfaces.
     """
     from netns import network_namespace, two_hosts  # here: the packet tool runs without it
 
@@ -662,6 +668,7 @@ def doorman(
         harness = Harness(
             server, client, interface, directory, directory / "config.toml", users, tuple(ports)
         )
+        harness.capture = (capture,) if isinstance(capture, str) else tuple(capture)
         suffix = interface[3:]
         harness.links.append(
             Link(interface, client, client_if, SERVER_V4, CLIENT_V4, SERVER_V6, CLIENT_V6, server)
@@ -708,6 +715,68 @@ def _teardown(harness: Harness) -> None:
         if helper.poll() is None:
             helper.kill()
         helper.communicate()
+
+
+# --- a state directory on a file system of its own --------------------------------------
+
+
+class VolumeUnavailable(Exception):
+    """No ``mkfs.ext4``, loop devices or ext4 here."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A small ext4 in an image file, loop-mounted on ``path`` with ``errors=remount-ro``."""
+
+    path: Path
+    device: str  # "loop3"
+
+    def fail(self) -> None:
+        """Make the file system read-only under everyone using it, files already open
+        included, as the kernel does after an I/O error (``errors=remount-ro``): every
+        write fails from now on with EROFS.
+
+        A read-only remount cannot do this to a running daemon. A bind mount made after
+        the daemon opened its files does not cover them (they stay open through the mount
+        they were opened through), and a mount they were opened through refuses to turn
+        read-only while they are open for writing (EBUSY).
+        """
+        trigger = Path("/sys/fs/ext4", self.device, "trigger_fs_error")
+        trigger.write_text("knockd-fast test: the state directory goes read-only\n")
+
+
+@contextlib.contextmanager
+def ext4_volume(path: Path, image: Path, size_mib: int = 16) -> Iterator[Volume]:
+    """Mount a fresh ext4 of ``size_mib`` (in ``image``) on ``path``; always unmount it.
+
+    Mount it before the daemon starts (``doorman(..., start=False)``): ``ip netns exec``
+    gives the daemon a copy of the mounts of the moment. Leave it after the daemon and
+    its namespaces are gone; the loop device goes with the last unmount (autoclear).
+    """
+    if os.geteuid() != 0 or not all(shutil.which(name) for name in ("mkfs.ext4", "findmnt")):
+        raise VolumeUnavailable("needs root, mkfs.ext4 and findmnt")
+    path.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as handle:
+        handle.truncate(size_mib << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise VolumeUnavailable(f"mkfs.ext4: {made.stderr.strip()}")
+    argv = ["mount", "-t", "ext4", "-o", "loop,errors=remount-ro", str(image), str(path)]
+    mounted = subprocess.run(argv, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        raise VolumeUnavailable(f"{' '.join(argv)}: {mounted.stderr.strip()}")
+    try:
+        source = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", "--mountpoint", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        yield Volume(path, Path(source).name)
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            # Still busy (a process of ours holds it): detach now, freed when it exits.
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 # --- the packet tool (runs inside a namespace) -----------------------------------------

@@ -16,6 +16,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,9 +25,13 @@ from e2e import (
     CLIENT_V4,
     DECISION_KEYS,
     SERVER_V4,
+    SERVER_V6,
     User,
+    VolumeUnavailable,
     client_address,
+    close_ports,
     doorman,
+    ext4_volume,
     knockd_command,
     ns_run,
     other_address,
@@ -517,6 +522,58 @@ def test_a_full_state_directory_degrades_to_memory_and_keeps_serving(e2e):
     h.stop()
 
 
+@live
+def test_a_state_directory_turned_read_only_degrades_to_memory_and_keeps_serving(tmp_path):
+    """The file system of the state directory turns read-only under the running daemon
+    (as after an I/O error with ``errors=remount-ro``): its open replay cache can no longer
+    write. The daemon says so once, goes on from memory, and loses nothing granted."""
+    directory = tmp_path / "e2e"
+    with contextlib.ExitStack() as stack:
+        try:
+            # Entered first, so left last: unmounted once the daemon and namespaces are gone.
+            volume = stack.enter_context(ext4_volume(directory / "state", tmp_path / "state.img"))
+            h = stack.enter_context(doorman(directory, ports=(PORT, PORT_B), start=False))
+        except (NetnsUnavailable, VolumeUnavailable) as error:
+            pytest.skip(f"cannot set up: {error}")
+        h.start()
+        close_ports(h)
+        assert (volume.path / "replay.sqlite3").is_file(), "the replay cache is on the volume"
+        open_and_wait(h, SERVER_V4, PORT_B)  # granted while the state directory is writable
+        # A write in the state directory, as the daemon's own mounts see it.
+        probe = ["nsenter", "-t", str(h.proc.pid), "-m", "--"]
+        probe += ["sh", "-c", f": > {volume.path / 'probe'}"]
+        assert subprocess.run(probe, capture_output=True).returncode == 0
+
+        mark = h.mark()
+        volume.fail()
+        refused = subprocess.run(probe, capture_output=True, text=True)
+        assert refused.returncode != 0 and "Read-only file system" in refused.stderr, refused
+        sent = open_and_wait(h, SERVER_V4, PORT, "--mode", "syn")
+        h.wait_log(
+            r"^replay cache \S+/replay\.sqlite3: cannot write: .+; continuing in memory only",
+            since=mark,
+        )
+        assert h.can_connect(SERVER_V4, PORT)
+        h.knock("close", SERVER_V4, f"{PORT}/tcp", "--mode", "spa")
+        h.wait_log(rf"^firewall: closed {PORT}/tcp ")
+        assert not h.can_connect(SERVER_V4, PORT)
+
+        # The same knock's packets again: refused, from memory.
+        h.send_syn(SERVER_V4, sent["ports"])
+        decision = h.wait_decision()
+        assert (decision["verdict"], decision["reason"]) == ("rejected", "replay"), decision
+        time.sleep(0.3)  # a wrongly granted replay would be in the firewall by now
+        assert not h.can_connect(SERVER_V4, PORT)
+        # The grant made before the file system failed is still there.
+        grants = h.grant_rules()
+        assert len(grants) == 1 and f"--dport {PORT_B} " in grants[0], grants
+        assert h.can_connect(SERVER_V4, PORT_B)
+        log = h.log(since=mark)
+        assert len(re.findall(r"^replay cache ", log, re.M)) == 1, "warned once:\n" + log
+        assert h.running()
+        h.stop()
+
+
 # --- several capture interfaces ----------------------------------------------------------
 
 
@@ -631,6 +688,56 @@ def test_one_interface_lost_and_back_while_the_other_keeps_capturing(e2e):
     assert not h.can_connect(a.server_v4, PORT)
     assert h.can_connect(b.server_v4, PORT, ns=b.client)
     h.stop()
+
+
+# --- interface = "any" --------------------------------------------------------------------
+
+LINKTYPE_OF_ANY = """
+from knock_client.protocol import KnockLayout
+from knockd_fast._capture import CaptureEngine
+engine = CaptureEngine(KnockLayout(), capacity=16)
+engine.open_live("any", buffer_bytes=1 << 20)
+print(engine.linktype)
+engine.close()
+"""
+
+
+@live
+# Every mode and both families through the cooked header (the rest of the path is the same
+# as on Ethernet, which test_open_then_close covers in full).
+@pytest.mark.parametrize("mode,family", [("syn", 4), ("syn", 6), ("udp", 6), ("spa", 4)])
+def test_interface_any_acts_on_a_knock_through_the_cooked_link_type(e2e, mode, family):
+    h = e2e(capture="any")
+    assert h.start_line.startswith("knockd-fast 0.1.0 on any protecting "), h.start_line
+    protected = h.start_line.split(" protecting ", 1)[1].split(";", 1)[0].split(", ")
+    protected = [address for address in protected if not address.startswith("fe80:")]
+    # Every address of the namespace, the loopback's included (docs/admin.md section 4).
+    assert sorted(protected) == sorted(["127.0.0.1", "::1", SERVER_V4, SERVER_V6]), h.start_line
+    # "any" is a cooked capture: the engine reads LINUX_SLL (113; Debian 12's libpcap 1.10
+    # hands it out by default) or LINUX_SLL2 (276) headers, not Ethernet ones.
+    linktype = ns_run(h.server, [sys.executable, "-c", LINKTYPE_OF_ANY])
+    assert linktype.stdout.strip() in ("113", "276"), linktype
+
+    target, source = server_address(family), client_address(family)
+    assert not h.can_connect(target, PORT), "the DROP rule does not hold before any knock"
+    open_and_wait(h, target, PORT, "--mode", mode, *family_args(family))
+    decision = h.decisions()[-1]
+    assert (decision["source"], decision["destination"]) == (source, target), decision
+    assert decision["interface"] == "any", decision
+    assert h.can_connect(target, PORT)
+    assert not h.can_connect(target, PORT, source=other_address(family)), "for that source only"
+
+    h.knock("close", target, f"{PORT}/tcp", "--mode", mode, *family_args(family))
+    decision = h.wait_decision(accepted("close"))
+    assert (decision["verdict"], decision["reason"]) == ("accepted", "ok"), decision
+    h.wait_log(rf"^firewall: closed {PORT}/tcp for {re.escape(source)} ")
+    assert not h.can_connect(target, PORT)
+    assert h.grant_rules() == []
+    h.stop()
+    # Each knock judged once: no copy of its packets seen on a second interface.
+    judged = [(d["action"], d["verdict"], d["reason"]) for d in h.decisions()]
+    assert judged == [("open", "accepted", "ok"), ("close", "accepted", "ok")], judged
+    assert " completions=2 " in h.wait_log(r"^stopped: ", 0, since=0)
 
 
 # --- the xtables lock held by another process --------------------------------------------
