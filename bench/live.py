@@ -41,6 +41,7 @@ measurement, never a test: it asserts nothing and fails only when a tool fails.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import datetime
@@ -139,13 +140,16 @@ def wire(genuine_sources: int = 0) -> Iterator[Wire]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def replay(w: Wire, pcap: Path, rate: str, loops: int = 1) -> dict[str, float]:
-    """tcpreplay ``pcap`` onto the client end; rate "top" or packets per second."""
+def tcpreplay_argv(w: Wire, pcap: Path, rate: str, loops: int = 1) -> list[str]:
+    """tcpreplay of ``pcap`` onto the client end; rate "top" or packets per second."""
     speed = ["--topspeed"] if rate == "top" else [f"--pps={rate}"]
-    argv = ["ip", "netns", "exec", w.client, "tcpreplay", "-q", "--preload-pcap",
+    return ["ip", "netns", "exec", w.client, "tcpreplay", "-q", "--preload-pcap",
             f"--loop={loops}", *speed, "-i", w.client_if, str(pcap)]  # fmt: skip
-    out = sh(*argv).stdout
-    return parse_tcpreplay(out)
+
+
+def replay(w: Wire, pcap: Path, rate: str, loops: int = 1) -> dict[str, float]:
+    """Run ``tcpreplay_argv`` to the end; its summary."""
+    return parse_tcpreplay(sh(*tcpreplay_argv(w, pcap, rate, loops)).stdout)
 
 
 def parse_tcpreplay(out: str) -> dict[str, float]:
@@ -307,6 +311,12 @@ class Daemon:
         raise NotImplementedError
 
 
+def knockd_fast_command() -> str:
+    """The venv's ``knockd-fast`` (make puts the venv first on PATH), else the one beside
+    this Python."""
+    return shutil.which("knockd-fast") or str(Path(sys.executable).with_name("knockd-fast"))
+
+
 class KnockdFast(Daemon):
     name = "knockd-fast"
 
@@ -331,8 +341,7 @@ class KnockdFast(Daemon):
         )
 
     def start(self) -> KnockdFast:
-        exe = shutil.which("knockd-fast") or str(Path(sys.executable).with_name("knockd-fast"))
-        argv = [exe, "run", "-c", str(self.config), "--json"]
+        argv = [knockd_fast_command(), "run", "-c", str(self.config), "--json"]
         path = self.work / f"knockd-fast-{time.monotonic_ns()}.log"
         with open(path, "w") as out:
             self.proc = subprocess.Popen(
@@ -565,12 +574,12 @@ def flood_latency(w: Wire, work: Path, count: int, say) -> dict[str, object]:  #
         daemon.start()
         capture_counters(daemon.pid)
         cpu0 = cpu_seconds(daemon.pid)
-        loops = 8
         flooder = subprocess.Popen(
-            ["ip", "netns", "exec", w.client, "tcpreplay", "-q", "--preload-pcap",
-             f"--loop={loops}", "--topspeed", "-i", w.client_if, str(flood.path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            tcpreplay_argv(w, flood.path, "top", loops=8),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(2.0)  # preload, then the flood is at full rate
         say(f"flood running; {count} genuine knocks")
         sender = sh("ip", "netns", "exec", w.client, sys.executable, "-c", SENDER, str(plan))
@@ -621,7 +630,7 @@ def interleaved(w: Wire, work: Path, knocks: int, rate: str, say) -> dict[str, o
     doors = door_sequences(layout)
     make_pcap.write_knocks(plan, knockd_ports(doors, ports), knockd_pcap)
     config = KnockdFast(w, work).config
-    exe = shutil.which("knockd-fast") or str(Path(sys.executable).with_name("knockd-fast"))
+    exe = knockd_fast_command()
     say(f"knockd-fast replay of {knocks:,} interleaved knocks")
     started = time.perf_counter()
     done = subprocess.run(
@@ -642,10 +651,7 @@ def interleaved(w: Wire, work: Path, knocks: int, rate: str, say) -> dict[str, o
 
 
 def _tally(values) -> dict[str, int]:  # noqa: ANN001
-    tally: dict[str, int] = {}
-    for value in values:
-        tally[str(value)] = tally.get(str(value), 0) + 1
-    return tally
+    return dict(collections.Counter(map(str, values)))
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -72,7 +72,7 @@ MIN_BACKLOG = 65_536
 
 
 # `knockd-fast replay --json` prints these keys of Decision.as_json() (the live log adds
-# "detail").
+# "detail" and "interface").
 REPLAY_JSON_KEYS = (
     "time",
     "source",
@@ -286,9 +286,6 @@ class FirewallWorker(threading.Thread):
         self.jobs: queue.Queue[list[tuple[str, Grant]] | None] = queue.Queue()
         self.applied = 0
         self.failed = 0
-
-    def submit(self, action: str, grant: Grant) -> None:
-        self.jobs.put([(action, grant)])
 
     def submit_many(self, actions: Sequence[tuple[str, Grant]]) -> None:
         """Several actions, applied in order; one hand-over for the lot."""
@@ -560,12 +557,6 @@ class Doorman:
                 totals[name] = totals.get(name, 0) + value
         totals["backlog_dropped"] = self.backlog_dropped
         log.info("stopped: %s", _counters(totals))
-
-    def pump(self, capture: Capture) -> int:
-        """Read what one capture holds and judge every completion waiting; return packets."""
-        count = self.read(capture)
-        self.judge_backlog(None)
-        return count
 
     def read(self, capture: Capture) -> int:
         """Read what one capture holds (at most ``PUMP_BATCHES`` dispatches) into the
