@@ -676,8 +676,8 @@ cdef class CaptureEngine:
         self._adopt(handle, bpf, f"capture file {path}")
         self.live = False
 
-    def open_live(self, interface, buffer_bytes=32 << 20, timeout_ms=5, snaplen=spec.SNAPLEN,
-                  bpf=True, immediate=False):
+    def open_live(self, interface, buffer_bytes=32 << 20, timeout_ms=spec.BLOCK_TIMEOUT_MS,
+                  snaplen=spec.SNAPLEN, bpf=True, immediate=False):
         """Capture on an interface (``any`` for all), not promiscuous.
 
         By default libpcap uses TPACKET_V3: packets are packed into the kernel's blocks at

@@ -28,9 +28,10 @@ class CaptureEngine:
         self,
         interface: str,
         buffer_bytes: int = ...,
-        timeout_ms: int = 100,
+        timeout_ms: int = ...,
         snaplen: int = ...,
         bpf: bool = True,
+        immediate: bool = False,
     ) -> None: ...
     @property
     def filter_expression(self) -> str: ...

@@ -185,7 +185,7 @@ class CaptureEngine:
         self,
         interface: str,
         buffer_bytes: int = 32 << 20,
-        timeout_ms: int = 5,
+        timeout_ms: int = capture_spec.BLOCK_TIMEOUT_MS,
         snaplen: int = capture_spec.SNAPLEN,
         bpf: bool = True,
         immediate: bool = False,

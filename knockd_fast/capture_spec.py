@@ -28,6 +28,9 @@ MESSAGE_CAPACITY = 48  # bytes kept per message: 46, rounded up; digits never sp
 # payload is ever read; a knock behind more extension headers than that is seen truncated
 # (malformed) live, which a genuine client never sends.
 SNAPLEN = 512
+# Live handles: the kernel hands a block of packets over when it is full or this many ms
+# after its first packet. A reader that stops must wait this long to see the last packets.
+BLOCK_TIMEOUT_MS = 5
 
 LINKTYPE_NULL = 0
 LINKTYPE_ETHERNET = 1

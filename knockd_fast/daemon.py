@@ -38,7 +38,7 @@ import numpy as np
 from knock_client.protocol import Action
 
 from .candidates import candidate_messages
-from .capture_spec import KIND_SPA, MAX_DESTINATIONS, key_address
+from .capture_spec import BLOCK_TIMEOUT_MS, KIND_SPA, MAX_DESTINATIONS, key_address
 from .config import CaptureSettings, Config, ConfigError, IPAddress, load_config
 from .firewall.base import Firewall, FirewallBusy, FirewallError, Grant
 from .replay import ReplayCache
@@ -537,9 +537,11 @@ class Doorman:
                     self.replay.prune(last_prune)
                 flush_logs()
         finally:
-            for capture in self.captures:
-                if capture.lost_at is None:
-                    self.read(capture)
+            live = [c for c in self.captures if c.lost_at is None]
+            if live:  # packets of the last moments are in a block not yet handed over
+                time.sleep(2 * BLOCK_TIMEOUT_MS / 1000)
+            for capture in live:
+                self.read(capture)
             self.judge_backlog(None)
             self.worker.stop()
             self._log_stats()

@@ -17,7 +17,7 @@ import time
 
 from knock_client.protocol import KnockLayout
 from knockd_fast._capture import CaptureEngine
-from knockd_fast.capture_spec import key_address
+from knockd_fast.capture_spec import BLOCK_TIMEOUT_MS, key_address
 
 
 def main() -> int:
@@ -36,14 +36,12 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     engine = CaptureEngine(KnockLayout(), destinations=args.dest)
-    engine.open_live(args.iface, timeout_ms=50)
+    engine.open_live(args.iface)
     engine.set_nonblocking()  # wait in select(), where SIGTERM can interrupt
     print("ready", flush=True)
     completions = []
-    deadline = time.monotonic() + args.seconds
-    while not stop and time.monotonic() < deadline:
-        # Wait on the descriptor, as the daemon will, so SIGTERM is handled promptly.
-        select.select([engine.fileno()], [], [], 0.05)
+
+    def read() -> None:
         engine.dispatch()
         for record in engine.drain():
             completions.append(
@@ -55,6 +53,16 @@ def main() -> int:
                     "message": bytes(record["message"][: record["length"]]).hex(),
                 }
             )
+
+    deadline = time.monotonic() + args.seconds
+    while not stop and time.monotonic() < deadline:
+        # Wait on the descriptor, as the daemon does, so SIGTERM is handled promptly.
+        select.select([engine.fileno()], [], [], 0.05)
+        read()
+    # The packets sent just before SIGTERM may sit in a block the kernel has not handed
+    # over yet: it does so BLOCK_TIMEOUT_MS after the block's first packet.
+    time.sleep(2 * BLOCK_TIMEOUT_MS / 1000)
+    read()
     with open(args.out, "w") as out:
         json.dump({"completions": completions, "stats": engine.stats()}, out)
     return 0
