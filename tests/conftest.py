@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: the `knock` command, its environment, a key, a netns."""
+"""Fixtures shared by the test files: the capture twins, the `knock` command, its environment,
+a key, a netns; and the ``extension`` marker (skipped in the pure-twin run)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,34 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import twins
 from netns import NetnsUnavailable, network_namespace
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "extension: needs the Cython engine (live capture, BPF); skipped in the pure run"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not twins.PURE_RUN:
+        return
+    skip = pytest.mark.skip(reason="KNOCKD_FAST_NO_EXTENSIONS=1: the pure-Python twin's run")
+    for item in items:
+        if item.get_closest_marker("extension"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=list(twins.TWIN_NAMES))
+def engine_module(request: pytest.FixtureRequest) -> ModuleType:
+    """Each capture twin's module in turn (only the pure one in the pure run)."""
+    return twins.module(request.param)
 
 
 def _is_our_console_script(path: str) -> bool:

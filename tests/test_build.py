@@ -1,12 +1,12 @@
 """The build really produced what the package promises."""
 
-import os
 import subprocess
 import sys
 
 import pytest
+import twins
 
-PURE = os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0")
+PURE = twins.PURE_RUN
 
 
 @pytest.mark.skipif(PURE, reason="this run tests the pure-Python twin")

@@ -1,16 +1,14 @@
 """The capture engine's API and per-packet rules (docs/capture.md), run against both twins.
 
 Every test writes its packets to a capture file with ``knockd_fast.pcapfile.CaptureWriter``
-and reads it back through ``engine.open_file``; the "cython" parameter skips until the
-extension exposes ``CaptureEngine`` (or when KNOCKD_FAST_NO_EXTENSIONS=1).
+and reads it back through ``engine.open_file``, once per twin (conftest's ``engine_module``;
+only the pure twin in the run with KNOCKD_FAST_NO_EXTENSIONS=1).
 """
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import itertools
-import os
 import random
 import struct
 from collections.abc import Callable, Sequence
@@ -53,7 +51,6 @@ from knockd_fast.capture_spec import (
 )
 from knockd_fast.pcapfile import CaptureWriter
 
-PURE = os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0")
 T0 = 1_700_000_000  # packet times are microseconds after T0 seconds
 LAYOUT = KnockLayout()
 N4, N6 = segment_counts(LAYOUT)
@@ -74,18 +71,6 @@ ALL_LINKTYPES = (
 
 
 # --- fixtures and helpers -----------------------------------------------------------------
-
-
-@pytest.fixture(params=["cython", "python"])
-def engine_module(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "cython":
-        if PURE:
-            pytest.skip("KNOCKD_FAST_NO_EXTENSIONS=1: the pure-Python run")
-        module = importlib.import_module("knockd_fast._capture_c")
-        if not hasattr(module, "CaptureEngine"):
-            pytest.skip("extension has no CaptureEngine yet")
-        return module
-    return importlib.import_module("knockd_fast._capture_py")
 
 
 @pytest.fixture

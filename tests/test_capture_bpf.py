@@ -7,7 +7,6 @@ that live handles load into the kernel is checked here against the parser, frame
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 from pathlib import Path
 
@@ -24,10 +23,7 @@ from knockd_fast.capture_spec import (
 )
 from knockd_fast.pcapfile import CaptureWriter
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0"),
-    reason="BPF runs in libpcap, behind the Cython engine",
-)
+pytestmark = pytest.mark.extension  # BPF runs in libpcap, behind the Cython engine
 
 LAYOUT = KnockLayout(base_port=30000, digit_bits=6, spa_port=40999)
 SERVER4, SERVER6 = "192.0.2.1", "2001:db8::1"

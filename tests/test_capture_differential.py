@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import itertools
 import os
 import random
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 import streams
+import twins
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
@@ -47,25 +47,9 @@ from streams import ALL_LINKTYPES, BATCH_SIZES, KNOCK_DST, T0, Stream
 from knock_client.protocol import KnockLayout, open_message
 from knockd_fast.capture_spec import COMPLETION_DTYPE, COUNTER_NAMES, key_address
 
-PURE = os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0")
-
-
-def _engines() -> dict[str, type]:
-    engines: dict[str, type] = {}
-    if not PURE:
-        try:
-            module = importlib.import_module("knockd_fast._capture_c")
-        except ImportError:
-            module = None
-        if module is not None and hasattr(module, "CaptureEngine"):
-            engines["cython"] = module.CaptureEngine
-    engines["python"] = importlib.import_module("knockd_fast._capture_py").CaptureEngine
-    return engines
-
-
-ENGINES = _engines()
+ENGINES = twins.engines()
 needs_both = pytest.mark.skipif(
-    "cython" not in ENGINES, reason="the Cython engine is not built (or disabled)"
+    "cython" not in ENGINES, reason="the pure-twin run (KNOCKD_FAST_NO_EXTENSIONS=1)"
 )
 
 MAIN_EXAMPLES = 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import subprocess
@@ -15,10 +14,10 @@ from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, NetnsUnavailable, 
 
 from knock_client.protocol import open_message
 
-pytestmark = pytest.mark.netns
+# The pure-Python twin reads capture files only.
+pytestmark = [pytest.mark.netns, pytest.mark.extension]
 
 HELPER = Path(__file__).with_name("live_capture.py")
-PURE = os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0")
 
 
 @pytest.fixture
@@ -61,7 +60,6 @@ def run_capture(server: str, iface: str, out: Path, send) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.skipif(PURE, reason="the pure-Python twin reads capture files only")
 @pytest.mark.parametrize("mode", ["syn", "udp", "spa"])
 @pytest.mark.parametrize("family", [4, 6])
 def test_knocks_from_the_client_complete_live(
@@ -114,7 +112,6 @@ def test_knocks_from_the_client_complete_live(
     assert stats["pcap_received"] >= stats["packets"] > 0
 
 
-@pytest.mark.skipif(PURE, reason="the pure-Python twin reads capture files only")
 def test_unknown_interface_is_one_clear_error():
     from knock_client.protocol import KnockLayout
     from knockd_fast._capture import CaptureEngine, CaptureError
@@ -124,7 +121,6 @@ def test_unknown_interface_is_one_clear_error():
         engine.open_live("no-such-if0")
 
 
-@pytest.mark.skipif(PURE, reason="the pure-Python twin reads capture files only")
 def test_any_interface_sees_a_knock(hosts, knock_cmd, knock_env, knock_key, tmp_path):
     server, client, _ = hosts
     key_path, key = knock_key

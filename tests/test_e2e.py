@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import re
 import secrets
 import select
@@ -45,8 +44,7 @@ from knock_client.protocol import Action, Knock, KnockLayout, Proto, encode_head
 
 pytestmark = pytest.mark.netns
 
-PURE = os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0")
-live = pytest.mark.skipif(PURE, reason="live capture needs the Cython extension")
+live = pytest.mark.extension  # live capture needs the Cython engine
 PORT, PORT_B = 2222, 2223
 SPA_PORT = KnockLayout().spa_port
 
@@ -448,6 +446,7 @@ def test_sighup_reloads_users_and_keeps_running_on_a_broken_file(e2e):
     h.stop()
 
 
+@live
 def test_interface_down_and_up_keeps_grants_and_capture(e2e):
     h = e2e()
     open_and_wait(h, SERVER_V4, PORT)
@@ -462,6 +461,7 @@ def test_interface_down_and_up_keeps_grants_and_capture(e2e):
     h.stop()
 
 
+@live
 def test_interface_deleted_and_recreated_resumes_capture_without_restart(e2e):
     h = e2e()
     open_and_wait(h, SERVER_V4, PORT)
@@ -480,6 +480,7 @@ def test_interface_deleted_and_recreated_resumes_capture_without_restart(e2e):
     h.stop()
 
 
+@live
 def test_rules_removed_by_hand_never_crash_and_the_chain_is_restored(e2e):
     h = e2e()
     open_and_wait(h, SERVER_V4, PORT)
@@ -501,6 +502,7 @@ def test_rules_removed_by_hand_never_crash_and_the_chain_is_restored(e2e):
     h.stop()
 
 
+@live
 def test_a_full_state_directory_degrades_to_memory_and_keeps_serving(e2e):
     h = e2e()
     open_and_wait(h, SERVER_V4, PORT)
