@@ -7,10 +7,7 @@ Every failure to start is one line on stderr and a non-zero exit (2: the configu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import logging.handlers
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +16,9 @@ from typing import NoReturn
 
 from knockd_fast import __version__
 
-from .config import Config, ConfigError, load_config
+from .config import ConfigError, load_config
+from .errors import StartError
+from .logs import setup_logging
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -63,17 +62,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _firewall(config: Config, **options):
-    from .firewall import create
-
-    return create(config.grants.backend, config.grants.chain, config.grants.hooks, **options)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from ._capture import IMPLEMENTATION, CaptureError
-    from .daemon import Doorman, StartError, open_captures, protected_destinations
+    from .daemon import Doorman, open_captures
+    from .firewall import registry
     from .firewall.base import FirewallError
+    from .interfaces import protected_destinations
     from .replay import ReplayCache
+    from .sinks import LogSink
 
     config = load_config(args.config)
     if IMPLEMENTATION != "cython":
@@ -84,15 +80,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         destinations = protected_destinations(config)
         captures = open_captures(config, destinations)
-        # The firewall worker logs every action; the dry run's own lines go to debug.
-        dry = {"level": logging.DEBUG, "history": 0} if config.grants.backend == "dry-run" else {}
-        firewall = _firewall(config, **dry)
+        firewall = registry.create(config.grants)
         firewall.setup()
         kept, removed = firewall.reconcile(int(time.time()))
     except (CaptureError, FirewallError) as error:
         raise StartError(str(error)) from None
     replay = ReplayCache.for_state_dir(config.state_dir, now=time.time())
-    doorman = Doorman(config, captures, firewall, replay, json_log=args.json)
+    doorman = Doorman(config, captures, firewall, replay, sinks=[LogSink(as_json=args.json)])
     log.info(
         "knockd-fast %s on %s protecting %s; %d users; grants kept %d, expired %d",
         __version__,
@@ -112,19 +106,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from ._capture import CaptureError
-    from .daemon import REPLAY_JSON_KEYS, replay_capture
+    from .judging import replay_capture
+    from .sinks import PrintSink
 
     config = load_config(args.config, load_keys=True)
-
-    def show(decision) -> None:
-        if args.json:
-            fields = decision.as_json()
-            print(json.dumps({key: fields[key] for key in REPLAY_JSON_KEYS}))
-        else:
-            print(decision.as_text())
-
     try:
-        stats = replay_capture(config, args.capture, show)
+        stats = replay_capture(config, args.capture, [PrintSink(as_json=args.json)])
     except CaptureError as error:
         raise _Failure(str(error)) from None
     summary = " ".join(
@@ -135,15 +122,17 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .daemon import describe_grants
+    from .firewall import registry
     from .firewall.base import FirewallError
+    from .status import describe_grants
 
     config = load_config(args.config, load_keys=False)
-    if config.grants.backend == "dry-run":
-        print("backend dry-run: no grants are kept in a firewall")
-        return 0
     try:
-        grants = _firewall(config).grants()
+        firewall = registry.create(config.grants)
+        if not firewall.persistent:
+            print(f"backend {firewall.name}: no grants are kept in a firewall")
+            return 0
+        grants = firewall.grants()
     except FirewallError as error:
         raise _Failure(str(error)) from None
     lines = describe_grants(grants, time.time())
@@ -195,33 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    # A line per decision and per firewall action: skip what no format here uses (the
-    # caller's file and line is a walk up the stack per record; see the logging HOWTO,
-    # "Optimization").
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    root = logging.getLogger("knockd_fast")
-    root.setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    if getattr(args, "syslog", False):
-        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter(f"knockd-fast[{os.getpid()}]: %(message)s"))
-    elif getattr(args, "func", None) is _cmd_run:
-        from .daemon import TurnFlushedHandler
-
-        handler = TurnFlushedHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from .daemon import StartError
-
     args = build_parser().parse_args(argv)
-    _setup_logging(args)
+    setup_logging(
+        verbose=getattr(args, "verbose", False),
+        syslog=getattr(args, "syslog", False),
+        per_turn=args.func is _cmd_run,
+    )
     try:
         return args.func(args)
     except ConfigError as error:

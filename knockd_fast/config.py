@@ -32,13 +32,13 @@ from knock_client.protocol import (
 )
 
 from .capture_spec import MAX_DESTINATIONS
-from .firewall.base import DEFAULT_CHAIN, HOOKS, check_chain
+from .firewall import registry
+from .firewall.xtables import DEFAULT_CHAIN, HOOKS, check_chain
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MODES = ("syn", "udp", "spa")
 KNOCK_MODES = frozenset({"syn", "udp"})
-BACKENDS = ("iptables", "dry-run")
 MAX_WINDOW = 3600
 MAX_INT31 = 2**31 - 1
 IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
@@ -380,7 +380,7 @@ class _Reader:
                 f"{p}.max_timeout",
                 f"{max_timeout} is less than grants.default_timeout ({default_timeout})",
             )
-        backend = self.choice(section, p, "backend", "iptables", BACKENDS)
+        backend = self.choice(section, p, "backend", "iptables", registry.NAMES)
         chain = self.string(section, p, "chain", DEFAULT_CHAIN)
         try:
             check_chain(chain)

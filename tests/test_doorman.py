@@ -1,8 +1,10 @@
-"""The doorman's loop between capture and firewall: backlog, slices, replay-cache commits.
+"""The doorman's loop between capture and firewall: backlog, slices, replay-cache commits,
+decision sinks and the stats snapshot.
 
 Real pieces throughout: the capture engine reads a capture file of SPA datagrams (one
-completion each), the replay cache is a SQLite file, the firewall is the dry run, and the
-firewall worker thread runs. Only the live capture is left out (tests/test_e2e.py has it).
+completion each), the replay cache is a SQLite file, the firewall is the dry run (or a
+double of it that checks the replay cache on disk), and the firewall worker thread runs.
+Only the live capture is left out (tests/test_e2e.py has it).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from pathlib import Path
 import pytest
 
 from knock_client.keys import write_key_file
-from knock_client.protocol import DEFAULT_SPA_PORT, Action, Knock, Proto, seal
+from knock_client.protocol import DEFAULT_SPA_PORT, Action, Knock, Proto, seal, siv_of
 from knockd_fast import frames
 from knockd_fast._capture import CaptureEngine
 from knockd_fast.capture_spec import LINKTYPE_ETHERNET
 from knockd_fast.config import load_config
-from knockd_fast.daemon import JUDGE_SLICE, MIN_BACKLOG, Capture, Doorman
+from knockd_fast.daemon import JUDGE_SLICE, Capture, Doorman
 from knockd_fast.firewall.dryrun import DryRunFirewall
+from knockd_fast.judging import MIN_BACKLOG
 from knockd_fast.pcapfile import CaptureWriter
 from knockd_fast.replay import DB_NAME, ReplayCache
 
@@ -45,54 +48,111 @@ def setup(tmp_path: Path):
     return tmp_path, load_config(tmp_path / "config.toml")
 
 
-def spa_capture(path: Path, knockers: list[ipaddress.IPv4Address]) -> None:
-    """One SPA datagram per knocker: each is one completion for the engine."""
+def spa_capture(path: Path, knockers: list[ipaddress.IPv4Address]) -> dict[str, bytes]:
+    """One SPA datagram per knocker (each is one completion; a knocker listed twice sends
+    the same message twice: a replay); returns each source's SIV."""
+    sivs = {}
     with CaptureWriter(path, LINKTYPE_ETHERNET) as writer:
         for n, source in enumerate(knockers):
-            knock = Knock(Action.OPEN, Proto.TCP, 22, NOW, source, 7, n)
-            datagram = frames.udp(40000, DEFAULT_SPA_PORT, seal(knock, KEY))
+            salt = knockers.index(source)
+            message = seal(Knock(Action.OPEN, Proto.TCP, 22, NOW, source, 7, salt), KEY)
+            sivs[str(source)] = siv_of(message)
+            datagram = frames.udp(40000, DEFAULT_SPA_PORT, message)
             writer.write(NOW, n, frames.ethernet(frames.ipv4(source, SERVER, 17, datagram)))
+    return sivs
 
 
-def doorman(tmp_path: Path, config, capture_file: Path) -> tuple[Doorman, Capture]:  # noqa: ANN001
+class Recorder:
+    """A decision sink that keeps what it was given, slice by slice."""
+
+    def __init__(self) -> None:
+        self.slices: list[list] = []
+
+    def write(self, decisions) -> None:  # noqa: ANN001
+        self.slices.append(list(decisions))
+
+
+class CommittedFirst(DryRunFirewall):
+    """A dry run that, for every grant it is asked to open, checks on its own connection to
+    the replay cache's file that the message is already committed there."""
+
+    def __init__(self, db: Path, sivs: dict[str, bytes]) -> None:
+        super().__init__()
+        self.db, self.sivs = db, sivs
+        self.uncommitted: list[str] = []
+
+    def open(self, grant) -> None:  # noqa: ANN001
+        with sqlite3.connect(self.db) as db:  # sees committed transactions only
+            row = db.execute(
+                "SELECT 1 FROM seen WHERE user_id = 7 AND siv = ?", (self.sivs[str(grant.source)],)
+            ).fetchone()
+        if row is None:
+            self.uncommitted.append(str(grant.source))
+        super().open(grant)
+
+
+def doorman(config, capture_file: Path, firewall=None, sinks=()) -> tuple[Doorman, Capture]:  # noqa: ANN001
     engine = CaptureEngine(config.knock.layout, destinations=[SERVER])
     engine.open_file(str(capture_file))
     capture = Capture("eth0", engine)
-    firewall = DryRunFirewall()
     replay = ReplayCache.for_state_dir(config.state_dir, now=NOW)
-    door = Doorman(config, [capture], firewall, replay, clock=lambda: NOW + 1.5)
+    door = Doorman(
+        config, [capture], firewall or DryRunFirewall(), replay, sinks, clock=lambda: NOW + 1.5
+    )
     return door, capture
 
 
-def test_a_burst_is_read_at_once_and_judged_in_slices(setup) -> None:
+def test_a_burst_is_read_at_once_and_judged_in_slices_committed_before_granted(setup) -> None:
     tmp_path, config = setup
     knockers = sources(3 * JUDGE_SLICE + 5)
-    spa_capture(tmp_path / "burst.pcap", knockers)
-    door, capture = doorman(tmp_path, config, tmp_path / "burst.pcap")
+    sivs = spa_capture(tmp_path / "burst.pcap", knockers)
+    firewall = CommittedFirst(config.state_dir / DB_NAME, sivs)
+    recorder = Recorder()
+    door, capture = doorman(config, tmp_path / "burst.pcap", firewall, [recorder])
     door.worker.start()
     try:
         assert door.read(capture) == len(knockers)  # every packet read in one turn
         assert door.judge_backlog(JUDGE_SLICE) == JUDGE_SLICE  # then one slice judged
-        # The slice's messages are on disk before its grants reach the firewall thread.
-        db = sqlite3.connect(config.state_dir / DB_NAME)
-        assert db.execute("SELECT COUNT(*) FROM seen").fetchone() == (JUDGE_SLICE,)
         assert door.judge_backlog(None) == len(knockers) - JUDGE_SLICE
-        assert db.execute("SELECT COUNT(*) FROM seen").fetchone() == (len(knockers),)
-        db.close()
     finally:
         door.worker.stop()
         door.replay.close()
-    assert sorted(g.source for g in door.firewall.grants()) == knockers
-    assert door.backlog_dropped == 0
+    assert sorted(g.source for g in firewall.grants()) == knockers
+    # Every grant reached the firewall thread only after its message was on disk.
+    assert firewall.uncommitted == []
+    # The sinks got each slice once, in order.
+    assert [len(s) for s in recorder.slices] == [JUDGE_SLICE, len(knockers) - JUDGE_SLICE]
+    judged = [d.source for s in recorder.slices for d in s]
+    assert judged == [str(k) for k in knockers]
+    assert all(d.accepted and d.interface == "eth0" for s in recorder.slices for d in s)
+    assert door.backlog.dropped == 0
+
+
+def test_a_firewall_double_that_checks_the_disk_would_catch_a_grant_before_its_commit(
+    setup,
+) -> None:
+    """The check above can fail: asked to open while the slice's transaction is still open
+    (as a doorman that handed changes over before committing would), the double says so."""
+    tmp_path, config = setup
+    sivs = spa_capture(tmp_path / "one.pcap", sources(1))
+    firewall = CommittedFirst(config.state_dir / DB_NAME, sivs)
+    door, capture = doorman(config, tmp_path / "one.pcap", firewall)
+    door.read(capture)
+    with door.replay.batch():
+        (item,) = door.backlog.take(None)
+        _, change = door.judge.decide(item[1], NOW + 1.5, item[0])
+        firewall.open(change.grant)  # before the batch commits
+    door.replay.close()
+    assert firewall.uncommitted == ["198.18.0.0"]
 
 
 def test_a_full_backlog_drops_new_completions_and_says_so(setup, caplog) -> None:
     tmp_path, config = setup
     knockers = sources(30)
     spa_capture(tmp_path / "flood.pcap", knockers)
-    door, capture = doorman(tmp_path, config, tmp_path / "flood.pcap")
-    assert door.backlog_limit == max(MIN_BACKLOG, config.capture.table_size)
-    door.backlog_limit = 10
+    door, capture = doorman(config, tmp_path / "flood.pcap")
+    assert door.backlog.limit == max(MIN_BACKLOG, config.capture.table_size)
+    door.backlog.limit = 10
     door.worker.start()
     try:
         with caplog.at_level(logging.WARNING, logger="knockd_fast"):
@@ -101,8 +161,63 @@ def test_a_full_backlog_drops_new_completions_and_says_so(setup, caplog) -> None
     finally:
         door.worker.stop()
         door.replay.close()
-    assert door.backlog_dropped == 20
+    assert door.backlog.dropped == 20
     # The oldest completions were kept and judged; the overflow was refused, not queued.
     assert sorted(g.source for g in door.firewall.grants()) == knockers[:10]
     warnings = [r.getMessage() for r in caplog.records if "judging backlog full" in r.getMessage()]
     assert len(warnings) == 1 and "dropped 20" in warnings[0]
+    assert door.stats().backlog_dropped == 20
+
+
+def test_stats_is_one_snapshot_of_every_counter(setup) -> None:
+    tmp_path, config = setup
+    knockers = sources(5)
+    spa_capture(tmp_path / "five.pcap", knockers + knockers[:2])  # two replays
+    door, capture = doorman(config, tmp_path / "five.pcap")
+    door.worker.start()
+    try:
+        door.read(capture)
+        door.judge_backlog(3)
+        before = door.stats()
+        door.judge_backlog(None)
+    finally:
+        door.worker.stop()
+    stats = door.stats()
+    door.replay.close()
+    assert before.backlog == 4 and stats.backlog == 0
+    (only,) = stats.captures
+    assert (only.interface, only.running) == ("eth0", True)
+    assert only.counters["spa_packets"] == only.counters["completions"] == 7
+    assert stats.capture_totals() == dict(only.counters)
+    assert stats.decisions == {("accepted", "ok"): 5, ("rejected", "replay"): 2}
+    assert (stats.firewall_backend, stats.firewall_applied, stats.firewall_failed) == (
+        "dry-run",
+        5,
+        0,
+    )
+    assert (stats.replay_entries, stats.replay_degraded) == (5, None)
+    assert stats.stop_line().startswith("packets=7 knock_packets=0 spa_packets=7 completions=7 ")
+    assert stats.stop_line().endswith(" pcap_ifdropped=0 backlog_dropped=0")
+
+
+def test_a_failing_sink_loses_no_grant(setup, caplog) -> None:
+    tmp_path, config = setup
+    spa_capture(tmp_path / "one.pcap", sources(1))
+
+    class Broken:
+        def write(self, decisions) -> None:  # noqa: ANN001
+            raise RuntimeError("sink bug")
+
+    recorder = Recorder()
+    door, capture = doorman(config, tmp_path / "one.pcap", sinks=[Broken(), recorder])
+    door.worker.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="knockd_fast"):
+            door.read(capture)
+            door.judge_backlog(None)
+    finally:
+        door.worker.stop()
+        door.replay.close()
+    assert [g.source for g in door.firewall.grants()] == sources(1)
+    assert len(recorder.slices) == 1
+    assert "internal error in decision sink Broken" in caplog.text

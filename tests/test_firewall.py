@@ -28,7 +28,7 @@ from knockd_fast.firewall import (
     Firewall,
     FirewallError,
     Grant,
-    create,
+    backend_class,
     format_comment,
     format_key,
     parse_comment,
@@ -591,7 +591,7 @@ def test_dry_run_open_extend_close_expire() -> None:
 
 
 def test_dry_run_reconcile_and_teardown(caplog: pytest.LogCaptureFixture) -> None:
-    fw = create("dry-run", history=3)
+    fw = DryRunFirewall(history=3)
     live = to_grant(grant("192.0.2.2", 22, expires=NOW + 1))
     gone = to_grant(grant("192.0.2.3", 22, expires=NOW))
     fw.open(live)
@@ -624,8 +624,8 @@ def test_dry_run_disabled_family() -> None:
 def test_backend_arguments_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DryRunFirewall(**kwargs)
-    with pytest.raises(ValueError, match="unknown firewall backend"):
-        create("nftables")
+    with pytest.raises(ValueError, match="unknown firewall backend 'nftables'"):
+        backend_class("nftables")
 
 
 A = ip_address("192.0.2.2")

@@ -1,8 +1,10 @@
 """Firewall backends: where grants become rules.
 
-``Firewall`` is the interface the daemon uses; ``IptablesFirewall`` (python-iptables,
-legacy xtables) and ``DryRunFirewall`` (memory only) implement it. The iptables backend
-is imported on first use, so the dry run and the tests of it need no libiptc.
+``base`` holds the seam (``Grant``, ``GrantChange``, the ``Firewall`` protocol and its
+capabilities), ``registry`` the backend names, ``worker`` the thread that applies changes;
+one module per backend: ``iptables`` (python-iptables, legacy xtables) and ``dryrun``
+(memory only). The iptables backend is imported on first use, so the dry run and the tests
+of it need no libiptc.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from knockd_fast.firewall.base import (
-    DEFAULT_CHAIN,
     Firewall,
     FirewallBusy,
     FirewallError,
     Grant,
+    GrantChange,
     GrantKey,
+    WaitsForLock,
     format_comment,
     format_key,
     parse_comment,
 )
 from knockd_fast.firewall.dryrun import DryRunFirewall
+from knockd_fast.firewall.registry import backend_class, create
+from knockd_fast.firewall.xtables import DEFAULT_CHAIN
 
 if TYPE_CHECKING:
     from knockd_fast.firewall.iptables import IptablesFirewall
@@ -32,8 +37,11 @@ __all__ = [
     "FirewallBusy",
     "FirewallError",
     "Grant",
+    "GrantChange",
     "GrantKey",
     "IptablesFirewall",
+    "WaitsForLock",
+    "backend_class",
     "create",
     "format_comment",
     "format_key",
@@ -47,14 +55,3 @@ def __getattr__(name: str) -> Any:
 
         return IptablesFirewall
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def create(backend: str, chain: str = DEFAULT_CHAIN, hooks=("INPUT",), **options: Any) -> Firewall:
-    """The backend named in the config (``grants.backend``): "iptables" or "dry-run"."""
-    if backend == "iptables":
-        from knockd_fast.firewall.iptables import IptablesFirewall
-
-        return IptablesFirewall(chain, tuple(hooks), **options)
-    if backend == "dry-run":
-        return DryRunFirewall(chain, tuple(hooks), **options)
-    raise ValueError(f"unknown firewall backend {backend!r}")

@@ -1,4 +1,5 @@
-"""The firewall interface every backend implements, and the grant it deals in.
+"""The firewall seam: the grant, the change the daemon asks for, the interface every backend
+implements, and the optional capabilities a backend may have.
 
 A grant lets one source address reach one port (tcp or udp) until a unix time, on any
 local address or on one destination address. Its identity, ``Grant.key``, leaves the
@@ -19,24 +20,25 @@ import operator
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol, runtime_checkable
 from urllib.parse import quote, unquote
+
+from knock_client.protocol import Action
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from knockd_fast.config import GrantSettings
 
 IPAddress = IPv4Address | IPv6Address
 GrantKey = tuple[IPAddress, str, int, IPAddress | None]
 """(source, proto, port, destination): what identifies a grant; the expiry is not part of it."""
 
 PROTOCOLS = ("tcp", "udp")
-HOOKS = ("INPUT", "FORWARD")
-DEFAULT_CHAIN = "KNOCKD-FAST"
 COMMENT_PREFIX = "knockd-fast"
 MAX_COMMENT_BYTES = 255  # xt_comment: 256 bytes with the terminating NUL
 MAX_EXPIRES = 2**63 - 1
 
-_CHAIN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,28}")
-_RESERVED_CHAINS = frozenset(
-    {"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING", "ACCEPT", "DROP", "RETURN", "QUEUE"}
-)
 _COMMENT_PATTERN = re.compile(rf"{COMMENT_PREFIX} user=(\S*) expires=(0|[1-9][0-9]{{0,18}})")
 # Kept as they are (quote() also keeps A-Z a-z 0-9 _ . - ~). Not "'": python-iptables
 # re-parses match options through shlex (final_check), which mangles it to "\\'".
@@ -169,21 +171,6 @@ def parse_comment(text: str) -> tuple[str, int] | None:
     return user, int(match.group(2))
 
 
-def check_chain(chain: str) -> str:
-    if not isinstance(chain, str) or not _CHAIN_PATTERN.fullmatch(chain):
-        raise ValueError(f"chain name {chain!r}: 1..28 characters of A-Z a-z 0-9 _ -")
-    if chain in _RESERVED_CHAINS:
-        raise ValueError(f"chain name {chain!r} is a built-in chain or target")
-    return chain
-
-
-def check_hooks(hooks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    hooks = tuple(hooks)
-    if not hooks or any(hook not in HOOKS for hook in hooks) or len(set(hooks)) != len(hooks):
-        raise ValueError(f"hooks {hooks!r}: one or both of INPUT, FORWARD, each once")
-    return hooks
-
-
 def check_families(families: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     families = tuple(families)
     if not families or not set(families) <= {4, 6} or len(set(families)) != len(families):
@@ -191,16 +178,34 @@ def check_families(families: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return families
 
 
+class GrantChange(NamedTuple):
+    """What the daemon asks of the firewall for one accepted knock: open (or extend) or close."""
+
+    action: Action  # knock_client.protocol.Action.OPEN or .CLOSE
+    grant: Grant  # for CLOSE only its key counts
+
+
 @runtime_checkable
 class Firewall(Protocol):
-    """What the daemon needs from a backend. All methods raise only ``FirewallError``."""
+    """Everything the daemon uses of a backend. All methods raise only ``FirewallError``.
+
+    A backend is one module and one line in ``knockd_fast.firewall.registry``; its class
+    also has ``from_settings`` (``FirewallClass``). What only some backends can do is one of
+    the small capability protocols below, asked with ``isinstance``, never by attribute
+    probing.
+    """
+
+    name: ClassVar[str]  # the ``grants.backend`` value that selects it
+    # Whether grants outlive this process (kernel rules another process, `knockd-fast
+    # status`, can read back). False for the dry run, whose grants live in its memory.
+    persistent: ClassVar[bool]
 
     def setup(self) -> None:
-        """Create our chain (IPv4 and IPv6) and a jump to it at the top of each hook, if
-        missing; idempotent."""
+        """Create what the grants live in (our chain, set or table) and what makes the kernel
+        consult it, if missing; idempotent: commits nothing when all is in place."""
 
     def grants(self) -> list[Grant]:
-        """The grants in our chain, read back from the backend (both families)."""
+        """The live grants, read back from the backend (both families)."""
 
     def open(self, grant: Grant) -> None:
         """Add ``grant``, or replace the expiry (and user) of the grant with the same key."""
@@ -209,10 +214,28 @@ class Firewall(Protocol):
         """Remove the grant with ``key``; False if there is none."""
 
     def reconcile(self, now: int) -> tuple[list[Grant], list[Grant]]:
-        """At start: remove expired grants and unparsable rules in our chain; (kept, removed)."""
+        """At start: remove expired grants and entries that are no grant; (kept, removed)."""
 
     def expire(self, now: int) -> list[Grant]:
         """Remove the grants whose expiry has come; returns them."""
 
     def teardown(self) -> None:
-        """Remove the jumps and our chain (tests, uninstall; not called at daemon stop)."""
+        """Remove everything ``setup`` made (tests, uninstall; not called at daemon stop)."""
+
+
+class FirewallClass(Protocol):
+    """A backend class as the registry sees it: built from the ``[grants]`` settings."""
+
+    def from_settings(self, settings: GrantSettings) -> Self:
+        """The backend the daemon and ``status`` use for this configuration."""
+
+
+@runtime_checkable
+class WaitsForLock(Protocol):
+    """A backend that waits for a lock shared with other tools (the xtables lock).
+
+    The daemon shortens the wait once it runs, so that another process holding the lock
+    stalls the firewall thread (and the expiry sweep) only briefly per change.
+    """
+
+    lock_wait: float  # seconds one operation waits for the lock before ``FirewallBusy``

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import collections
 import logging
+from typing import TYPE_CHECKING
 
 from knockd_fast.firewall.base import (
-    DEFAULT_CHAIN,
     FirewallError,
     Grant,
     GrantKey,
-    check_chain,
     check_families,
-    check_hooks,
     format_key,
     sort_key,
 )
+from knockd_fast.firewall.xtables import DEFAULT_CHAIN, check_chain, check_hooks
+
+if TYPE_CHECKING:
+    from knockd_fast.config import GrantSettings
 
 log = logging.getLogger("knockd_fast.firewall")
 
@@ -29,6 +31,7 @@ class DryRunFirewall:
     """Same interface as ``IptablesFirewall``; touches nothing outside this object."""
 
     name = "dry-run"
+    persistent = False
 
     def __init__(
         self,
@@ -48,6 +51,12 @@ class DryRunFirewall:
         self._level = level  # the daemon logs each action itself, and passes DEBUG
         self._grants: dict[GrantKey, Grant] = {}
         self._ready = False
+
+    @classmethod
+    def from_settings(cls, settings: GrantSettings) -> DryRunFirewall:
+        """The daemon's dry run: its firewall worker logs every change, so the dry run's
+        own lines go to debug, and it keeps no history."""
+        return cls(settings.chain, settings.hooks, history=0, level=logging.DEBUG)
 
     def _say(self, text: str) -> None:
         self.actions.append(text)

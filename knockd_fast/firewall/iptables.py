@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import iptc
 from iptc.ip4tc import IPTCError, ipt_entry, ipt_ip
@@ -50,20 +50,20 @@ from iptc.ip6tc import ip6t_entry, ip6t_ip6
 from iptc.xtables import XTablesError, xt_align
 
 from knockd_fast.firewall.base import (
-    DEFAULT_CHAIN,
-    HOOKS,
     FirewallBusy,
     FirewallError,
     Grant,
     GrantKey,
-    check_chain,
     check_families,
-    check_hooks,
     format_comment,
     format_key,
     parse_comment,
     sort_key,
 )
+from knockd_fast.firewall.xtables import DEFAULT_CHAIN, HOOKS, check_chain, check_hooks
+
+if TYPE_CHECKING:
+    from knockd_fast.config import GrantSettings
 
 log = logging.getLogger("knockd_fast.firewall")
 
@@ -290,12 +290,13 @@ class IptablesFirewall:
     ``hooks``: the built-in chains that jump to ours first (INPUT for local services,
     FORWARD for hosts behind this one). ``families``: 4, 6 or both. ``lock_path``: the
     xtables lock file (None: ``$XTABLES_LOCKFILE`` or ``/run/xtables.lock``), waited for
-    at most ``lock_wait`` seconds (an attribute: the daemon shortens it once started), else
-    ``FirewallBusy``. ``retries``: how often an operation is redone when the
+    at most ``lock_wait`` seconds (``WaitsForLock``: the daemon shortens it once started),
+    else ``FirewallBusy``. ``retries``: how often an operation is redone when the
     kernel refuses the commit because the table changed meanwhile.
     """
 
     name = "iptables"
+    persistent = True
 
     def __init__(
         self,
@@ -317,6 +318,10 @@ class IptablesFirewall:
         self._fams = [_FAMILIES[version] for version in self.families]
         self._view: dict[GrantKey, Grant] = {}
         self._mutex = threading.RLock()
+
+    @classmethod
+    def from_settings(cls, settings: GrantSettings) -> IptablesFirewall:
+        return cls(settings.chain, settings.hooks)
 
     @property
     def lock_wait(self) -> float:

@@ -1,0 +1,190 @@
+"""The firewall thread: applies grant changes in order, retries failures, sweeps expiry.
+
+Firewall work runs on its own thread, so a burst of grants never holds up the capture: the
+kernel keeps queueing packets in the capture buffer while a backend commits. The clock and
+the pause between attempts are injected, so every retry, repair and give-up path runs in a
+unit test against a failing backend double, without root and without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from knock_client.protocol import Action
+
+from ..decisions import iso_time
+from ..logs import flush_logs
+from .base import Firewall, FirewallBusy, FirewallError, Grant, GrantChange, WaitsForLock
+
+log = logging.getLogger("knockd_fast")
+
+FIREWALL_RETRIES = (0.1, 0.5, 2.0)  # seconds between attempts of one firewall change
+# Seconds one attempt waits for the xtables lock once the daemon runs (at start it waits
+# the backend's default, 5 s). With the pauses above, a change held up by another process
+# holding the lock gives up after about 4 * 1 + 2.6 = 6.6 s, so one stuck `iptables -w`
+# never stalls the firewall thread (and the expiry sweep) for long per change.
+FIREWALL_LOCK_WAIT = 1.0
+SWEEP_SECONDS = 1.0  # how often expired grants are removed
+
+
+class FirewallWorker(threading.Thread):
+    """Applies grant changes in order on its own thread, retries failures, sweeps expiry.
+
+    A failed change is retried after each pause of ``retries``. Before a retry what the
+    grants live in is restored (``setup()``: someone may have flushed our chain), except
+    when the failure was a lock held by another process (``FirewallBusy``): then only
+    waiting helps. After the last attempt the failure is logged with its cause and what it
+    left behind, read back from the firewall, so the log never claims a grant the firewall
+    does not hold.
+    """
+
+    def __init__(
+        self,
+        firewall: Firewall,
+        clock: Callable[[], float] = time.time,
+        lock_wait: float | None = FIREWALL_LOCK_WAIT,
+        sleep: Callable[[float], None] = time.sleep,
+        retries: Sequence[float] = FIREWALL_RETRIES,
+    ):
+        super().__init__(name="knockd-fast-firewall", daemon=True)
+        self.firewall = firewall
+        if lock_wait is not None and isinstance(firewall, WaitsForLock):
+            firewall.lock_wait = lock_wait
+        self.clock = clock
+        self.sleep = sleep
+        self.retries = tuple(retries)
+        # A backend that keeps nothing outside this process says so on every line.
+        self.tag = "firewall" if firewall.persistent else "firewall (dry run)"
+        self.jobs: queue.Queue[list[GrantChange] | None] = queue.Queue()
+        self.applied = 0  # changes carried out (opens and closes, not sweeps)
+        self.failed = 0  # changes and sweeps given up on, after every attempt
+        self.retried = 0  # attempts after a failure
+
+    def submit(self, changes: Sequence[GrantChange]) -> None:
+        """Several changes, applied in order; one hand-over for the lot."""
+        if changes:
+            self.jobs.put(list(changes))
+
+    def stop(self) -> None:
+        """Apply what was submitted, then end the thread."""
+        self.jobs.put(None)
+        self.join()
+
+    def pending(self) -> int:
+        """Jobs (batches of changes) handed over and not yet taken."""
+        return self.jobs.qsize()
+
+    def run(self) -> None:
+        next_sweep = self.clock() + SWEEP_SECONDS
+        while True:
+            try:
+                job = self.jobs.get(timeout=max(0.0, next_sweep - self.clock()))
+            except queue.Empty:
+                pass
+            else:
+                if job is None:
+                    return
+                for change in job:
+                    self.apply(change)
+                flush_logs()
+            if self.clock() >= next_sweep:
+                self.sweep()
+                next_sweep = self.clock() + SWEEP_SECONDS
+                flush_logs()
+
+    # -- one change or sweep, with its retries (the thread's work; callable directly) --
+
+    def apply(self, change: GrantChange) -> None:
+        """Open or close one grant now, retrying as the class says."""
+        if change.action == Action.CLOSE:
+            self._attempts("close", change.grant, self._close)
+        else:
+            self._attempts("open", change.grant, self._open)
+
+    def sweep(self) -> None:
+        """Remove the grants whose expiry has come."""
+        self._attempts("expire", None, lambda _: self._expire())
+
+    def _open(self, grant: Grant) -> None:
+        self.firewall.open(grant)
+        log.info("%s: opened %s", self.tag, describe(grant))
+
+    def _close(self, grant: Grant) -> None:
+        found = self.firewall.close(grant.key)
+        verb = "closed" if found else "no grant to close for"
+        log.info("%s: %s %s", self.tag, verb, describe(grant, expiry=False))
+
+    def _expire(self) -> None:
+        for gone in self.firewall.expire(int(self.clock())):
+            log.info("%s: expired %s", self.tag, describe(gone, expiry=False))
+
+    def _attempts(self, what: str, grant: Grant | None, operation: Callable) -> None:
+        for attempt, pause in enumerate((*self.retries, None)):
+            try:
+                operation(grant)
+            except FirewallError as error:
+                if pause is None:
+                    self.failed += 1
+                    self._give_up(what, grant, attempt + 1, error)
+                    return
+                log.warning("firewall: %s failed (%s); retrying in %.1f s", what, error, pause)
+                self.sleep(pause)
+                self.retried += 1
+                if not isinstance(error, FirewallBusy):
+                    self._heal()
+            except Exception:  # a bug must not kill the thread that closes ports
+                log.exception("firewall: unexpected error during %s", what)
+                self.failed += 1
+                return
+            else:
+                self.applied += grant is not None
+                return
+
+    def _heal(self) -> None:
+        # Someone may have flushed or deleted our chain or the jump to it: setup() is
+        # idempotent and commits nothing when all is in place.
+        try:
+            self.firewall.setup()
+        except FirewallError as error:
+            log.warning("firewall: cannot restore the chain and jumps: %s", error)
+
+    def _give_up(self, what: str, grant: Grant | None, attempts: int, error: Exception) -> None:
+        """Log the failure with what it left in the firewall, and re-read the grants."""
+        live = self._resync()
+        if grant is None:
+            outcome = "expired grants are removed at a later sweep"
+        else:
+            text = describe(grant, expiry=False)
+            held = next((g for g in live or () if g.key == grant.key), None)
+            if live is None:
+                outcome = f"unknown whether the firewall holds {text}"
+            elif what != "open":
+                outcome = f"still open until it expires: {text}" if held else f"gone: {text}"
+            elif held is None:
+                outcome = f"not granted: {text}"
+            elif held.expires < grant.expires:  # an extension that did not happen
+                outcome = f"not extended: {text} stays until {iso_time(held.expires)}"
+            else:
+                outcome = f"in the firewall after all: {text}"
+        log.error("firewall: %s failed after %d attempts: %s; %s", what, attempts, error, outcome)
+        if live is not None:
+            log.warning("firewall: view reconciled from the firewall: %d live grants", len(live))
+
+    def _resync(self) -> list[Grant] | None:
+        """The grants read back from the firewall (the backend's view is reset to them)."""
+        try:
+            return self.firewall.grants()
+        except FirewallError as error:
+            log.error("firewall: cannot read back the grants: %s", error)
+            return None
+
+
+def describe(grant: Grant, expiry: bool = True) -> str:
+    """``22/tcp for 192.0.2.2 to 192.0.2.1 (user alice) until 2026-...Z``, as logs say it."""
+    where = f" to {grant.destination}" if grant.destination else ""
+    until = f" until {iso_time(grant.expires)}" if expiry else ""
+    return f"{grant.port}/{grant.proto} for {grant.source}{where} (user {grant.user}){until}"
