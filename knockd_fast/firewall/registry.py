@@ -30,9 +30,7 @@ def backend_class(name: str) -> FirewallClass:
     try:
         module_name, class_name = BACKENDS[name].split(":")
     except KeyError:
-        raise ValueError(
-            f"unknown firewall backend {name!r} (known: {', '.join(NAMES)})"
-        ) from None
+        raise ValueError(f"unknown firewall backend {name!r} (known: {', '.join(NAMES)})") from None
     return getattr(importlib.import_module(module_name), class_name)
 
 

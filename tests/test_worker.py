@@ -1,0 +1,226 @@
+"""The firewall worker's retry, repair and give-up paths, against a failing backend double.
+
+No root and no sleeping: the clock and the pause between attempts are injected, and the
+double is the dry run with failures scheduled per operation. Every message checked here is
+one an admin reads in the log when the firewall misbehaves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from ipaddress import ip_address
+
+import pytest
+
+from knock_client.protocol import Action
+from knockd_fast.firewall import DryRunFirewall, FirewallBusy, FirewallError, Grant, GrantChange
+from knockd_fast.firewall.worker import FIREWALL_LOCK_WAIT, FIREWALL_RETRIES, FirewallWorker
+
+NOW = 1_800_000_000
+ALICE = Grant(ip_address("192.0.2.2"), "tcp", 22, ip_address("192.0.2.1"), NOW + 300, "alice")
+WHAT = "22/tcp for 192.0.2.2 to 192.0.2.1 (user alice)"
+
+
+class Flaky(DryRunFirewall):
+    """The dry run, with the next calls of an operation made to fail: ``fail("open",
+    FirewallError("..."), ...)`` queues one failure per exception (or a bug: any other
+    exception). Records every call, ``setup`` (the repair) included."""
+
+    def __init__(self) -> None:
+        super().__init__(history=0)
+        self.failures: dict[str, deque[Exception]] = {}
+        self.calls: list[str] = []
+
+    def fail(self, operation: str, *errors: Exception) -> None:
+        self.failures.setdefault(operation, deque()).extend(errors)
+
+    def _maybe_fail(self, operation: str) -> None:
+        self.calls.append(operation)
+        pending = self.failures.get(operation)
+        if pending:
+            raise pending.popleft()
+
+    def setup(self) -> None:
+        self._maybe_fail("setup")
+        super().setup()
+
+    def grants(self):  # noqa: ANN201
+        self._maybe_fail("grants")
+        return super().grants()
+
+    def open(self, grant: Grant) -> None:
+        self._maybe_fail("open")
+        super().open(grant)
+
+    def close(self, key) -> bool:  # noqa: ANN001
+        self._maybe_fail("close")
+        return super().close(key)
+
+    def expire(self, now: int):  # noqa: ANN201
+        self._maybe_fail("expire")
+        return super().expire(now)
+
+
+class Locked(Flaky):
+    """A double with the lock capability (``WaitsForLock``), as the iptables backend."""
+
+    name = "locked"
+    persistent = True
+    lock_wait = 5.0
+
+
+@pytest.fixture
+def worker_for():
+    def make(firewall: Flaky) -> tuple[FirewallWorker, list[float]]:
+        pauses: list[float] = []
+        worker = FirewallWorker(firewall, clock=lambda: NOW, sleep=pauses.append)
+        return worker, pauses
+
+    return make
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "knockd_fast"]
+
+
+def opening(grant: Grant = ALICE) -> GrantChange:
+    return GrantChange(Action.OPEN, grant)
+
+
+def test_a_failure_then_success_retries_after_repairing(worker_for, caplog) -> None:
+    fw = Flaky()
+    fw.fail("open", FirewallError("iptables: add grant: chain gone"), FirewallError("again"))
+    worker, pauses = worker_for(fw)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply(opening())
+    assert pauses == list(FIREWALL_RETRIES[:2])
+    assert fw.calls == ["open", "setup", "open", "setup", "open"]
+    assert fw.grants() == [ALICE]
+    assert (worker.applied, worker.failed, worker.retried) == (1, 0, 2)
+    assert messages(caplog) == [
+        "firewall: open failed (iptables: add grant: chain gone); retrying in 0.1 s",
+        "firewall: open failed (again); retrying in 0.5 s",
+        f"firewall (dry run): opened {WHAT} until 2027-01-15T08:05:00.000Z",
+    ]
+
+
+def test_a_busy_lock_is_waited_out_without_repairs(worker_for, caplog) -> None:
+    fw = Flaky()
+    fw.fail("open", FirewallBusy("xtables lock held"), FirewallBusy("xtables lock held"))
+    worker, pauses = worker_for(fw)
+    worker.apply(opening())
+    assert "setup" not in fw.calls, "repairing cannot help while another process holds the lock"
+    assert pauses == [0.1, 0.5] and fw.grants() == [ALICE]
+
+
+def test_giving_up_says_what_the_firewall_holds(worker_for, caplog) -> None:
+    fw = Flaky()
+    fw.fail("open", *[FirewallError("no luck")] * 4)
+    worker, pauses = worker_for(fw)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply(opening())
+    assert pauses == list(FIREWALL_RETRIES)
+    assert (worker.applied, worker.failed, worker.retried) == (0, 1, 3)
+    assert messages(caplog)[-2:] == [
+        f"firewall: open failed after 4 attempts: no luck; not granted: {WHAT}",
+        "firewall: view reconciled from the firewall: 0 live grants",
+    ]
+
+
+def test_a_failed_extension_keeps_the_old_expiry_and_says_until_when(worker_for, caplog) -> None:
+    fw = Flaky()
+    worker, _ = worker_for(fw)
+    worker.apply(opening())
+    longer = Grant(ALICE.source, "tcp", 22, ALICE.destination, NOW + 900, "alice")
+    fw.fail("open", *[FirewallError("no luck")] * 4)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply(opening(longer))
+    assert f"not extended: {WHAT} stays until 2027-01-15T08:05:00.000Z" in messages(caplog)[-2]
+    assert fw.grants() == [ALICE]
+
+
+def test_a_failed_close_says_whether_the_grant_is_still_open(worker_for, caplog) -> None:
+    fw = Flaky()
+    worker, _ = worker_for(fw)
+    worker.apply(opening())
+    fw.fail("close", *[FirewallError("no luck")] * 4)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply(GrantChange(Action.CLOSE, ALICE))
+    assert messages(caplog)[-2] == (
+        f"firewall: close failed after 4 attempts: no luck; still open until it expires: {WHAT}"
+    )
+
+
+def test_when_the_grants_cannot_be_read_back_the_log_says_it_does_not_know(
+    worker_for, caplog
+) -> None:
+    fw = Flaky()
+    fw.fail("open", *[FirewallError("no luck")] * 4)
+    fw.fail("grants", FirewallError("cannot list"))
+    fw.fail("setup", *[FirewallError("cannot create the chain")] * 3)
+    worker, _ = worker_for(fw)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply(opening())
+    said = messages(caplog)
+    assert said.count("firewall: cannot restore the chain and jumps: cannot create the chain") == 3
+    assert said[-2:] == [
+        "firewall: cannot read back the grants: cannot list",
+        f"firewall: open failed after 4 attempts: no luck; unknown whether the firewall holds {WHAT}",
+    ]
+
+
+def test_a_failed_sweep_is_left_for_the_next_one(worker_for, caplog) -> None:
+    fw = Flaky()
+    fw.fail("expire", *[FirewallError("no luck")] * 4)
+    worker, _ = worker_for(fw)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.sweep()
+    assert (worker.applied, worker.failed) == (0, 1)
+    assert messages(caplog)[-2] == (
+        "firewall: expire failed after 4 attempts: no luck; "
+        "expired grants are removed at a later sweep"
+    )
+
+
+def test_a_bug_in_a_backend_is_logged_and_the_next_change_still_applies(worker_for, caplog) -> None:
+    fw = Flaky()
+    fw.fail("open", KeyError("a bug"))
+    worker, pauses = worker_for(fw)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply(opening())
+        worker.apply(opening())
+    assert pauses == [] and worker.failed == 1 and worker.applied == 1
+    assert "firewall: unexpected error during open" in messages(caplog)
+    assert fw.grants() == [ALICE]
+
+
+def test_the_lock_wait_is_shortened_only_for_backends_with_a_lock(worker_for) -> None:
+    locked = Locked()
+    FirewallWorker(locked)
+    assert locked.lock_wait == FIREWALL_LOCK_WAIT
+    plain = Flaky()
+    FirewallWorker(plain)
+    assert not hasattr(plain, "lock_wait")
+
+
+def test_the_thread_applies_changes_in_order_and_sweeps_expiry(caplog) -> None:
+    now = [float(NOW)]
+    fw = Flaky()
+    worker = FirewallWorker(fw, clock=lambda: now[0], sleep=lambda _: None)
+    soon = Grant(ip_address("192.0.2.3"), "tcp", 22, None, NOW, "bob")  # due at once
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.start()
+        worker.submit([opening(), GrantChange(Action.OPEN, soon)])
+        now[0] += 5  # past the sweep interval: the thread sweeps at its next wake-up
+        worker.submit([GrantChange(Action.CLOSE, ALICE)])
+        worker.stop()
+    said = [m for m in messages(caplog) if m.startswith("firewall")]
+    # The sweep runs after whichever job finds the interval passed; the jobs keep their order.
+    assert "firewall (dry run): expired 22/tcp for 192.0.2.3 (user bob)" in said
+    assert [m for m in said if " expired " not in m] == [
+        f"firewall (dry run): opened {WHAT} until 2027-01-15T08:05:00.000Z",
+        "firewall (dry run): opened 22/tcp for 192.0.2.3 (user bob) until 2027-01-15T08:00:00.000Z",
+        f"firewall (dry run): closed {WHAT}",
+    ]
+    assert fw.calls.count("close") == 1 and worker.applied == 3
