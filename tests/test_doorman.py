@@ -24,6 +24,7 @@ from knockd_fast.capture_spec import LINKTYPE_ETHERNET
 from knockd_fast.config import load_config
 from knockd_fast.daemon import JUDGE_SLICE, Capture, Doorman
 from knockd_fast.firewall.dryrun import DryRunFirewall
+from knockd_fast.firewall.worker import FirewallWorker
 from knockd_fast.judging import MIN_BACKLOG
 from knockd_fast.pcapfile import CaptureWriter
 from knockd_fast.replay import DB_NAME, ReplayCache
@@ -91,14 +92,27 @@ class CommittedFirst(DryRunFirewall):
         super().open(grant)
 
 
-def doorman(config, capture_file: Path, firewall=None, sinks=()) -> tuple[Doorman, Capture]:  # noqa: ANN001
+class InlineWorker(FirewallWorker):
+    """The firewall worker, applying each hand-over at once on the caller's thread: a change
+    handed over too early reaches the firewall too early, every time, not only when the
+    thread happens to be quick."""
+
+    def submit(self, changes) -> None:  # noqa: ANN001
+        for change in changes:
+            self.apply(change)
+
+
+def doorman(  # noqa: ANN001
+    config, capture_file: Path, firewall=None, sinks=(), inline: bool = False
+) -> tuple[Doorman, Capture]:
     engine = CaptureEngine(config.knock.layout, destinations=[SERVER])
     engine.open_file(str(capture_file))
     capture = Capture("eth0", engine)
     replay = ReplayCache.for_state_dir(config.state_dir, now=NOW)
-    door = Doorman(
-        config, [capture], firewall or DryRunFirewall(), replay, sinks, clock=lambda: NOW + 1.5
-    )
+    firewall = firewall or DryRunFirewall()
+    clock = lambda: NOW + 1.5  # noqa: E731
+    worker = InlineWorker(firewall, clock) if inline else None
+    door = Doorman(config, [capture], firewall, replay, sinks, clock=clock, worker=worker)
     return door, capture
 
 
@@ -108,14 +122,12 @@ def test_a_burst_is_read_at_once_and_judged_in_slices_committed_before_granted(s
     sivs = spa_capture(tmp_path / "burst.pcap", knockers)
     firewall = CommittedFirst(config.state_dir / DB_NAME, sivs)
     recorder = Recorder()
-    door, capture = doorman(config, tmp_path / "burst.pcap", firewall, [recorder])
-    door.worker.start()
+    door, capture = doorman(config, tmp_path / "burst.pcap", firewall, [recorder], inline=True)
     try:
         assert door.read(capture) == len(knockers)  # every packet read in one turn
         assert door.judge_backlog(JUDGE_SLICE) == JUDGE_SLICE  # then one slice judged
         assert door.judge_backlog(None) == len(knockers) - JUDGE_SLICE
     finally:
-        door.worker.stop()
         door.replay.close()
     assert sorted(g.source for g in firewall.grants()) == knockers
     # Every grant reached the firewall thread only after its message was on disk.

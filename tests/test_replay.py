@@ -159,6 +159,29 @@ def test_prune_on_disk(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_a_restart_in_an_entrys_last_second_still_refuses_the_replay(tmp_path: Path) -> None:
+    """The on-disk prune and the restart load keep an entry through its last second.
+
+    A prune that dropped entries expiring in the current second, or a load that skipped
+    them, would let the message through after a restart within that second, while check 4
+    (the window) still passes it."""
+    last = NOW + 30
+    cache = ReplayCache(tmp_path / DB_NAME, now=NOW)
+    cache.remember(7, SIV_A, last)
+    cache.remember(7, SIV_B, last - 1)
+    assert cache.prune(last) == 1  # B's last second has passed; A's is now
+    cache.close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert db.execute("SELECT siv FROM seen").fetchall() == [(SIV_A,)]
+    db.close()
+    restarted = ReplayCache(tmp_path / DB_NAME, now=last + 0.999)
+    assert restarted.seen(7, SIV_A, last + 0.999)
+    restarted.close()
+    again = ReplayCache(tmp_path / DB_NAME, now=last + 1)
+    assert len(again) == 0 and not again.seen(7, SIV_A, last + 1)
+    again.close()
+
+
 def test_state_directory_is_created(tmp_path: Path) -> None:
     path = tmp_path / "var" / "lib" / "knockd-fast" / DB_NAME
     cache = ReplayCache(path, now=NOW)
