@@ -11,7 +11,6 @@ IN_VENV := env PATH="$(CURDIR)/$(VENV)/bin:$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV
 # Debian packages: compiler, libpcap headers (found via pkg-config), and the tools the
 # end-to-end tests drive (ip netns/veth, iptables, tcpdump). pyenv's python3 brings venv.
 DEB_PACKAGES := build-essential pkg-config libpcap-dev iptables iproute2 tcpdump
-TEST_TOOLS   := pytest hypothesis ruff
 # Remaking the venv is keyed on these: a change reinstalls and rebuilds the extension.
 STAMP        := $(VENV)/.stamp
 STAMP_DEPS   := pyproject.toml setup.py client/pyproject.toml \
@@ -54,7 +53,7 @@ $(STAMP): $(STAMP_DEPS) | deps $(VPY)
 	  tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 	$(VPY) -m pip install -q -e ./client
 	$(VPY) -m pip install -q --no-build-isolation -e .
-	$(VPY) -m pip install -q $(TEST_TOOLS)
+	$(VPY) -m pip install -q --group test
 	touch $@
 
 # Rebuild the extension in place (optimised); --force so it also replaces a debug build.
@@ -95,12 +94,11 @@ fuzz-atheris: $(STAMP)
 # Benchmarks (bench/README.md): packets/s of the bare libpcap loop, the Cython engine and the
 # pure-Python twin over deterministic capture files, cached in bench/results/ (about 1.3 GB).
 # Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
-BENCH_TOOLS := matplotlib tqdm
 BENCH_RUN   := $(IN_VENV) $(VPY) bench/run.py
 .PHONY: bench bench-quick bench-tools bench-grants bench-firewall bench-live
 
 bench-tools: $(STAMP)
-	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q $(BENCH_TOOLS)
+	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q --group bench
 
 bench: bench-tools
 	$(BENCH_RUN) flood

@@ -10,6 +10,17 @@ PURE = twins.PURE_RUN
 
 
 @pytest.mark.skipif(PURE, reason="this run tests the pure-Python twin")
+def test_installed_versions_come_from_the_packages() -> None:
+    # One version source per distribution: the metadata pip installed is the module's.
+    from importlib import metadata
+
+    import knock_client
+    import knockd_fast
+
+    assert metadata.version("knockd-fast") == knockd_fast.__version__
+    assert metadata.version("knock-client") == knock_client.__version__
+
+
 def test_extension_is_built_and_links_libpcap() -> None:
     # Fails when the Cython build was silently skipped: every other test would still pass.
     from knockd_fast import _capture_c
@@ -33,5 +44,9 @@ def test_version_command_names_both_distributions() -> None:
         text=True,
         check=True,
     )
-    assert result.stdout.startswith("knockd-fast 0.1.0, knock-client 0.1.0, ")
+    import knock_client
+    import knockd_fast
+
+    versions = f"knockd-fast {knockd_fast.__version__}, knock-client {knock_client.__version__}, "
+    assert result.stdout.startswith(versions)
     assert ("extension not built" in result.stdout) == PURE

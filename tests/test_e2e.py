@@ -42,6 +42,7 @@ from e2e import (
 from netns import NetnsUnavailable
 
 from knock_client.protocol import Action, Knock, KnockLayout, Proto, encode_header, seal
+from knockd_fast import __version__
 
 pytestmark = pytest.mark.netns
 
@@ -628,7 +629,7 @@ def test_two_interfaces_a_knock_through_each_opens_the_port_for_its_source(e2e):
     h = e2e(second_link=True)
     a, b = h.links
     assert h.start_line.startswith(
-        f"knockd-fast 0.1.0 on {a.server_if}, {b.server_if} protecting "
+        f"knockd-fast {__version__} on {a.server_if}, {b.server_if} protecting "
     ), h.start_line
     protected = h.start_line.split(" protecting ", 1)[1].split(";", 1)[0].split(", ")
     protected = [address for address in protected if not address.startswith("fe80:")]
@@ -732,7 +733,7 @@ engine.close()
 @pytest.mark.parametrize("mode,family", [("syn", 4), ("syn", 6), ("udp", 6), ("spa", 4)])
 def test_interface_any_acts_on_a_knock_through_the_cooked_link_type(e2e, mode, family):
     h = e2e(capture="any")
-    assert h.start_line.startswith("knockd-fast 0.1.0 on any protecting "), h.start_line
+    assert h.start_line.startswith(f"knockd-fast {__version__} on any protecting "), h.start_line
     protected = h.start_line.split(" protecting ", 1)[1].split(";", 1)[0].split(", ")
     protected = [address for address in protected if not address.startswith("fe80:")]
     # Every address of the namespace, the loopback's included (docs/admin.md section 4).
