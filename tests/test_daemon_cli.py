@@ -1,0 +1,69 @@
+"""``knockd-fast check-config`` and ``status`` as an admin runs them, without root.
+
+check-config runs on machines (and as users) that have no business loading the capture
+engine, the replay cache or libiptc: it must load none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from knock_client.keys import write_key_file
+
+HEAVY = ("numpy", "sqlite3", "_sqlite3", "iptc", "knockd_fast._capture_c")
+RUN_CLI = """
+import json, sys
+from knockd_fast import cli
+code = cli.main(sys.argv[1:])
+loaded = sorted({name.split(".")[0] for name in sys.modules} & set(json.loads(%r)))
+print(json.dumps({"code": code, "loaded": loaded}), file=sys.stderr)
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    write_key_file(tmp_path / "alice.key", bytes(range(64)))
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[capture]\ninterface = "eth0"\n'
+        '[grants]\nbackend = "dry-run"\n'
+        f'[state]\ndirectory = "{tmp_path / "state"}"\n'
+        '[[users]]\nid = 7\nname = "alice"\nkey_file = "alice.key"\nallow = ["22/tcp"]\n'
+    )
+    return path
+
+
+def cli(*args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    code = RUN_CLI % json.dumps(HEAVY)
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    return done, report
+
+
+def test_check_config_loads_no_engine_no_replay_cache_no_libiptc(config: Path) -> None:
+    done, report = cli("check-config", "-c", str(config))
+    assert report == {"code": 0, "loaded": []}, report
+    assert done.stdout.startswith(f"{config}: ok: 1 users, knock range from 20000 at 8 bits, ")
+    assert done.stdout.rstrip().endswith("interface eth0, backend dry-run")
+
+
+def test_check_config_names_the_backends_the_registry_knows(config: Path) -> None:
+    config.write_text(config.read_text().replace('"dry-run"', '"nftables"'))
+    done, report = cli("check-config", "-c", str(config))
+    assert report["code"] == 2
+    assert done.stderr.splitlines()[0] == (
+        f"knockd-fast: error: {config}: grants.backend: 'nftables' is not one of "
+        "'iptables', 'dry-run'"
+    )
+
+
+def test_status_of_a_backend_that_keeps_nothing_says_so(config: Path) -> None:
+    done, report = cli("status", "-c", str(config))
+    assert report["code"] == 0
+    assert done.stdout == "backend dry-run: no grants are kept in a firewall\n"
+    assert "iptc" not in report["loaded"]
