@@ -31,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import netns  # noqa: E402  (tests/netns.py: the namespace helper tests and the demo use)
 
+from knockd_fast import __version__  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER = "198.18.0.1"
 
@@ -121,7 +123,8 @@ def main() -> int:
         with open(log_path, "w") as log_file:
             daemon = subprocess.Popen(["ip", "netns", "exec", server, *argv], stderr=log_file)
         deadline = time.monotonic() + 20
-        while "knockd-fast 0.1.0 on" not in log_path.read_text():
+        started_line = re.compile(rf"^knockd-fast {re.escape(__version__)} on ", re.M)
+        while not started_line.search(log_path.read_text()):
             if time.monotonic() > deadline or daemon.poll() is not None:
                 print(log_path.read_text(), file=sys.stderr)
                 return 1

@@ -60,13 +60,14 @@ from typing import Any
 import netns
 from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, End
 
+from knockd_fast import __version__
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 OTHER_V4, OTHER_V6 = "192.0.2.3", "2001:db8::3"  # "another host" on the client's link
 # The second link (second_link=True): server and client2 addresses.
 SERVER2_V4, CLIENT2_V4 = "198.51.100.1", "198.51.100.2"
 SERVER2_V6, CLIENT2_V6 = "2001:db8:1::1", "2001:db8:1::2"
-VERSION = "0.1.0"
 CONNECT_TIMEOUT = 1.5
 START_TIMEOUT = 20.0
 DECISION_KEYS = (
@@ -361,7 +362,7 @@ class Harness:
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
         self.start_line = self.wait_log(
-            rf"^knockd-fast {re.escape(VERSION)} on {re.escape(', '.join(self.interfaces))} ",
+            rf"^knockd-fast {re.escape(__version__)} on {re.escape(', '.join(self.interfaces))} ",
             START_TIMEOUT,
             since=since,
         )
