@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROBE = HERE.parent / "tests" / "firewall_probe.py"
+sys.path.insert(0, str(PROBE.parent))
+import netns  # noqa: E402  (tests/netns.py: the namespace helper tests and the demo use)
 
 
 def main() -> int:
@@ -27,32 +28,22 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 1000, 10000])
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
-    ns = f"kfbench-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        done = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
+    with netns.network_namespace("kfbench") as ns:
+        # A lock file of our own: never wait on (or block) the host's iptables.
+        lock = Path(f"/tmp/{ns}.lock")
+        argv = [sys.executable, str(PROBE), "bench", "--repeat", str(args.repeat)]
+        argv += ["--sizes", *map(str, args.sizes)]
+        try:
+            done = netns.run_in(
                 ns,
-                sys.executable,
-                str(PROBE),
-                "bench",
-                "--sizes",
-                *map(str, args.sizes),
-                "--repeat",
-                str(args.repeat),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            # A lock file of our own: never wait on (or block) the host's iptables.
-            env=dict(os.environ, XTABLES_LOCKFILE=f"/tmp/{ns}.lock"),
-        )
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        Path(f"/tmp/{ns}.lock").unlink(missing_ok=True)
+                argv,
+                check=True,
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, XTABLES_LOCKFILE=str(lock)),
+            )
+        finally:
+            lock.unlink(missing_ok=True)
     timings = json.loads(done.stdout)
     result = {"grants": timings, "repeat": args.repeat, "machine": {"nproc": os.cpu_count()}}
     out = HERE / "results" / f"firewall-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"

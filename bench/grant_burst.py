@@ -20,12 +20,18 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import netns  # noqa: E402  (tests/netns.py: the namespace helper tests and the demo use)
+
+from knockd_fast import __version__  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER = "198.18.0.1"
@@ -46,43 +52,24 @@ def sh(*argv: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
 
 
+def knockd_fast_command() -> str:
+    """``knockd-fast`` on PATH (make puts the venv first), else the one beside this Python."""
+    return shutil.which("knockd-fast") or str(Path(sys.executable).with_name("knockd-fast"))
+
+
 @contextlib.contextmanager
 def hosts(count: int):
+    """Server 198.18.0.1/15 and a client with ``count`` addresses from 198.18.1.0 on, all
+    in one /15; yields (server, client, server interface, client addresses)."""
     tag = f"kfb{os.getpid()}"
-    server, client = f"{tag}-s", f"{tag}-c"
-    sh("ip", "netns", "add", server)
-    sh("ip", "netns", "add", client)
-    try:
-        sh(
-            "ip",
-            "link",
-            "add",
-            f"{tag}s",
-            "netns",
-            server,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            f"{tag}c",
-            "netns",
-            client,
+    server_if, client_if = f"{tag}s", f"{tag}c"
+    with netns.network_namespace("kfbs") as server, netns.network_namespace("kfbc") as client:
+        netns.veth_link(
+            netns.End(server, server_if, (f"{SERVER}/15",)), netns.End(client, client_if)
         )
-        sh("ip", "-n", server, "addr", "add", f"{SERVER}/15", "dev", f"{tag}s")
         sources = [str(ipaddress.ip_address("198.18.1.0") + n) for n in range(count)]
-        batch = "".join(f"addr add {a}/15 dev {tag}c\n" for a in sources)
-        subprocess.run(["ip", "-n", client, "-batch", "-"], input=batch, text=True, check=True)
-        for ns, iface in ((server, f"{tag}s"), (client, f"{tag}c")):
-            sh("ip", "-n", ns, "link", "set", iface, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield server, client, f"{tag}s", sources
-    finally:
-        for ns in (server, client):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-            for pid in pids.stdout.split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        netns.add_addresses(client, client_if, (f"{source}/15" for source in sources))
+        yield server, client, server_if, sources
 
 
 def main() -> int:
@@ -132,13 +119,12 @@ def main() -> int:
             json.dumps({"server": SERVER, "spa_port": DEFAULT_SPA_PORT, "waves": waves})
         )
         log_path = work / "daemon.log"
+        argv = [knockd_fast_command(), "run", "-c", str(config), "--json"]
         with open(log_path, "w") as log_file:
-            daemon = subprocess.Popen(
-                ["ip", "netns", "exec", server, "knockd-fast", "run", "-c", str(config), "--json"],
-                stderr=log_file,
-            )
+            daemon = subprocess.Popen(["ip", "netns", "exec", server, *argv], stderr=log_file)
         deadline = time.monotonic() + 20
-        while "knockd-fast 0.1.0 on" not in log_path.read_text():
+        started_line = re.compile(rf"^knockd-fast {re.escape(__version__)} on ", re.M)
+        while not started_line.search(log_path.read_text()):
             if time.monotonic() > deadline or daemon.poll() is not None:
                 print(log_path.read_text(), file=sys.stderr)
                 return 1

@@ -64,7 +64,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 import make_pcap  # noqa: E402  (bench/ is not a package)
+import netns  # noqa: E402  (tests/netns.py: the namespace helper tests and the demo use)
 from run import machine_info  # noqa: E402
 
 from knock_client.protocol import KnockLayout  # noqa: E402
@@ -107,37 +109,21 @@ class Wire:
 def wire(genuine_sources: int = 0) -> Iterator[Wire]:
     """Two namespaces on a veth; the server drops all input; always torn down."""
     tag = f"kfl{os.getpid() % 100000}"
-    w = Wire(f"{tag}-s", f"{tag}-c", f"{tag}s", f"{tag}c")
-    sh("ip", "netns", "add", w.server)
-    try:
-        sh("ip", "netns", "add", w.client)
+    with netns.network_namespace("kfls") as server, netns.network_namespace("kflc") as client:
+        w = Wire(server, client, f"{tag}s", f"{tag}c")
         # The generated frames carry frames.SRC_MAC -> frames.DST_MAC: give the veth ends
         # those addresses, so the server's stack sees them as its own unicast traffic.
-        sh(
-            "ip", "link", "add", w.client_if, "netns", w.client, "address",
-            frames.SRC_MAC.hex(":"), "type", "veth", "peer", "name", w.server_if,
-            "netns", w.server, "address", frames.DST_MAC.hex(":"),
-        )  # fmt: skip
-        sh("ip", "-n", w.server, "addr", "add", f"{SERVER}/24", "dev", w.server_if)
-        sh("ip", "-n", w.client, "addr", "add", f"{CLIENT}/24", "dev", w.client_if)
-        for ns, iface in ((w.server, w.server_if), (w.client, w.client_if)):
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "link", "set", iface, "up")
-        sh("ip", "-n", w.client, "neigh", "replace", SERVER, "lladdr",
-           frames.DST_MAC.hex(":"), "dev", w.client_if)  # fmt: skip
+        netns.veth_link(
+            netns.End(w.client, w.client_if, (f"{CLIENT}/24",), frames.SRC_MAC.hex(":")),
+            netns.End(w.server, w.server_if, (f"{SERVER}/24",), frames.DST_MAC.hex(":")),
+        )
+        netns.add_neighbour(w.client, w.client_if, SERVER, frames.DST_MAC.hex(":"))
         for tool in ("iptables-legacy", "ip6tables-legacy"):
             # Dropped before routing (raw table): the capture has seen them already, and the
             # sender's CPU, which runs the receiving stack of a veth, goes to sending.
             sh("ip", "netns", "exec", w.server, tool, "-t", "raw", "-A", "PREROUTING", "-j", "DROP")
             sh("ip", "netns", "exec", w.server, tool, "-P", "INPUT", "DROP")
         yield w
-    finally:
-        for ns in (w.server, w.client):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-            for pid in pids.stdout.split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def tcpreplay_argv(w: Wire, pcap: Path, rate: str, loops: int = 1) -> list[str]:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end: a server namespace runs knockd-fast with port 2222 dropped;
 # a client namespace knocks with `knock`, connects, closes, and is shut out again.
-# Everything lives in two network namespaces made here and removed on exit.
+# Everything lives in two network namespaces made here (tests/netns.py, the helper the
+# tests use) and removed on exit, with every process in them: also on failure half-way,
+# Ctrl-C or kill.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -9,23 +11,30 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+netns="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/netns.py"
 tag="kfd$$"
-server="${tag}-server"
-client="${tag}-client"
 work=$(mktemp -d)
+hosts_made=""
 daemon_pid=""
 listener_pid=""
 
 cleanup() {
-  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
-  [ -n "$listener_pid" ] && kill "$listener_pid" 2>/dev/null
-  ip netns del "$server" 2>/dev/null || true
-  ip netns del "$client" 2>/dev/null || true
+  set +e  # every step runs, whatever failed before
+  trap - INT TERM
+  for pid in $daemon_pid $listener_pid; do kill "$pid" 2>/dev/null; done
+  # Then whatever else still runs in them (a knock half-way), and the namespaces.
+  [ -z "$hosts_made" ] || python3 "$netns" down "$tag"
+  wait 2>/dev/null  # reap our children: none lingers as a zombie
   rm -rf "$work"
 }
 trap cleanup EXIT
+# A signal ends the script through the EXIT trap (without these, bash would just die).
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Only in the foreground: in the background (`in_server ... &`) `$!` would be the subshell
+# running the function, not the program (start programs directly there).
 in_server() { ip netns exec "$server" "$@"; }
 in_client() { ip netns exec "$client" "$@"; }
 
@@ -43,14 +52,11 @@ PY
 }
 
 step "two hosts: server 192.0.2.1 and client 192.0.2.2, joined by a veth pair"
-ip netns add "$server"
-ip netns add "$client"
-ip link add "${tag}s" netns "$server" type veth peer name "${tag}c" netns "$client"
-in_server ip addr add 192.0.2.1/24 dev "${tag}s"
-in_client ip addr add 192.0.2.2/24 dev "${tag}c"
-for ns in "$server" "$client"; do ip -n "$ns" link set lo up; done
-in_server ip link set "${tag}s" up
-in_client ip link set "${tag}c" up
+# Set first: a signal during `up` is handled once it returns, and must find them. `up`
+# refuses names that exist (not ours to empty) and removes what it made if it fails.
+hosts_made=1
+hosts=$(python3 "$netns" up "$tag") || { hosts_made=""; exit 1; }
+eval "$hosts"  # server, client, server_if, client_if
 
 step "the user makes a key; the admin configures user 7 (alice) with 2222/tcp"
 knock keygen --out "$work/alice.key"
@@ -59,7 +65,7 @@ cat > "$work/config.toml" <<TOML
 window = 30
 
 [capture]
-interface = "${tag}s"
+interface = "$server_if"
 
 [grants]
 default_timeout = 60
@@ -76,12 +82,13 @@ TOML
 knockd-fast check-config -c "$work/config.toml"
 
 step "server: knockd-fast run, then a DROP for 2222/tcp after its jump, and a listener"
-in_server knockd-fast run -c "$work/config.toml" 2> "$work/daemon.log" &
+# `ip netns exec` execs its command: `$!` is the daemon itself.
+ip netns exec "$server" knockd-fast run -c "$work/config.toml" 2> "$work/daemon.log" &
 daemon_pid=$!
 for _ in $(seq 50); do grep -q "^knockd-fast .* on " "$work/daemon.log" && break; sleep 0.1; done
 sed 's/^/   daemon: /' "$work/daemon.log"
 in_server iptables-legacy -A INPUT -p tcp --dport 2222 -j DROP
-in_server python3 -c "
+ip netns exec "$server" python3 -c "
 import socket
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,5 +1,5 @@
 """Fixtures shared by the test files: the capture twins, the `knock` command, its environment,
-a key, a netns; and the ``extension`` marker (skipped in the pure-twin run)."""
+a key, a netns, two hosts; and the ``extension`` marker (skipped in the pure-twin run)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 import twins
-from netns import NetnsUnavailable, network_namespace
+from netns import NetnsUnavailable, network_namespace, two_hosts
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
 
@@ -86,3 +86,15 @@ def netns() -> Iterator[str]:
         except NetnsUnavailable as error:
             pytest.skip(f"network namespaces unavailable: {error}")
         yield name
+
+
+@pytest.fixture
+def hosts() -> Iterator[tuple[str, str, str]]:
+    """Two hosts on a veth (``netns.two_hosts``): (server namespace, client namespace,
+    server interface); deleted afterwards, always."""
+    with contextlib.ExitStack() as stack:
+        try:
+            names = stack.enter_context(two_hosts())
+        except NetnsUnavailable as error:
+            pytest.skip(f"network namespaces unavailable: {error}")
+        yield names

@@ -1,6 +1,7 @@
 """End-to-end harness: the real daemon, the real client, real iptables, in namespaces.
 
-A helper module, not a test file. ``doorman(...)`` builds two hosts (``netns.two_hosts``),
+A helper module, not a test file. ``doorman(...)`` builds two hosts (``netns.two_hosts``;
+every namespace, veth and address here comes from tests/netns.py),
 writes a configuration, starts ``knockd-fast run --json`` in the server namespace, closes
 the protected ports with DROP rules (iptables-legacy and ip6tables-legacy: the same
 xtables family as the daemon's grants, GUIDE section 5), starts real echo listeners on
@@ -56,14 +57,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import netns
+from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, End
+
+from knockd_fast import __version__
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
-SERVER_V4, CLIENT_V4, OTHER_V4 = "192.0.2.1", "192.0.2.2", "192.0.2.3"
-SERVER_V6, CLIENT_V6, OTHER_V6 = "2001:db8::1", "2001:db8::2", "2001:db8::3"
+OTHER_V4, OTHER_V6 = "192.0.2.3", "2001:db8::3"  # "another host" on the client's link
 # The second link (second_link=True): server and client2 addresses.
 SERVER2_V4, CLIENT2_V4 = "198.51.100.1", "198.51.100.2"
 SERVER2_V6, CLIENT2_V6 = "2001:db8:1::1", "2001:db8:1::2"
-VERSION = "0.1.0"
 CONNECT_TIMEOUT = 1.5
 START_TIMEOUT = 20.0
 DECISION_KEYS = (
@@ -252,50 +256,24 @@ class Link:
 
     def add(self) -> None:
         """Create the veth pair with its addresses, both ends up (IPv6 without DAD)."""
-        _ip(
-            "link", "add", self.server_if, "netns", self.server, "type", "veth",
-            "peer", "name", self.client_if, "netns", self.client,
-        )  # fmt: skip
-        for ns, iface, v4, v6 in (
-            (self.server, self.server_if, self.server_v4, self.server_v6),
-            (self.client, self.client_if, self.client_v4, self.client_v6),
-        ):
-            _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", iface)
-            _ip("-n", ns, "addr", "add", f"{v6}/64", "dev", iface, "nodad")
-            _ip("-n", ns, "link", "set", iface, "up")
-        self.wait_up()
+        netns.veth_link(
+            End(self.server, self.server_if, (f"{self.server_v4}/24", f"{self.server_v6}/64")),
+            End(self.client, self.client_if, (f"{self.client_v4}/24", f"{self.client_v6}/64")),
+        )
 
     def delete(self) -> None:
         """Delete the veth pair (both ends), as a driver reload or an unplugged link does."""
-        _ip("-n", self.server, "link", "del", self.server_if)
+        netns.delete_link(self.server, self.server_if)
 
     def set(self, state: str) -> None:
         """``ip link set`` the server's end down or up (the link stays, its state changes)."""
-        _ip("-n", self.server, "link", "set", self.server_if, state)
+        netns.set_link(self.server, self.server_if, state)
         if state == "up":
             self.wait_up()
 
     def wait_up(self, timeout: float = 5.0) -> None:
         """Until both ends report carrier (a packet sent before is lost)."""
-        deadline = time.monotonic() + timeout
-        ends = ((self.server, self.server_if), (self.client, self.client_if))
-        while not all(_carrier(ns, iface) for ns, iface in ends):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"link {self.server_if} did not come up within {timeout} s")
-            time.sleep(0.05)
-
-
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-
-
-def _carrier(ns: str, iface: str) -> bool:
-    done = subprocess.run(["ip", "-n", ns, "-j", "link", "show", iface], capture_output=True)
-    if done.returncode != 0:
-        return False
-    return "LOWER_UP" in json.loads(done.stdout)[0].get("flags", [])
+        netns.wait_carrier(((self.server, self.server_if), (self.client, self.client_if)), timeout)
 
 
 class LockHolder:
@@ -384,7 +362,7 @@ class Harness:
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
         self.start_line = self.wait_log(
-            rf"^knockd-fast {re.escape(VERSION)} on {re.escape(', '.join(self.interfaces))} ",
+            rf"^knockd-fast {re.escape(__version__)} on {re.escape(', '.join(self.interfaces))} ",
             START_TIMEOUT,
             since=since,
         )
@@ -637,8 +615,6 @@ def doorman(
     captures on both. ``capture`` (e.g. ``"any"``) is the ``capture.interface`` to configure
     instead of the links' interfaces.
     """
-    from netns import network_namespace, two_hosts  # here: the packet tool runs without it
-
     directory = Path(directory)
     (directory / "home").mkdir(parents=True, exist_ok=True)
     users = list(users or [User(7, "alice", [f"{port}/tcp" for port in ports])])
@@ -647,24 +623,11 @@ def doorman(
             user.key_file = directory / f"{user.name}.key"
             user.key = write_key(user.key_file)
     with contextlib.ExitStack() as stack:
-        server, client, interface = stack.enter_context(two_hosts())
+        server, client, interface = stack.enter_context(netns.two_hosts())
         client_if = "kfc" + interface[3:]
-        for argv in (
-            ["ip", "addr", "add", f"{OTHER_V4}/24", "dev", client_if],
-            # Deprecated (preferred_lft 0): never picked as a source unless bound to.
-            [
-                "ip",
-                "addr",
-                "add",
-                f"{OTHER_V6}/64",
-                "dev",
-                client_if,
-                "nodad",
-                "preferred_lft",
-                "0",
-            ],
-        ):
-            subprocess.run(["ip", "netns", "exec", client, *argv], check=True, capture_output=True)
+        netns.add_address(client, client_if, f"{OTHER_V4}/24")
+        # Deprecated: the client's own connections keep CLIENT_V6 as their source.
+        netns.add_address(client, client_if, f"{OTHER_V6}/64", deprecated=True)
         harness = Harness(
             server, client, interface, directory, directory / "config.toml", users, tuple(ports)
         )
@@ -675,7 +638,7 @@ def doorman(
         )
         if second_link:
             # Deleting the namespaces (on the way out, also on failure) deletes the veth.
-            client2 = stack.enter_context(network_namespace("kfd"))
+            client2 = stack.enter_context(netns.network_namespace("kfd"))
             link = Link(
                 f"kft{suffix}",
                 client2,

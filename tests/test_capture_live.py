@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, NetnsUnavailable, two_hosts
+from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6
 
 from knock_client.protocol import open_message
 
@@ -18,15 +18,6 @@ from knock_client.protocol import open_message
 pytestmark = [pytest.mark.netns, pytest.mark.extension]
 
 HELPER = Path(__file__).with_name("live_capture.py")
-
-
-@pytest.fixture
-def hosts():
-    try:
-        with two_hosts() as names:
-            yield names
-    except NetnsUnavailable as error:
-        pytest.skip(f"network namespaces unavailable: {error}")
 
 
 def run_capture(server: str, iface: str, out: Path, send) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from firewall_probe import grant_to_json, run_ops
-from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, NetnsUnavailable, run_in, two_hosts
+from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, run_in
 
 from knockd_fast.firewall import (
     DryRunFirewall,
@@ -514,15 +514,6 @@ while True:
     s.accept()[0].close()
 """
 CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 2222), timeout=1).close()"
-
-
-@pytest.fixture
-def hosts():
-    try:
-        with two_hosts() as names:
-            yield names
-    except NetnsUnavailable as error:
-        pytest.skip(f"network namespaces unavailable: {error}")
 
 
 @netns_test
