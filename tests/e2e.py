@@ -61,6 +61,7 @@ import netns
 from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, End
 
 from knockd_fast import __version__
+from knockd_fast.decisions import REPLAY_JSON_KEYS
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -70,17 +71,9 @@ SERVER2_V4, CLIENT2_V4 = "198.51.100.1", "198.51.100.2"
 SERVER2_V6, CLIENT2_V6 = "2001:db8:1::1", "2001:db8:1::2"
 CONNECT_TIMEOUT = 1.5
 START_TIMEOUT = 20.0
-DECISION_KEYS = (
-    "time",
-    "source",
-    "destination",
-    "user",
-    "action",
-    "port",
-    "proto",
-    "verdict",
-    "reason",
-)
+# The keys of a decision that do not depend on the run: what `knockd-fast replay --json`
+# prints, the daemon's definition.
+DECISION_KEYS = REPLAY_JSON_KEYS
 
 
 def server_address(family: int) -> str:

@@ -166,7 +166,8 @@ def test_when_the_grants_cannot_be_read_back_the_log_says_it_does_not_know(
     assert said.count("firewall: cannot restore the chain and jumps: cannot create the chain") == 3
     assert said[-2:] == [
         "firewall: cannot read back the grants: cannot list",
-        f"firewall: open failed after 4 attempts: no luck; unknown whether the firewall holds {WHAT}",
+        "firewall: open failed after 4 attempts: no luck; "
+        f"unknown whether the firewall holds {WHAT}",
     ]
 
 
