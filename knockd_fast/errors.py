@@ -1,5 +1,7 @@
-"""The errors the stages raise to the command line (a module with no dependencies, so that
-``check-config`` loads nothing it does not need)."""
+"""The errors the stages raise to the command line.
+
+A module with no dependencies, so that ``check-config`` loads nothing it does not need.
+"""
 
 
 class StartError(Exception):

@@ -1,5 +1,8 @@
-"""Which local addresses the capture protects: ``capture.destinations``, or the addresses
-of the capture interfaces, asked of iproute2 once at start."""
+"""Interface discovery: the local addresses the capture protects.
+
+``capture.destinations`` if set, else the addresses of the capture interfaces, asked of
+iproute2 once at start.
+"""
 
 from __future__ import annotations
 

@@ -156,7 +156,7 @@ def test_grant_expires_by_itself(e2e):
     # The grant lasts default_timeout from the knock's decision, as logged.
     assert expires == int(iso_seconds(decided)) + 3, (decided, rule)
     assert h.can_connect(SERVER_V4, PORT)
-    h.wait_log(r"^firewall: expired 2222/tcp for 192\.0\.2\.2 ", timeout=10)
+    h.wait_log(r"^firewall: expired 2222/tcp for 192\.0\.2\.2 ", timeout=8)
     assert time.time() >= expires, "expired before its time"  # late is fine on a busy box
     assert not h.can_connect(SERVER_V4, PORT)
     assert h.grant_rules() == []
