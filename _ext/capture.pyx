@@ -23,6 +23,7 @@ import numpy as np
 from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6
 
 from knockd_fast import capture_spec as spec
+from knockd_fast.capture_spec import CaptureError  # the twins' one error class
 
 cnp.import_array()
 
@@ -122,10 +123,6 @@ ctypedef struct Engine:
     bint has_pending
     int error
     pcap.pcap_t *handle
-
-
-class CaptureError(Exception):
-    """A capture that cannot be opened or read; the message is one line."""
 
 
 cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:

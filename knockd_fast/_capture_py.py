@@ -38,6 +38,7 @@ from .capture_spec import (
     MESSAGE_CAPACITY,
     PCAP_COUNTER_NAMES,
     SUPPORTED_LINKTYPES,
+    CaptureError,
     address_key,
     segment_counts,
 )
@@ -75,10 +76,6 @@ _MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 _SPA_LENGTHS = (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
 _USEC_PER_SEC = 1_000_000
 _ZERO_SEGMENTS = [0] * MAX_ALTERNATIVES
-
-
-class CaptureError(Exception):
-    """A capture that cannot be opened or read, or an engine used out of order."""
 
 
 def _dlt(linktype: int) -> int:

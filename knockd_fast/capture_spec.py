@@ -1,4 +1,5 @@
-"""What both capture twins share: record layout, counter names, limits, the BPF filter.
+"""What both capture twins share: record layout, counter names, limits, the error class,
+the BPF filter.
 
 docs/capture.md is the specification; ``_capture_c`` (Cython) and ``_capture_py`` (pure
 Python) implement it and import their shared numbers from here.
@@ -12,6 +13,11 @@ from collections.abc import Iterable
 import numpy as np
 
 from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6, KnockLayout, digit_count
+
+
+class CaptureError(Exception):
+    """A capture that cannot be opened or read, or an engine used out of order; one line."""
+
 
 KIND_KNOCK = 1
 KIND_SPA = 2

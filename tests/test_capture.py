@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import twins
 
 from knock_client.protocol import (
     Action,
@@ -29,7 +30,7 @@ from knock_client.protocol import (
     open_message,
     seal,
 )
-from knockd_fast import capture_spec
+from knockd_fast import _capture, capture_spec
 from knockd_fast import frames as fr
 from knockd_fast.candidates import candidate_messages
 from knockd_fast.capture_spec import (
@@ -211,6 +212,22 @@ def test_constructor_validates_its_arguments(engine_cls: type) -> None:
     with pytest.raises(ValueError, match="64"):
         engine_cls(LAYOUT, destinations=many)
     engine_cls(LAYOUT, destinations=many[:64] + many[:10])
+
+
+def test_every_twin_raises_the_one_capture_error(engine_module: ModuleType) -> None:
+    assert engine_module.CaptureError is capture_spec.CaptureError is _capture.CaptureError
+    with pytest.raises(capture_spec.CaptureError) as raised:
+        engine_module.CaptureEngine(LAYOUT).dispatch()  # nothing open
+    assert type(raised.value) is capture_spec.CaptureError
+
+
+def test_both_twins_raise_the_very_same_class() -> None:
+    classes = set()
+    for cls in twins.engines().values():
+        with pytest.raises(Exception) as raised:
+            cls(LAYOUT).fileno()  # nothing open
+        classes.add(type(raised.value))
+    assert classes == {capture_spec.CaptureError}
 
 
 def test_stats_filter_expression_and_linktype(
