@@ -16,7 +16,6 @@ cimport numpy as cnp
 cimport pcap
 
 import ipaddress
-import math
 import os
 
 import numpy as np
@@ -604,40 +603,30 @@ cdef class CaptureEngine:
 
     def __init__(self, layout, knock_timeout=10.0, capacity=65536, ring_capacity=4096,
                  destinations=()):
-        n4, n6 = spec.segment_counts(layout)
-        knock_timeout = float(knock_timeout)
-        if not (math.isfinite(knock_timeout) and knock_timeout > 0):
-            raise ValueError(
-                f"knock_timeout must be a positive number of seconds, not {knock_timeout}"
-            )
-        if not 1 <= capacity < 2**31:
-            raise ValueError(f"capacity must be in 1..2**31-1, not {capacity!r}")
-        if not 1 <= ring_capacity < 2**31:
-            raise ValueError(f"ring_capacity must be in 1..2**31-1, not {ring_capacity!r}")
-        keys = [_address_key(a) for a in destinations]
-        if len(set(keys)) > MAX_DESTINATIONS:
-            raise ValueError(f"at most {MAX_DESTINATIONS} protected destinations")
+        # The twin calls the same checker: same errors, same normalised numbers.
+        settings = spec.engine_settings(layout, knock_timeout, capacity, ring_capacity,
+                                        destinations)
+        capacity = settings.capacity
+        ring_capacity = settings.ring_capacity
         self.layout = layout
-        self.destinations = tuple(ipaddress.ip_address(a) for a in destinations)
-        self.knock_timeout = knock_timeout
+        self.destinations = settings.destinations
+        self.knock_timeout = settings.knock_timeout
 
         cdef Engine *e = &self.e
         e.base_port = layout.base_port
         e.digit_bits = layout.digit_bits
-        e.segment_size = 1 << layout.digit_bits
-        e.range_end = layout.base_port + n6 * e.segment_size
+        e.segment_size = layout.segment_size
+        e.range_end = settings.knock_end
         e.spa_port = layout.spa_port
-        e.nseg[0] = n4
-        e.nseg[1] = n6
-        e.msg_len[0] = MESSAGE_LEN_IPV4
-        e.msg_len[1] = MESSAGE_LEN_IPV6
-        e.pad_mask[0] = (1 << (n4 * layout.digit_bits - 8 * MESSAGE_LEN_IPV4)) - 1
-        e.pad_mask[1] = (1 << (n6 * layout.digit_bits - 8 * MESSAGE_LEN_IPV6)) - 1
-        e.timeout_us = <int64_t>round(knock_timeout * 1e6)
+        for fam in range(2):
+            e.nseg[fam] = settings.segments[fam]
+            e.msg_len[fam] = settings.message_lengths[fam]
+            e.pad_mask[fam] = settings.pad_masks[fam]
+        e.timeout_us = settings.knock_timeout_us
         cdef bytes dest_key
-        for i, dest_key in enumerate(sorted(set(keys))):
+        for i, dest_key in enumerate(settings.destination_keys):
             memcpy(e.dest[i], <const char *>dest_key, 16)
-        e.ndest = len(set(keys))
+        e.ndest = len(settings.destination_keys)
         e.seed[0] = int.from_bytes(os.urandom(8), "little")
         e.seed[1] = int.from_bytes(os.urandom(8), "little")
 

@@ -8,8 +8,6 @@ files only (``knockd_fast.pcapfile``); live capture and BPF need the extension.
 from __future__ import annotations
 
 import ipaddress
-import math
-import operator
 import os
 from collections.abc import Iterable, Iterator
 
@@ -32,7 +30,6 @@ from .capture_spec import (
     LINKTYPE_RAW,
     LINKTYPE_RAW_DLT12,
     MAX_ALTERNATIVES,
-    MAX_DESTINATIONS,
     MAX_IPV6_EXTENSION_HEADERS,
     MAX_VLAN_TAGS,
     MESSAGE_CAPACITY,
@@ -40,7 +37,7 @@ from .capture_spec import (
     SUPPORTED_LINKTYPES,
     CaptureError,
     address_key,
-    segment_counts,
+    engine_settings,
 )
 from .pcapfile import CaptureFileError, CaptureReader
 
@@ -83,15 +80,6 @@ def _dlt(linktype: int) -> int:
     return LINKTYPE_RAW_DLT12 if linktype == LINKTYPE_RAW else linktype
 
 
-def _count(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, not bool")
-    number = operator.index(value)  # type: ignore[arg-type]
-    if not 1 <= number < 2**31:
-        raise ValueError(f"{name} must be in 1..2**31-1, not {number}")
-    return number
-
-
 class CaptureEngine:
     """Reads packets, rebuilds knocks per source, and rings completed messages.
 
@@ -106,33 +94,30 @@ class CaptureEngine:
         ring_capacity: int = 4096,
         destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address | str] = (),
     ) -> None:
-        n4, n6 = segment_counts(layout)  # LayoutError propagates
-        self._capacity = _count("capacity", capacity)
-        self._ring_capacity = _count("ring_capacity", ring_capacity)
-        timeout = float(knock_timeout)
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"knock_timeout must be a positive number of seconds, not {timeout}")
+        settings = engine_settings(layout, knock_timeout, capacity, ring_capacity, destinations)
+        self._capacity = settings.capacity
+        self._ring_capacity = settings.ring_capacity
         self._layout = layout
-        self.knock_timeout = timeout
+        self.knock_timeout = settings.knock_timeout
         self.live = False  # the twin never captures live
-        self._knock_timeout_us = round(timeout * 1e6)
-        self._destinations = tuple(ipaddress.ip_address(a) for a in destinations)
-        self._destination_keys = frozenset(address_key(a) for a in self._destinations)
-        if len(self._destination_keys) > MAX_DESTINATIONS:
-            raise ValueError(f"at most {MAX_DESTINATIONS} protected destinations")
+        self._knock_timeout_us = settings.knock_timeout_us
+        self._destinations = settings.destinations
+        self._destination_keys = frozenset(settings.destination_keys)
 
-        bits = layout.digit_bits
-        self._digit_bits = bits
+        self._digit_bits = layout.digit_bits
         self._base_port = layout.base_port
-        self._knock_end = layout.base_port + n6 * layout.segment_size
+        self._knock_end = settings.knock_end
         self._spa_port = layout.spa_port
         self._segment_mask = layout.segment_size - 1
         # Per family: (segments, message length, pad bits, pad mask).
-        pad4 = n4 * bits - 8 * MESSAGE_LEN_IPV4
-        pad6 = n6 * bits - 8 * MESSAGE_LEN_IPV6
         self._family = {
-            4: (n4, MESSAGE_LEN_IPV4, pad4, (1 << pad4) - 1),
-            6: (n6, MESSAGE_LEN_IPV6, pad6, (1 << pad6) - 1),
+            family: (
+                settings.segments[i],
+                settings.message_lengths[i],
+                settings.pad_bits[i],
+                settings.pad_masks[i],
+            )
+            for i, family in enumerate((4, 6))
         }
 
         # The source table: a ring of slots and an index from address key to slot.

@@ -1,5 +1,5 @@
 """What both capture twins share: record layout, counter names, limits, the error class,
-the BPF filter.
+the one argument check, the BPF filter.
 
 docs/capture.md is the specification; ``_capture_c`` (Cython) and ``_capture_py`` (pure
 Python) implement it and import their shared numbers from here.
@@ -7,7 +7,11 @@ Python) implement it and import their shared numbers from here.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import math
+import numbers
+import operator
 from collections.abc import Iterable
 
 import numpy as np
@@ -118,6 +122,95 @@ def key_address(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if key[:12] == _V4_MAPPED:  # the common case, without building an IPv6Address first
         return ipaddress.IPv4Address(key[12:])
     return ipaddress.IPv6Address(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """A capture engine's checked and normalised constructor arguments.
+
+    Per-family pairs are (IPv4, IPv6): a digit's family is that of its packet's source.
+    """
+
+    layout: KnockLayout
+    knock_timeout: float  # seconds
+    knock_timeout_us: int  # what the engines compare packet times against
+    capacity: int  # table slots
+    ring_capacity: int  # completion records
+    destinations: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]  # as given
+    destination_keys: tuple[bytes, ...]  # their 16-byte keys, sorted, unique
+    segments: tuple[int, int]  # digits of a message (N4, N6)
+    message_lengths: tuple[int, int]
+    pad_bits: tuple[int, int]  # low bits of the last digit past the message's end
+    pad_masks: tuple[int, int]  # a last digit with any of these bits set is malformed
+    knock_end: int  # one past the last knock port (the IPv6 range is the longer one)
+
+
+_COUNT_LIMIT = 2**31  # capacities: the C engine's 32-bit slot numbers, index of 2 x capacity
+_TIMEOUT_US_LIMIT = 2.0**63  # the C engine's int64_t microseconds
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool | np.bool_):  # an int to Python, but True is no count
+        raise TypeError(f"{name} must be an integer, not bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not 1 <= number < _COUNT_LIMIT:
+        raise ValueError(f"{name} must be in 1..2**31-1, not {number}")
+    return number
+
+
+def _seconds(name: str, value: object) -> tuple[float, int]:
+    """(seconds, microseconds) of a finite positive real; bools refused."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        kind = "bool" if isinstance(value, bool | np.bool_) else type(value).__name__
+        raise TypeError(f"{name} must be a number of seconds, not {kind}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, not {seconds}")
+    if seconds * 1e6 >= _TIMEOUT_US_LIMIT:
+        raise ValueError(f"{name} must be below 2**63 microseconds, not {seconds}")
+    return seconds, round(seconds * 1e6)
+
+
+def engine_settings(
+    layout: KnockLayout,
+    knock_timeout: float = 10.0,
+    capacity: int = 65536,
+    ring_capacity: int = 4096,
+    destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address | str] = (),
+) -> EngineSettings:
+    """Check a ``CaptureEngine``'s arguments, in this order, as both twins' constructors do.
+
+    LayoutError if either family's range does not fit; TypeError for a bool or a wrong type
+    (the timeout: any real; capacities: integers); ValueError for a value out of range, a
+    bad address, or more than MAX_DESTINATIONS distinct destinations.
+    """
+    n4, n6 = segment_counts(layout)
+    seconds, microseconds = _seconds("knock_timeout", knock_timeout)
+    slots = _count("capacity", capacity)
+    records = _count("ring_capacity", ring_capacity)
+    addresses = tuple(ipaddress.ip_address(a) for a in destinations)
+    keys = tuple(sorted({address_key(a) for a in addresses}))
+    if len(keys) > MAX_DESTINATIONS:
+        raise ValueError(f"at most {MAX_DESTINATIONS} protected destinations")
+    pad4 = n4 * layout.digit_bits - 8 * MESSAGE_LEN_IPV4
+    pad6 = n6 * layout.digit_bits - 8 * MESSAGE_LEN_IPV6
+    return EngineSettings(
+        layout=layout,
+        knock_timeout=seconds,
+        knock_timeout_us=microseconds,
+        capacity=slots,
+        ring_capacity=records,
+        destinations=addresses,
+        destination_keys=keys,
+        segments=(n4, n6),
+        message_lengths=(MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6),
+        pad_bits=(pad4, pad6),
+        pad_masks=((1 << pad4) - 1, (1 << pad6) - 1),
+        knock_end=layout.base_port + n6 * layout.segment_size,
+    )
 
 
 def filter_expression(
