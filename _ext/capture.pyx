@@ -32,6 +32,7 @@ cdef extern from *:
     """
     void KF_PREFETCH(const void *address) nogil
 
+# The numbers below are C copies of capture_spec's; _check_layouts() asserts they agree.
 cdef enum:
     N_ALT = 8                  # capture_spec.MAX_ALTERNATIVES
     ALT_PER_SEGMENT = 2        # capture_spec.ALTERNATIVES_PER_SEGMENT
@@ -45,6 +46,35 @@ cdef enum:
     STATE_PARTIAL = 1
     ERROR_NONE = 0
     ERROR_RING_FULL = 1
+
+cdef enum:  # link types with a header of their own (the others are raw IP)
+    LINKTYPE_ETHERNET = 1
+    LINKTYPE_LINUX_SLL = 113
+    LINKTYPE_LINUX_SLL2 = 276
+    LINKTYPE_IPV4 = 228
+    LINKTYPE_IPV6 = 229
+
+cdef enum:
+    ETHERTYPE_IPV4 = 0x0800
+    ETHERTYPE_IPV6 = 0x86DD
+    ETHERTYPE_VLAN = 0x8100
+    ETHERTYPE_QINQ = 0x88A8
+    ETHERTYPE_QINQ_LEGACY = 0x9100
+
+cdef enum:  # IP protocol numbers: the transports, and the IPv6 extension headers walked
+    IPPROTO_HOPOPTS = 0
+    IPPROTO_TCP = 6
+    IPPROTO_UDP = 17
+    IPPROTO_ROUTING = 43
+    IPPROTO_FRAGMENT = 44
+    IPPROTO_AH = 51
+    IPPROTO_DSTOPTS = 60
+
+cdef enum:
+    TCP_SYN = 0x02
+    TCP_ACK = 0x10
+    KIND_KNOCK = 1             # completion record kinds
+    KIND_SPA = 2
 
 cdef enum:  # counter indices, in capture_spec.COUNTER_NAMES order
     C_PACKETS, C_KNOCK_PACKETS, C_SPA_PACKETS, C_COMPLETIONS, C_DUPLICATES, C_CONFLICTS,
@@ -244,7 +274,7 @@ cdef inline void emit_spa(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *
     cdef Completion *c = &e.ring[e.ring_count]
     e.ring_count += 1
     memset(c, 0, sizeof(Completion))
-    c.kind = 2
+    c.kind = KIND_SPA
     c.family = family
     c.length = length
     c.sec = h.ts.tv_sec
@@ -330,7 +360,7 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     c = &e.ring[e.ring_count]
     e.ring_count += 1
     memset(c, 0, sizeof(Completion))
-    c.kind = 1
+    c.kind = KIND_KNOCK
     c.family = 4 if fam == 0 else 6
     c.length = e.msg_len[fam]
     c.n_alternatives = slot.nalt
@@ -374,7 +404,8 @@ cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_
 
 
 cdef inline bint is_vlan(uint16_t ethertype) noexcept nogil:
-    return ethertype == 0x8100 or ethertype == 0x88A8 or ethertype == 0x9100
+    return ethertype == ETHERTYPE_VLAN or ethertype == ETHERTYPE_QINQ \
+        or ethertype == ETHERTYPE_QINQ_LEGACY
 
 
 cdef void on_packet(unsigned char *user, const pcap.pcap_pkthdr *h,
@@ -402,27 +433,27 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
     cdef uint32_t l4avail, dport, udp_len, payload, segment, digit, port
 
     # -- link layer
-    if e.linktype == 1:
+    if e.linktype == LINKTYPE_ETHERNET:
         if caplen < 14:
             return C_MALFORMED
         ethertype = be16(p + 12)
         off = 14
-    elif e.linktype == 113:
+    elif e.linktype == LINKTYPE_LINUX_SLL:
         if caplen < 16:
             return C_MALFORMED
         ethertype = be16(p + 14)
         off = 16
-    elif e.linktype == 276:
+    elif e.linktype == LINKTYPE_LINUX_SLL2:
         if caplen < 20:
             return C_MALFORMED
         ethertype = be16(p)
         off = 20
-    elif e.linktype == 228:
-        ethertype = 0x0800
-    elif e.linktype == 229:
-        ethertype = 0x86DD
+    elif e.linktype == LINKTYPE_IPV4:
+        ethertype = ETHERTYPE_IPV4
+    elif e.linktype == LINKTYPE_IPV6:
+        ethertype = ETHERTYPE_IPV6
     else:  # raw IP: the version nibble decides
-        ethertype = 0x86DD if caplen >= 1 and (p[0] >> 4) == 6 else 0x0800
+        ethertype = ETHERTYPE_IPV6 if caplen >= 1 and (p[0] >> 4) == 6 else ETHERTYPE_IPV4
     while is_vlan(ethertype):
         if tags == MAX_TAGS or caplen < off + 4:
             return C_MALFORMED
@@ -433,7 +464,7 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
     # -- network layer
     ip = p + off
     avail = caplen - off
-    if ethertype == 0x0800:
+    if ethertype == ETHERTYPE_IPV4:
         if avail < 20 or (ip[0] >> 4) != 4:
             return C_MALFORMED
         ihl = (ip[0] & 0x0F) * 4
@@ -456,7 +487,7 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
         proto = ip[9]
         l4 = ip + ihl
         l4avail = avail - ihl
-    elif ethertype == 0x86DD:
+    elif ethertype == ETHERTYPE_IPV6:
         if avail < 40 or (ip[0] >> 4) != 6:
             return C_MALFORMED
         # An IPv4-mapped source would share the IPv4 source's table entry.
@@ -470,17 +501,18 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
         next_header = ip[6]
         q = 0
         ext = 0
-        while next_header != 6 and next_header != 17:
-            if next_header == 0 or next_header == 43 or next_header == 60 or next_header == 51:
+        while next_header != IPPROTO_TCP and next_header != IPPROTO_UDP:
+            if next_header == IPPROTO_HOPOPTS or next_header == IPPROTO_ROUTING \
+                    or next_header == IPPROTO_DSTOPTS or next_header == IPPROTO_AH:
                 if ext == MAX_EXT or q + 2 > avail:
                     return C_MALFORMED
-                if next_header == 51:
+                if next_header == IPPROTO_AH:
                     hdr_len = (<uint32_t>ip[40 + q + 1] + 2) * 4
                 else:
                     hdr_len = (<uint32_t>ip[40 + q + 1] + 1) * 8
                 if q + hdr_len > avail:
                     return C_MALFORMED
-            elif next_header == 44:
+            elif next_header == IPPROTO_FRAGMENT:
                 if ext == MAX_EXT or q + 8 > avail:
                     return C_MALFORMED
                 if be16(ip + 40 + q + 2) >> 3:
@@ -508,14 +540,14 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
             return C_IGNORED
 
     # -- transport
-    if proto == 6:
+    if proto == IPPROTO_TCP:
         if l4avail < 20:
             return C_MALFORMED
         flags = l4[13]
-        if (flags & 0x12) != 0x02:
+        if (flags & (TCP_SYN | TCP_ACK)) != TCP_SYN:
             return C_IGNORED
         dport = be16(l4 + 2)
-    elif proto == 17:
+    elif proto == IPPROTO_UDP:
         if l4avail < 8:
             return C_MALFORMED
         dport = be16(l4 + 2)
@@ -813,6 +845,39 @@ def _check_layouts():
         spec.MAX_ALTERNATIVES, spec.ALTERNATIVES_PER_SEGMENT, spec.MESSAGE_CAPACITY,
         spec.MAX_VLAN_TAGS, spec.MAX_IPV6_EXTENSION_HEADERS, spec.MAX_DESTINATIONS)
     assert (MESSAGE_LEN_4, MESSAGE_LEN_6) == (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
+    c_numbers = {
+        "LINKTYPE_ETHERNET": LINKTYPE_ETHERNET,
+        "LINKTYPE_LINUX_SLL": LINKTYPE_LINUX_SLL,
+        "LINKTYPE_LINUX_SLL2": LINKTYPE_LINUX_SLL2,
+        "LINKTYPE_IPV4": LINKTYPE_IPV4,
+        "LINKTYPE_IPV6": LINKTYPE_IPV6,
+        "ETHERTYPE_IPV4": ETHERTYPE_IPV4,
+        "ETHERTYPE_IPV6": ETHERTYPE_IPV6,
+        "ETHERTYPE_VLAN": ETHERTYPE_VLAN,
+        "ETHERTYPE_QINQ": ETHERTYPE_QINQ,
+        "ETHERTYPE_QINQ_LEGACY": ETHERTYPE_QINQ_LEGACY,
+        "IPPROTO_HOPOPTS": IPPROTO_HOPOPTS,
+        "IPPROTO_TCP": IPPROTO_TCP,
+        "IPPROTO_UDP": IPPROTO_UDP,
+        "IPPROTO_ROUTING": IPPROTO_ROUTING,
+        "IPPROTO_FRAGMENT": IPPROTO_FRAGMENT,
+        "IPPROTO_AH": IPPROTO_AH,
+        "IPPROTO_DSTOPTS": IPPROTO_DSTOPTS,
+        "TCP_SYN": TCP_SYN,
+        "TCP_ACK": TCP_ACK,
+        "KIND_KNOCK": KIND_KNOCK,
+        "KIND_SPA": KIND_SPA,
+    }
+    for name, value in c_numbers.items():
+        assert getattr(spec, name) == value, name
+    # The sets the C code spells out test by test (is_vlan, the extension header walk).
+    assert spec.VLAN_TPIDS == (ETHERTYPE_VLAN, ETHERTYPE_QINQ, ETHERTYPE_QINQ_LEGACY)
+    assert spec.IPV6_EXTENSION_HEADERS == (
+        IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_AH, IPPROTO_DSTOPTS)
+    # classify() reads every supported link type without a branch of its own as raw IP.
+    assert spec.SUPPORTED_LINKTYPES - {
+        LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, LINKTYPE_IPV4, LINKTYPE_IPV6
+    } == {spec.LINKTYPE_RAW_DLT12, spec.LINKTYPE_RAW_DLT14, spec.LINKTYPE_RAW}
     assert tuple(spec.COUNTER_NAMES) == (
         "packets", "knock_packets", "spa_packets", "completions", "duplicates", "conflicts",
         "alternatives_dropped", "evictions", "expired", "malformed", "ignored")

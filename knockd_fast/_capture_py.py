@@ -20,6 +20,14 @@ from .capture_spec import (
     ALTERNATIVES_PER_SEGMENT,
     COMPLETION_DTYPE,
     COUNTER_NAMES,
+    ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
+    IPPROTO_AH,
+    IPPROTO_FRAGMENT,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4_MAPPED_PREFIX,
+    IPV6_EXTENSION_HEADERS,
     KIND_KNOCK,
     KIND_SPA,
     LINKTYPE_ETHERNET,
@@ -35,6 +43,9 @@ from .capture_spec import (
     MESSAGE_CAPACITY,
     PCAP_COUNTER_NAMES,
     SUPPORTED_LINKTYPES,
+    TCP_ACK,
+    TCP_SYN,
+    VLAN_TPIDS,
     CaptureError,
     address_key,
     engine_settings,
@@ -58,18 +69,6 @@ __all__ = ["COMPLETION_DTYPE", "COUNTER_NAMES", "CaptureEngine", "CaptureError"]
     _IGNORED,
 ) = range(len(COUNTER_NAMES))
 
-_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
-_ETHERTYPE_IPV4 = 0x0800
-_ETHERTYPE_IPV6 = 0x86DD
-_IPPROTO_TCP = 6
-_IPPROTO_UDP = 17
-_IPPROTO_FRAGMENT = 44
-_IPPROTO_AH = 51
-_IPV6_OPTION_HEADERS = (0, 43, 60)  # hop-by-hop, routing, destination options
-_IPV6_WALKED = (0, 43, 44, 51, 60)
-_TCP_SYN = 0x02
-_TCP_ACK = 0x10
-_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 _SPA_LENGTHS = (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
 _USEC_PER_SEC = 1_000_000
 _ZERO_SEGMENTS = [0] * MAX_ALTERNATIVES
@@ -279,13 +278,13 @@ class CaptureEngine:
             # nibble of 6 means IPv6 and anything else IPv4 (which then checks the version).
             offset = 0
             if linktype == LINKTYPE_IPV4:
-                ethertype = _ETHERTYPE_IPV4
+                ethertype = ETHERTYPE_IPV4
             elif linktype == LINKTYPE_IPV6 or (size and data[0] >> 4 == 6):
-                ethertype = _ETHERTYPE_IPV6
+                ethertype = ETHERTYPE_IPV6
             else:
-                ethertype = _ETHERTYPE_IPV4
+                ethertype = ETHERTYPE_IPV4
         tags = 0
-        while ethertype in _VLAN_TPIDS:
+        while ethertype in VLAN_TPIDS:
             if tags == MAX_VLAN_TAGS or size < offset + 4:
                 counters[_MALFORMED] += 1
                 return
@@ -295,7 +294,7 @@ class CaptureEngine:
 
         # 2. Network layer.
         captured = size - offset
-        if ethertype == _ETHERTYPE_IPV4:
+        if ethertype == ETHERTYPE_IPV4:
             if captured < 20 or data[offset] >> 4 != 4:
                 counters[_MALFORMED] += 1
                 return
@@ -309,16 +308,16 @@ class CaptureEngine:
                 return
             family = 4
             proto = data[offset + 9]
-            source = _MAPPED_PREFIX + data[offset + 12 : offset + 16]
-            destination = _MAPPED_PREFIX + data[offset + 16 : offset + 20]
+            source = IPV4_MAPPED_PREFIX + data[offset + 12 : offset + 16]
+            destination = IPV4_MAPPED_PREFIX + data[offset + 16 : offset + 20]
             transport = offset + header_len
             available = min(captured, total_len) - header_len
-        elif ethertype == _ETHERTYPE_IPV6:
+        elif ethertype == ETHERTYPE_IPV6:
             if captured < 40 or data[offset] >> 4 != 6:
                 counters[_MALFORMED] += 1
                 return
             source = data[offset + 8 : offset + 24]
-            if source[:12] == _MAPPED_PREFIX:
+            if source[:12] == IPV4_MAPPED_PREFIX:
                 counters[_MALFORMED] += 1
                 return
             family = 6
@@ -328,12 +327,12 @@ class CaptureEngine:
             transport = offset + 40
             end = transport + min(captured - 40, payload_len)
             walked = 0
-            while proto in _IPV6_WALKED:
+            while proto in IPV6_EXTENSION_HEADERS:
                 if walked == MAX_IPV6_EXTENSION_HEADERS:
                     counters[_MALFORMED] += 1
                     return
                 walked += 1
-                if proto == _IPPROTO_FRAGMENT:
+                if proto == IPPROTO_FRAGMENT:
                     length = 8
                     if transport + length > end:
                         counters[_MALFORMED] += 1
@@ -345,7 +344,7 @@ class CaptureEngine:
                     if transport + 2 > end:
                         counters[_MALFORMED] += 1
                         return
-                    if proto == _IPPROTO_AH:
+                    if proto == IPPROTO_AH:
                         length = (data[transport + 1] + 2) * 4
                     else:
                         length = (data[transport + 1] + 1) * 8
@@ -365,15 +364,15 @@ class CaptureEngine:
             return
 
         # 4. Transport.
-        if proto == _IPPROTO_TCP:
+        if proto == IPPROTO_TCP:
             if available < 20:
                 counters[_MALFORMED] += 1
                 return
             flags = data[transport + 13]
-            if not flags & _TCP_SYN or flags & _TCP_ACK:
+            if not flags & TCP_SYN or flags & TCP_ACK:
                 counters[_IGNORED] += 1
                 return
-        elif proto == _IPPROTO_UDP:
+        elif proto == IPPROTO_UDP:
             if available < 8:
                 counters[_MALFORMED] += 1
                 return
@@ -382,7 +381,7 @@ class CaptureEngine:
             return
         port = data[transport + 2] << 8 | data[transport + 3]
 
-        if proto == _IPPROTO_UDP and port == self._spa_port:
+        if proto == IPPROTO_UDP and port == self._spa_port:
             udp_len = data[transport + 4] << 8 | data[transport + 5]
             if udp_len < 8 or udp_len > available or udp_len - 8 not in _SPA_LENGTHS:
                 counters[_MALFORMED] += 1

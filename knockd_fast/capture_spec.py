@@ -1,8 +1,9 @@
-"""What both capture twins share: record layout, counter names, limits, the error class,
-the one argument check, the BPF filter.
+"""What both capture twins share: record layout, counter names, limits, protocol numbers,
+the one error class, the one argument check, the BPF filter.
 
 docs/capture.md is the specification; ``_capture_c`` (Cython) and ``_capture_py`` (pure
-Python) implement it and import their shared numbers from here.
+Python) implement it and import their shared numbers from here. The Cython engine keeps its
+own C copies of the numbers and asserts at import that they equal these.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class CaptureError(Exception):
     """A capture that cannot be opened or read, or an engine used out of order; one line."""
 
 
-KIND_KNOCK = 1
+KIND_KNOCK = 1  # completion record kinds
 KIND_SPA = 2
 MAX_ALTERNATIVES = 8  # per source
 ALTERNATIVES_PER_SEGMENT = 2
@@ -63,6 +64,32 @@ SUPPORTED_LINKTYPES = frozenset(
         LINKTYPE_LINUX_SLL2,
     }
 )
+
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_IPV6 = 0x86DD
+ETHERTYPE_VLAN = 0x8100  # 802.1Q
+ETHERTYPE_QINQ = 0x88A8  # 802.1ad
+ETHERTYPE_QINQ_LEGACY = 0x9100  # pre-standard QinQ, still sent by some switches
+VLAN_TPIDS = (ETHERTYPE_VLAN, ETHERTYPE_QINQ, ETHERTYPE_QINQ_LEGACY)
+
+IPPROTO_HOPOPTS = 0
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ROUTING = 43
+IPPROTO_FRAGMENT = 44
+IPPROTO_AH = 51
+IPPROTO_DSTOPTS = 60
+# The IPv6 extension headers the engines walk to reach TCP or UDP; any other is ignored.
+IPV6_EXTENSION_HEADERS = (
+    IPPROTO_HOPOPTS,
+    IPPROTO_ROUTING,
+    IPPROTO_FRAGMENT,
+    IPPROTO_AH,
+    IPPROTO_DSTOPTS,
+)
+
+TCP_SYN = 0x02
+TCP_ACK = 0x10
 
 COUNTER_NAMES = (
     "packets",
@@ -107,19 +134,19 @@ def segment_counts(layout: KnockLayout) -> tuple[int, int]:
     )
 
 
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"  # ::ffff:0:0/96
+IPV4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"  # ::ffff:0:0/96
 
 
 def address_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     """The 16-byte table key: IPv6 as is, IPv4 as IPv4-mapped IPv6."""
     if address.version == 4:
-        return _V4_MAPPED + address.packed
+        return IPV4_MAPPED_PREFIX + address.packed
     return address.packed
 
 
 def key_address(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     key = bytes(key)
-    if key[:12] == _V4_MAPPED:  # the common case, without building an IPv6Address first
+    if key[:12] == IPV4_MAPPED_PREFIX:  # the common case, without building an IPv6Address first
         return ipaddress.IPv4Address(key[12:])
     return ipaddress.IPv6Address(key)
 
@@ -228,9 +255,10 @@ def filter_expression(
     knock_range = f"dst portrange {layout.base_port}-{last}"
     # libpcap's tcpflags accessor is IPv4-only; for IPv6 read the flags at the fixed offset.
     syn = "(tcp[tcpflags] & (tcp-syn|tcp-ack)) == tcp-syn"
-    syn6 = "(ip6[6] == 6 and (ip6[53] & 0x12) == 0x02)"
-    # Extension headers first: the engine walks them (hop-by-hop, routing, fragment, AH, dstopt).
-    ext6 = "(ip6 and (ip6[6] == 0 or ip6[6] == 43 or ip6[6] == 44 or ip6[6] == 51 or ip6[6] == 60))"
+    syn6 = f"(ip6[6] == {IPPROTO_TCP} and (ip6[53] & {TCP_SYN | TCP_ACK:#04x}) == {TCP_SYN:#04x})"
+    # Extension headers first: the engine walks them itself.
+    ext6 = " or ".join(f"ip6[6] == {header}" for header in IPV6_EXTENSION_HEADERS)
+    ext6 = f"(ip6 and ({ext6}))"
     body = (
         f"(ip and tcp and {knock_range} and {syn})"
         f" or (ip6 and tcp and {knock_range} and {syn6})"

@@ -331,6 +331,14 @@ def test_both_twins_raise_the_very_same_class() -> None:
     assert classes == {capture_spec.CaptureError}
 
 
+@pytest.mark.extension
+def test_the_c_engine_numbers_are_capture_spec_numbers() -> None:
+    # It runs at import too, where a drift breaks every import; here it fails one test.
+    from knockd_fast import _capture_c
+
+    _capture_c._check_layouts()
+
+
 def test_stats_filter_expression_and_linktype(
     engine_cls: type, tmp_path: Path, capture_error: type[Exception]
 ) -> None:
