@@ -222,12 +222,18 @@ cdef void index_remove_at(Engine *e, uint64_t i) noexcept nogil:
         i = j
 
 
-cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
-    cdef int64_t pos = index_find(e, slot.key, slot.fp)
+cdef inline void release_slot(Engine *e, Slot *slot, int64_t pos) noexcept nogil:
+    """End a partial knock: remove its index entry (at ``pos``; -1 if none), free its slot."""
+    # Callers that just found the entry pass its position: the expiry path rehashes nothing.
     if pos >= 0:
         index_remove_at(e, <uint64_t>pos)
     slot.state = STATE_FREE
     e.active -= 1
+
+
+cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
+    # Eviction and completion start from the slot: its kept hash finds the entry.
+    release_slot(e, slot, index_find(e, slot.key, slot.fp))
 
 
 cdef inline void prefetch_victims(const Engine *e) noexcept nogil:
@@ -302,9 +308,7 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     if pos >= 0:
         slot = slot_at(e, e.index[pos])
         if now - slot.first_us > e.timeout_us:
-            index_remove_at(e, <uint64_t>pos)
-            slot.state = STATE_FREE
-            e.active -= 1
+            release_slot(e, slot, pos)
             e.counters[C_EXPIRED] += 1
             slot = NULL
     if slot == NULL:
@@ -813,10 +817,7 @@ cdef class CaptureEngine:
         memcpy(k, <const char *>key, 16)
         cdef int64_t pos = index_find(&self.e, k, hash_key(&self.e, k))
         if pos >= 0:
-            slot = slot_at(&self.e, self.e.index[pos])
-            index_remove_at(&self.e, <uint64_t>pos)
-            slot.state = STATE_FREE
-            self.e.active -= 1
+            release_slot(&self.e, slot_at(&self.e, self.e.index[pos]), pos)
 
     def active_sources(self):
         return self.e.active
