@@ -29,8 +29,13 @@ cnp.import_array()
 cdef extern from *:
     """
     #define KF_PREFETCH(address) __builtin_prefetch((const void *)(address))
+    #define KF_POPCOUNT64(x) __builtin_popcountll(x)
     """
     void KF_PREFETCH(const void *address) nogil
+    int KF_POPCOUNT64(uint64_t x) nogil
+
+cdef extern from "debug.h":
+    bint KF_DEBUG  # a C constant: release builds compile `if KF_DEBUG:` blocks away
 
 # The numbers below are C copies of capture_spec's; _check_layouts() asserts they agree.
 cdef enum:
@@ -44,8 +49,6 @@ cdef enum:
     MAX_DESTINATIONS = 64      # capture_spec.MAX_DESTINATIONS
     STATE_FREE = 0
     STATE_PARTIAL = 1
-    ERROR_NONE = 0
-    ERROR_RING_FULL = 1
 
 cdef enum:  # link types with a header of their own (the others are raw IP)
     LINKTYPE_ETHERNET = 1
@@ -75,6 +78,15 @@ cdef enum:
     TCP_ACK = 0x10
     KIND_KNOCK = 1             # completion record kinds
     KIND_SPA = 2
+
+cdef enum:  # Engine.error: why the loop stopped; dispatch() raises CaptureError
+    ERROR_NONE = 0
+    ERROR_RING_FULL = 1
+    # Broken invariants, checked in the debug build only:
+    ERROR_ACTIVE_COUNT
+    ERROR_INDEX_ENTRY
+    ERROR_SLOT_DIGITS
+    ERROR_RING_COUNT
 
 cdef enum:  # counter indices, in capture_spec.COUNTER_NAMES order
     C_PACKETS, C_KNOCK_PACKETS, C_SPA_PACKETS, C_COMPLETIONS, C_DUPLICATES, C_CONFLICTS,
@@ -263,11 +275,86 @@ cdef inline uint32_t get_digit(const uint8_t *message, uint32_t bit, uint32_t bi
     return (window >> (24 - (bit & 7) - bits)) & ((1u << bits) - 1)
 
 
+# -- invariants, checked in the debug build only (``if KF_DEBUG:``)
+
+cdef inline bint slot_consistent(const Slot *slot, uint32_t nseg) noexcept nogil:
+    """Its digit count is its bitmap's, no bit lies past ``nseg`` segments, alternatives fit."""
+    cdef uint64_t past0 = 0, past1  # bits of filled[0], filled[1] for segments >= nseg
+    if nseg < 64:
+        past0 = slot.filled[0] >> nseg
+        past1 = slot.filled[1]
+    else:  # nseg <= 92
+        past1 = slot.filled[1] >> (nseg - 64)
+    return (past0 | past1) == 0 and slot.nalt <= N_ALT \
+        and slot.nfilled == KF_POPCOUNT64(slot.filled[0]) + KF_POPCOUNT64(slot.filled[1])
+
+
+cdef inline int key_family(const uint64_t *key) noexcept nogil:
+    """0 for an IPv4-mapped key, else 1 (the engine's family index)."""
+    cdef const uint8_t *k = <const uint8_t *>key
+    cdef int i
+    for i in range(10):
+        if k[i] != 0:
+            return 1
+    return 0 if k[10] == 0xFF and k[11] == 0xFF else 1
+
+
+cdef int table_violation(const Engine *e) noexcept nogil:
+    """The first broken invariant of the table and the ring (an ERROR_ code), or ERROR_NONE.
+
+    After a dispatch: every partial slot is consistent and incomplete; there are ``active``
+    partial slots and ``active`` index entries; each entry leads (from its home, by probing)
+    to a partial slot with its key and fingerprint. O(capacity): the debug build only.
+    """
+    cdef uint64_t i, entry, h
+    cdef uint32_t s, nseg, partial = 0, entries = 0
+    cdef const Slot *slot
+    if e.ring_count > e.ring_capacity:
+        return ERROR_RING_COUNT
+    for s in range(e.capacity):
+        slot = &e.slots[s]
+        if slot.state == STATE_PARTIAL:
+            partial += 1
+            nseg = e.nseg[key_family(slot.key)]
+            # A slot that has every digit completes and is freed in the same call.
+            if not slot_consistent(slot, nseg) or slot.nfilled >= nseg:
+                return ERROR_SLOT_DIGITS
+        elif slot.state != STATE_FREE:
+            return ERROR_SLOT_DIGITS
+    if partial != e.active:
+        return ERROR_ACTIVE_COUNT
+    for i in range(e.index_mask + 1):
+        entry = e.index[i]
+        if entry != 0:
+            entries += 1
+            s = <uint32_t>(entry & 0xffffffffULL)
+            if s == 0 or s > e.capacity:
+                return ERROR_INDEX_ENTRY
+    # Only now is the index known to have empty entries, which end index_find's probes.
+    if entries != e.active:
+        return ERROR_ACTIVE_COUNT
+    for i in range(e.index_mask + 1):
+        entry = e.index[i]
+        if entry == 0:
+            continue
+        slot = slot_at(e, entry)
+        h = hash_key(e, slot.key)
+        if slot.state != STATE_PARTIAL or (entry >> 32) != slot.fp \
+                or slot.fp != <uint32_t>h or index_find(e, slot.key, h) != <int64_t>i:
+            return ERROR_INDEX_ENTRY
+    return ERROR_NONE
+
+
+cdef inline void fail(Engine *e, int error) noexcept nogil:
+    """Stop the dispatch loop on an internal error: dispatch() raises CaptureError."""
+    e.error = error
+    pcap.pcap_breakloop(e.handle)
+
+
 cdef inline bint ring_reserve(Engine *e) noexcept nogil:
     if e.ring_count >= e.ring_capacity:
         # dispatch() never reads more packets than there are free records; this is a bug guard.
-        e.error = ERROR_RING_FULL
-        pcap.pcap_breakloop(e.handle)
+        fail(e, ERROR_RING_FULL)
         return False
     return True
 
@@ -332,6 +419,9 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
         e.active += 1
         index_insert(e, hv, s)
         prefetch_victims(e)
+        if KF_DEBUG and e.active > e.capacity:
+            fail(e, ERROR_ACTIVE_COUNT)
+            return
 
     if not (slot.filled[segment >> 6] >> (segment & 63)) & 1:
         slot.filled[segment >> 6] |= 1ULL << (segment & 63)
@@ -357,6 +447,9 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
         slot.nalt += 1
         return
 
+    if KF_DEBUG and not slot_consistent(slot, e.nseg[fam]):
+        fail(e, ERROR_SLOT_DIGITS)
+        return
     if slot.nfilled < e.nseg[fam]:
         return
     if not ring_reserve(e):
@@ -618,6 +711,15 @@ def bare_dispatch(path):
     return packets, stop - start
 
 
+_INTERNAL_ERRORS = {
+    ERROR_RING_FULL: "completion ring overflow",
+    ERROR_ACTIVE_COUNT: "active sources disagree with the slots or the index",
+    ERROR_INDEX_ENTRY: "an index entry does not lead to its partial slot",
+    ERROR_SLOT_DIGITS: "a slot's digit count disagrees with its bitmap",
+    ERROR_RING_COUNT: "more completions than ring records",
+}
+
+
 def _address_key(address):
     return spec.address_key(ipaddress.ip_address(address))
 
@@ -796,8 +898,10 @@ cdef class CaptureEngine:
         with nogil:
             rc = pcap.pcap_dispatch(self.e.handle, count, on_packet, <unsigned char *>&self.e)
             flush_pending(&self.e)
-        if self.e.error == ERROR_RING_FULL:
-            raise CaptureError("internal error: completion ring overflow")
+            if KF_DEBUG and self.e.error == ERROR_NONE:  # a whole-table scan per batch
+                self.e.error = table_violation(&self.e)
+        if self.e.error != ERROR_NONE:
+            raise CaptureError(f"internal error: {_INTERNAL_ERRORS[self.e.error]}")
         if rc == pcap.PCAP_ERROR_BREAK:
             return 0
         if rc < 0:
@@ -831,6 +935,12 @@ cdef class CaptureEngine:
             result["pcap_dropped"] = ps.ps_drop
             result["pcap_ifdropped"] = ps.ps_ifdrop
         return result
+
+
+def debug_build() -> bool:
+    """True for a ``make debug`` build (KNOCKD_FAST_DEBUG=1): -O0 -g, line tracing, and the
+    table's invariants checked after every dispatch (a violation raises CaptureError)."""
+    return bool(KF_DEBUG)
 
 
 def libpcap_version() -> str:

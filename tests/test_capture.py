@@ -337,6 +337,7 @@ def test_the_c_engine_numbers_are_capture_spec_numbers() -> None:
     from knockd_fast import _capture_c
 
     _capture_c._check_layouts()
+    assert isinstance(_capture_c.debug_build(), bool)
 
 
 def test_stats_filter_expression_and_linktype(
