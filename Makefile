@@ -21,7 +21,7 @@ PYTEST       := $(IN_VENV) $(VPY) -m pytest -p no:cacheprovider
 # KNOCKD_FAST_NO_EXTENSIONS=1, proves the selector falls back to the pure twin on request.
 PURE_TWIN_TESTS := tests/test_build.py tests/test_capture.py
 
-.PHONY: deps venv build debug test lint demo clean
+.PHONY: deps venv build debug annotate test lint demo clean
 
 deps:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(DEB_PACKAGES)"
@@ -63,6 +63,15 @@ build: $(STAMP)
 # Same with -O0 -g and Cython line tracing; `make build` goes back to the optimised one.
 debug: $(STAMP)
 	KNOCKD_FAST_DEBUG=1 $(VPY) setup.py -q build_ext --inplace --force
+
+# Cython's annotated HTML of capture.pyx: the yellower a line, the more Python C-API it calls
+# (the per-packet functions should stay white). Only cythonizes; the build is untouched.
+ANNOTATE_DIR := build/annotate
+annotate: $(STAMP)
+	@mkdir -p $(ANNOTATE_DIR)
+	$(VENV)/bin/cython -a -I _ext/includes --module-name knockd_fast._capture_c \
+	  -o $(ANNOTATE_DIR)/capture.c _ext/capture.pyx
+	@echo "annotated source: $(ANNOTATE_DIR)/capture.html"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

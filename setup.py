@@ -2,7 +2,9 @@
 
 Build-time environment:
   KNOCKD_FAST_NO_EXTENSIONS=1  build no extension (pure-Python install)
-  KNOCKD_FAST_DEBUG=1          -O0 -g and Cython line tracing (for coverage/profilers)
+  KNOCKD_FAST_DEBUG=1          -O0 -g, Cython line tracing (for coverage/profilers), and
+                               KF_DEBUG=1: the capture table's invariant checks
+                               (_ext/includes/debug.h)
 """
 
 import os
@@ -57,7 +59,7 @@ def extensions() -> list[Extension]:
     from Cython.Build import cythonize
 
     pcap = pkg_config("libpcap", "libpcap-dev")
-    macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
+    macros = [("CYTHON_TRACE_NOGIL", "1"), ("KF_DEBUG", "1")] if DEBUG else []
     capture = Extension(
         "knockd_fast._capture_c",
         ["_ext/capture.pyx"],

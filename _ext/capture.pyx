@@ -16,22 +16,28 @@ cimport numpy as cnp
 cimport pcap
 
 import ipaddress
-import math
 import os
 
 import numpy as np
 from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6
 
 from knockd_fast import capture_spec as spec
+from knockd_fast.capture_spec import CaptureError  # the twins' one error class
 
 cnp.import_array()
 
 cdef extern from *:
     """
     #define KF_PREFETCH(address) __builtin_prefetch((const void *)(address))
+    #define KF_POPCOUNT64(x) __builtin_popcountll(x)
     """
     void KF_PREFETCH(const void *address) nogil
+    int KF_POPCOUNT64(uint64_t x) nogil
 
+cdef extern from "debug.h":
+    bint KF_DEBUG  # a C constant: release builds compile `if KF_DEBUG:` blocks away
+
+# The numbers below are C copies of capture_spec's; _check_layouts() asserts they agree.
 cdef enum:
     N_ALT = 8                  # capture_spec.MAX_ALTERNATIVES
     ALT_PER_SEGMENT = 2        # capture_spec.ALTERNATIVES_PER_SEGMENT
@@ -43,8 +49,44 @@ cdef enum:
     MAX_DESTINATIONS = 64      # capture_spec.MAX_DESTINATIONS
     STATE_FREE = 0
     STATE_PARTIAL = 1
+
+cdef enum:  # link types with a header of their own (the others are raw IP)
+    LINKTYPE_ETHERNET = 1
+    LINKTYPE_LINUX_SLL = 113
+    LINKTYPE_LINUX_SLL2 = 276
+    LINKTYPE_IPV4 = 228
+    LINKTYPE_IPV6 = 229
+
+cdef enum:
+    ETHERTYPE_IPV4 = 0x0800
+    ETHERTYPE_IPV6 = 0x86DD
+    ETHERTYPE_VLAN = 0x8100
+    ETHERTYPE_QINQ = 0x88A8
+    ETHERTYPE_QINQ_LEGACY = 0x9100
+
+cdef enum:  # IP protocol numbers: the transports, and the IPv6 extension headers walked
+    IPPROTO_HOPOPTS = 0
+    IPPROTO_TCP = 6
+    IPPROTO_UDP = 17
+    IPPROTO_ROUTING = 43
+    IPPROTO_FRAGMENT = 44
+    IPPROTO_AH = 51
+    IPPROTO_DSTOPTS = 60
+
+cdef enum:
+    TCP_SYN = 0x02
+    TCP_ACK = 0x10
+    KIND_KNOCK = 1             # completion record kinds
+    KIND_SPA = 2
+
+cdef enum:  # Engine.error: why the loop stopped; dispatch() raises CaptureError
     ERROR_NONE = 0
     ERROR_RING_FULL = 1
+    # Broken invariants, checked in the debug build only:
+    ERROR_ACTIVE_COUNT
+    ERROR_INDEX_ENTRY
+    ERROR_SLOT_DIGITS
+    ERROR_RING_COUNT
 
 cdef enum:  # counter indices, in capture_spec.COUNTER_NAMES order
     C_PACKETS, C_KNOCK_PACKETS, C_SPA_PACKETS, C_COMPLETIONS, C_DUPLICATES, C_CONFLICTS,
@@ -124,10 +166,6 @@ ctypedef struct Engine:
     pcap.pcap_t *handle
 
 
-class CaptureError(Exception):
-    """A capture that cannot be opened or read; the message is one line."""
-
-
 cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
     return (<uint16_t>p[0] << 8) | p[1]
 
@@ -196,12 +234,18 @@ cdef void index_remove_at(Engine *e, uint64_t i) noexcept nogil:
         i = j
 
 
-cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
-    cdef int64_t pos = index_find(e, slot.key, slot.fp)
+cdef inline void release_slot(Engine *e, Slot *slot, int64_t pos) noexcept nogil:
+    """End a partial knock: remove its index entry (at ``pos``; -1 if none), free its slot."""
+    # Callers that just found the entry pass its position: the expiry path rehashes nothing.
     if pos >= 0:
         index_remove_at(e, <uint64_t>pos)
     slot.state = STATE_FREE
     e.active -= 1
+
+
+cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
+    # Eviction and completion start from the slot: its kept hash finds the entry.
+    release_slot(e, slot, index_find(e, slot.key, slot.fp))
 
 
 cdef inline void prefetch_victims(const Engine *e) noexcept nogil:
@@ -231,11 +275,86 @@ cdef inline uint32_t get_digit(const uint8_t *message, uint32_t bit, uint32_t bi
     return (window >> (24 - (bit & 7) - bits)) & ((1u << bits) - 1)
 
 
+# -- invariants, checked in the debug build only (``if KF_DEBUG:``)
+
+cdef inline bint slot_consistent(const Slot *slot, uint32_t nseg) noexcept nogil:
+    """Its digit count is its bitmap's, no bit lies past ``nseg`` segments, alternatives fit."""
+    cdef uint64_t past0 = 0, past1  # bits of filled[0], filled[1] for segments >= nseg
+    if nseg < 64:
+        past0 = slot.filled[0] >> nseg
+        past1 = slot.filled[1]
+    else:  # nseg <= 92
+        past1 = slot.filled[1] >> (nseg - 64)
+    return (past0 | past1) == 0 and slot.nalt <= N_ALT \
+        and slot.nfilled == KF_POPCOUNT64(slot.filled[0]) + KF_POPCOUNT64(slot.filled[1])
+
+
+cdef inline int key_family(const uint64_t *key) noexcept nogil:
+    """0 for an IPv4-mapped key, else 1 (the engine's family index)."""
+    cdef const uint8_t *k = <const uint8_t *>key
+    cdef int i
+    for i in range(10):
+        if k[i] != 0:
+            return 1
+    return 0 if k[10] == 0xFF and k[11] == 0xFF else 1
+
+
+cdef int table_violation(const Engine *e) noexcept nogil:
+    """The first broken invariant of the table and the ring (an ERROR_ code), or ERROR_NONE.
+
+    After a dispatch: every partial slot is consistent and incomplete; there are ``active``
+    partial slots and ``active`` index entries; each entry leads (from its home, by probing)
+    to a partial slot with its key and fingerprint. O(capacity): the debug build only.
+    """
+    cdef uint64_t i, entry, h
+    cdef uint32_t s, nseg, partial = 0, entries = 0
+    cdef const Slot *slot
+    if e.ring_count > e.ring_capacity:
+        return ERROR_RING_COUNT
+    for s in range(e.capacity):
+        slot = &e.slots[s]
+        if slot.state == STATE_PARTIAL:
+            partial += 1
+            nseg = e.nseg[key_family(slot.key)]
+            # A slot that has every digit completes and is freed in the same call.
+            if not slot_consistent(slot, nseg) or slot.nfilled >= nseg:
+                return ERROR_SLOT_DIGITS
+        elif slot.state != STATE_FREE:
+            return ERROR_SLOT_DIGITS
+    if partial != e.active:
+        return ERROR_ACTIVE_COUNT
+    for i in range(e.index_mask + 1):
+        entry = e.index[i]
+        if entry != 0:
+            entries += 1
+            s = <uint32_t>(entry & 0xffffffffULL)
+            if s == 0 or s > e.capacity:
+                return ERROR_INDEX_ENTRY
+    # Only now is the index known to have empty entries, which end index_find's probes.
+    if entries != e.active:
+        return ERROR_ACTIVE_COUNT
+    for i in range(e.index_mask + 1):
+        entry = e.index[i]
+        if entry == 0:
+            continue
+        slot = slot_at(e, entry)
+        h = hash_key(e, slot.key)
+        if slot.state != STATE_PARTIAL or (entry >> 32) != slot.fp \
+                or slot.fp != <uint32_t>h or index_find(e, slot.key, h) != <int64_t>i:
+            return ERROR_INDEX_ENTRY
+    return ERROR_NONE
+
+
+cdef inline void fail(Engine *e, int error) noexcept nogil:
+    """Stop the dispatch loop on an internal error: dispatch() raises CaptureError."""
+    e.error = error
+    pcap.pcap_breakloop(e.handle)
+
+
 cdef inline bint ring_reserve(Engine *e) noexcept nogil:
     if e.ring_count >= e.ring_capacity:
         # dispatch() never reads more packets than there are free records; this is a bug guard.
-        e.error = ERROR_RING_FULL
-        pcap.pcap_breakloop(e.handle)
+        fail(e, ERROR_RING_FULL)
         return False
     return True
 
@@ -248,7 +367,7 @@ cdef inline void emit_spa(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *
     cdef Completion *c = &e.ring[e.ring_count]
     e.ring_count += 1
     memset(c, 0, sizeof(Completion))
-    c.kind = 2
+    c.kind = KIND_SPA
     c.family = family
     c.length = length
     c.sec = h.ts.tv_sec
@@ -276,9 +395,7 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     if pos >= 0:
         slot = slot_at(e, e.index[pos])
         if now - slot.first_us > e.timeout_us:
-            index_remove_at(e, <uint64_t>pos)
-            slot.state = STATE_FREE
-            e.active -= 1
+            release_slot(e, slot, pos)
             e.counters[C_EXPIRED] += 1
             slot = NULL
     if slot == NULL:
@@ -302,6 +419,9 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
         e.active += 1
         index_insert(e, hv, s)
         prefetch_victims(e)
+        if KF_DEBUG and e.active > e.capacity:
+            fail(e, ERROR_ACTIVE_COUNT)
+            return
 
     if not (slot.filled[segment >> 6] >> (segment & 63)) & 1:
         slot.filled[segment >> 6] |= 1ULL << (segment & 63)
@@ -327,6 +447,9 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
         slot.nalt += 1
         return
 
+    if KF_DEBUG and not slot_consistent(slot, e.nseg[fam]):
+        fail(e, ERROR_SLOT_DIGITS)
+        return
     if slot.nfilled < e.nseg[fam]:
         return
     if not ring_reserve(e):
@@ -334,7 +457,7 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     c = &e.ring[e.ring_count]
     e.ring_count += 1
     memset(c, 0, sizeof(Completion))
-    c.kind = 1
+    c.kind = KIND_KNOCK
     c.family = 4 if fam == 0 else 6
     c.length = e.msg_len[fam]
     c.n_alternatives = slot.nalt
@@ -378,7 +501,8 @@ cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_
 
 
 cdef inline bint is_vlan(uint16_t ethertype) noexcept nogil:
-    return ethertype == 0x8100 or ethertype == 0x88A8 or ethertype == 0x9100
+    return ethertype == ETHERTYPE_VLAN or ethertype == ETHERTYPE_QINQ \
+        or ethertype == ETHERTYPE_QINQ_LEGACY
 
 
 cdef void on_packet(unsigned char *user, const pcap.pcap_pkthdr *h,
@@ -406,27 +530,27 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
     cdef uint32_t l4avail, dport, udp_len, payload, segment, digit, port
 
     # -- link layer
-    if e.linktype == 1:
+    if e.linktype == LINKTYPE_ETHERNET:
         if caplen < 14:
             return C_MALFORMED
         ethertype = be16(p + 12)
         off = 14
-    elif e.linktype == 113:
+    elif e.linktype == LINKTYPE_LINUX_SLL:
         if caplen < 16:
             return C_MALFORMED
         ethertype = be16(p + 14)
         off = 16
-    elif e.linktype == 276:
+    elif e.linktype == LINKTYPE_LINUX_SLL2:
         if caplen < 20:
             return C_MALFORMED
         ethertype = be16(p)
         off = 20
-    elif e.linktype == 228:
-        ethertype = 0x0800
-    elif e.linktype == 229:
-        ethertype = 0x86DD
+    elif e.linktype == LINKTYPE_IPV4:
+        ethertype = ETHERTYPE_IPV4
+    elif e.linktype == LINKTYPE_IPV6:
+        ethertype = ETHERTYPE_IPV6
     else:  # raw IP: the version nibble decides
-        ethertype = 0x86DD if caplen >= 1 and (p[0] >> 4) == 6 else 0x0800
+        ethertype = ETHERTYPE_IPV6 if caplen >= 1 and (p[0] >> 4) == 6 else ETHERTYPE_IPV4
     while is_vlan(ethertype):
         if tags == MAX_TAGS or caplen < off + 4:
             return C_MALFORMED
@@ -437,7 +561,7 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
     # -- network layer
     ip = p + off
     avail = caplen - off
-    if ethertype == 0x0800:
+    if ethertype == ETHERTYPE_IPV4:
         if avail < 20 or (ip[0] >> 4) != 4:
             return C_MALFORMED
         ihl = (ip[0] & 0x0F) * 4
@@ -460,7 +584,7 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
         proto = ip[9]
         l4 = ip + ihl
         l4avail = avail - ihl
-    elif ethertype == 0x86DD:
+    elif ethertype == ETHERTYPE_IPV6:
         if avail < 40 or (ip[0] >> 4) != 6:
             return C_MALFORMED
         # An IPv4-mapped source would share the IPv4 source's table entry.
@@ -474,17 +598,18 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
         next_header = ip[6]
         q = 0
         ext = 0
-        while next_header != 6 and next_header != 17:
-            if next_header == 0 or next_header == 43 or next_header == 60 or next_header == 51:
+        while next_header != IPPROTO_TCP and next_header != IPPROTO_UDP:
+            if next_header == IPPROTO_HOPOPTS or next_header == IPPROTO_ROUTING \
+                    or next_header == IPPROTO_DSTOPTS or next_header == IPPROTO_AH:
                 if ext == MAX_EXT or q + 2 > avail:
                     return C_MALFORMED
-                if next_header == 51:
+                if next_header == IPPROTO_AH:
                     hdr_len = (<uint32_t>ip[40 + q + 1] + 2) * 4
                 else:
                     hdr_len = (<uint32_t>ip[40 + q + 1] + 1) * 8
                 if q + hdr_len > avail:
                     return C_MALFORMED
-            elif next_header == 44:
+            elif next_header == IPPROTO_FRAGMENT:
                 if ext == MAX_EXT or q + 8 > avail:
                     return C_MALFORMED
                 if be16(ip + 40 + q + 2) >> 3:
@@ -512,14 +637,14 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
             return C_IGNORED
 
     # -- transport
-    if proto == 6:
+    if proto == IPPROTO_TCP:
         if l4avail < 20:
             return C_MALFORMED
         flags = l4[13]
-        if (flags & 0x12) != 0x02:
+        if (flags & (TCP_SYN | TCP_ACK)) != TCP_SYN:
             return C_IGNORED
         dport = be16(l4 + 2)
-    elif proto == 17:
+    elif proto == IPPROTO_UDP:
         if l4avail < 8:
             return C_MALFORMED
         dport = be16(l4 + 2)
@@ -586,6 +711,15 @@ def bare_dispatch(path):
     return packets, stop - start
 
 
+_INTERNAL_ERRORS = {
+    ERROR_RING_FULL: "completion ring overflow",
+    ERROR_ACTIVE_COUNT: "active sources disagree with the slots or the index",
+    ERROR_INDEX_ENTRY: "an index entry does not lead to its partial slot",
+    ERROR_SLOT_DIGITS: "a slot's digit count disagrees with its bitmap",
+    ERROR_RING_COUNT: "more completions than ring records",
+}
+
+
 def _address_key(address):
     return spec.address_key(ipaddress.ip_address(address))
 
@@ -607,40 +741,30 @@ cdef class CaptureEngine:
 
     def __init__(self, layout, knock_timeout=10.0, capacity=65536, ring_capacity=4096,
                  destinations=()):
-        n4, n6 = spec.segment_counts(layout)
-        knock_timeout = float(knock_timeout)
-        if not (math.isfinite(knock_timeout) and knock_timeout > 0):
-            raise ValueError(
-                f"knock_timeout must be a positive number of seconds, not {knock_timeout}"
-            )
-        if not 1 <= capacity < 2**31:
-            raise ValueError(f"capacity must be in 1..2**31-1, not {capacity!r}")
-        if not 1 <= ring_capacity < 2**31:
-            raise ValueError(f"ring_capacity must be in 1..2**31-1, not {ring_capacity!r}")
-        keys = [_address_key(a) for a in destinations]
-        if len(set(keys)) > MAX_DESTINATIONS:
-            raise ValueError(f"at most {MAX_DESTINATIONS} protected destinations")
+        # The twin calls the same checker: same errors, same normalised numbers.
+        settings = spec.engine_settings(layout, knock_timeout, capacity, ring_capacity,
+                                        destinations)
+        capacity = settings.capacity
+        ring_capacity = settings.ring_capacity
         self.layout = layout
-        self.destinations = tuple(ipaddress.ip_address(a) for a in destinations)
-        self.knock_timeout = knock_timeout
+        self.destinations = settings.destinations
+        self.knock_timeout = settings.knock_timeout
 
         cdef Engine *e = &self.e
         e.base_port = layout.base_port
         e.digit_bits = layout.digit_bits
-        e.segment_size = 1 << layout.digit_bits
-        e.range_end = layout.base_port + n6 * e.segment_size
+        e.segment_size = layout.segment_size
+        e.range_end = settings.knock_end
         e.spa_port = layout.spa_port
-        e.nseg[0] = n4
-        e.nseg[1] = n6
-        e.msg_len[0] = MESSAGE_LEN_IPV4
-        e.msg_len[1] = MESSAGE_LEN_IPV6
-        e.pad_mask[0] = (1 << (n4 * layout.digit_bits - 8 * MESSAGE_LEN_IPV4)) - 1
-        e.pad_mask[1] = (1 << (n6 * layout.digit_bits - 8 * MESSAGE_LEN_IPV6)) - 1
-        e.timeout_us = <int64_t>round(knock_timeout * 1e6)
+        for fam in range(2):
+            e.nseg[fam] = settings.segments[fam]
+            e.msg_len[fam] = settings.message_lengths[fam]
+            e.pad_mask[fam] = settings.pad_masks[fam]
+        e.timeout_us = settings.knock_timeout_us
         cdef bytes dest_key
-        for i, dest_key in enumerate(sorted(set(keys))):
+        for i, dest_key in enumerate(settings.destination_keys):
             memcpy(e.dest[i], <const char *>dest_key, 16)
-        e.ndest = len(set(keys))
+        e.ndest = len(settings.destination_keys)
         e.seed[0] = int.from_bytes(os.urandom(8), "little")
         e.seed[1] = int.from_bytes(os.urandom(8), "little")
 
@@ -774,8 +898,10 @@ cdef class CaptureEngine:
         with nogil:
             rc = pcap.pcap_dispatch(self.e.handle, count, on_packet, <unsigned char *>&self.e)
             flush_pending(&self.e)
-        if self.e.error == ERROR_RING_FULL:
-            raise CaptureError("internal error: completion ring overflow")
+            if KF_DEBUG and self.e.error == ERROR_NONE:  # a whole-table scan per batch
+                self.e.error = table_violation(&self.e)
+        if self.e.error != ERROR_NONE:
+            raise CaptureError(f"internal error: {_INTERNAL_ERRORS[self.e.error]}")
         if rc == pcap.PCAP_ERROR_BREAK:
             return 0
         if rc < 0:
@@ -795,10 +921,7 @@ cdef class CaptureEngine:
         memcpy(k, <const char *>key, 16)
         cdef int64_t pos = index_find(&self.e, k, hash_key(&self.e, k))
         if pos >= 0:
-            slot = slot_at(&self.e, self.e.index[pos])
-            index_remove_at(&self.e, <uint64_t>pos)
-            slot.state = STATE_FREE
-            self.e.active -= 1
+            release_slot(&self.e, slot_at(&self.e, self.e.index[pos]), pos)
 
     def active_sources(self):
         return self.e.active
@@ -814,6 +937,12 @@ cdef class CaptureEngine:
         return result
 
 
+def debug_build() -> bool:
+    """True for a ``make debug`` build (KNOCKD_FAST_DEBUG=1): -O0 -g, line tracing, and the
+    table's invariants checked after every dispatch (a violation raises CaptureError)."""
+    return bool(KF_DEBUG)
+
+
 def libpcap_version() -> str:
     """Return libpcap's own version string, e.g. 'libpcap version 1.10.3 (with TPACKET_V3)'."""
     return pcap.pcap_lib_version().decode("ascii", "replace")
@@ -827,6 +956,39 @@ def _check_layouts():
         spec.MAX_ALTERNATIVES, spec.ALTERNATIVES_PER_SEGMENT, spec.MESSAGE_CAPACITY,
         spec.MAX_VLAN_TAGS, spec.MAX_IPV6_EXTENSION_HEADERS, spec.MAX_DESTINATIONS)
     assert (MESSAGE_LEN_4, MESSAGE_LEN_6) == (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
+    c_numbers = {
+        "LINKTYPE_ETHERNET": LINKTYPE_ETHERNET,
+        "LINKTYPE_LINUX_SLL": LINKTYPE_LINUX_SLL,
+        "LINKTYPE_LINUX_SLL2": LINKTYPE_LINUX_SLL2,
+        "LINKTYPE_IPV4": LINKTYPE_IPV4,
+        "LINKTYPE_IPV6": LINKTYPE_IPV6,
+        "ETHERTYPE_IPV4": ETHERTYPE_IPV4,
+        "ETHERTYPE_IPV6": ETHERTYPE_IPV6,
+        "ETHERTYPE_VLAN": ETHERTYPE_VLAN,
+        "ETHERTYPE_QINQ": ETHERTYPE_QINQ,
+        "ETHERTYPE_QINQ_LEGACY": ETHERTYPE_QINQ_LEGACY,
+        "IPPROTO_HOPOPTS": IPPROTO_HOPOPTS,
+        "IPPROTO_TCP": IPPROTO_TCP,
+        "IPPROTO_UDP": IPPROTO_UDP,
+        "IPPROTO_ROUTING": IPPROTO_ROUTING,
+        "IPPROTO_FRAGMENT": IPPROTO_FRAGMENT,
+        "IPPROTO_AH": IPPROTO_AH,
+        "IPPROTO_DSTOPTS": IPPROTO_DSTOPTS,
+        "TCP_SYN": TCP_SYN,
+        "TCP_ACK": TCP_ACK,
+        "KIND_KNOCK": KIND_KNOCK,
+        "KIND_SPA": KIND_SPA,
+    }
+    for name, value in c_numbers.items():
+        assert getattr(spec, name) == value, name
+    # The sets the C code spells out test by test (is_vlan, the extension header walk).
+    assert spec.VLAN_TPIDS == (ETHERTYPE_VLAN, ETHERTYPE_QINQ, ETHERTYPE_QINQ_LEGACY)
+    assert spec.IPV6_EXTENSION_HEADERS == (
+        IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_AH, IPPROTO_DSTOPTS)
+    # classify() reads every supported link type without a branch of its own as raw IP.
+    assert spec.SUPPORTED_LINKTYPES - {
+        LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, LINKTYPE_IPV4, LINKTYPE_IPV6
+    } == {spec.LINKTYPE_RAW_DLT12, spec.LINKTYPE_RAW_DLT14, spec.LINKTYPE_RAW}
     assert tuple(spec.COUNTER_NAMES) == (
         "packets", "knock_packets", "spa_packets", "completions", "duplicates", "conflicts",
         "alternatives_dropped", "evictions", "expired", "malformed", "ignored")

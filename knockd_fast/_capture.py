@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import os
 
-from .capture_spec import COMPLETION_DTYPE, COUNTER_NAMES
+# One CaptureError for both twins: catching it never depends on which one loaded.
+from .capture_spec import COMPLETION_DTYPE, COUNTER_NAMES, CaptureError
 
 FORCED_PURE = os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0")
 
 if FORCED_PURE:
-    from ._capture_py import CaptureEngine, CaptureError
+    from ._capture_py import CaptureEngine
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from ._capture_c import CaptureEngine, CaptureError
+        from ._capture_c import CaptureEngine
     except ImportError:  # not built: the twin gives the same results, slower
-        from ._capture_py import CaptureEngine, CaptureError
+        from ._capture_py import CaptureEngine
 
         IMPLEMENTATION = "python"
     else:

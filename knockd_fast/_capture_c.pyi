@@ -7,10 +7,9 @@ from collections.abc import Iterable
 import numpy as np
 
 from knock_client.protocol import KnockLayout
+from knockd_fast.capture_spec import CaptureError as CaptureError
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address | str
-
-class CaptureError(Exception): ...
 
 class CaptureEngine:
     knock_timeout: float
@@ -47,4 +46,5 @@ class CaptureEngine:
     def stats(self) -> dict[str, int]: ...
 
 def bare_dispatch(path: str | os.PathLike[str]) -> tuple[int, float]: ...
+def debug_build() -> bool: ...
 def libpcap_version() -> str: ...

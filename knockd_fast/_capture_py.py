@@ -8,8 +8,6 @@ files only (``knockd_fast.pcapfile``); live capture and BPF need the extension.
 from __future__ import annotations
 
 import ipaddress
-import math
-import operator
 import os
 from collections.abc import Iterable, Iterator
 
@@ -22,6 +20,14 @@ from .capture_spec import (
     ALTERNATIVES_PER_SEGMENT,
     COMPLETION_DTYPE,
     COUNTER_NAMES,
+    ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
+    IPPROTO_AH,
+    IPPROTO_FRAGMENT,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4_MAPPED_PREFIX,
+    IPV6_EXTENSION_HEADERS,
     KIND_KNOCK,
     KIND_SPA,
     LINKTYPE_ETHERNET,
@@ -32,14 +38,17 @@ from .capture_spec import (
     LINKTYPE_RAW,
     LINKTYPE_RAW_DLT12,
     MAX_ALTERNATIVES,
-    MAX_DESTINATIONS,
     MAX_IPV6_EXTENSION_HEADERS,
     MAX_VLAN_TAGS,
     MESSAGE_CAPACITY,
     PCAP_COUNTER_NAMES,
     SUPPORTED_LINKTYPES,
+    TCP_ACK,
+    TCP_SYN,
+    VLAN_TPIDS,
+    CaptureError,
     address_key,
-    segment_counts,
+    engine_settings,
 )
 from .pcapfile import CaptureFileError, CaptureReader
 
@@ -60,39 +69,14 @@ __all__ = ["COMPLETION_DTYPE", "COUNTER_NAMES", "CaptureEngine", "CaptureError"]
     _IGNORED,
 ) = range(len(COUNTER_NAMES))
 
-_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
-_ETHERTYPE_IPV4 = 0x0800
-_ETHERTYPE_IPV6 = 0x86DD
-_IPPROTO_TCP = 6
-_IPPROTO_UDP = 17
-_IPPROTO_FRAGMENT = 44
-_IPPROTO_AH = 51
-_IPV6_OPTION_HEADERS = (0, 43, 60)  # hop-by-hop, routing, destination options
-_IPV6_WALKED = (0, 43, 44, 51, 60)
-_TCP_SYN = 0x02
-_TCP_ACK = 0x10
-_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 _SPA_LENGTHS = (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
 _USEC_PER_SEC = 1_000_000
 _ZERO_SEGMENTS = [0] * MAX_ALTERNATIVES
 
 
-class CaptureError(Exception):
-    """A capture that cannot be opened or read, or an engine used out of order."""
-
-
 def _dlt(linktype: int) -> int:
     """The DLT_ value libpcap reports for a file's LINKTYPE_ (pcap_datalink on Linux)."""
     return LINKTYPE_RAW_DLT12 if linktype == LINKTYPE_RAW else linktype
-
-
-def _count(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, not bool")
-    number = operator.index(value)  # type: ignore[arg-type]
-    if not 1 <= number < 2**31:
-        raise ValueError(f"{name} must be in 1..2**31-1, not {number}")
-    return number
 
 
 class CaptureEngine:
@@ -109,33 +93,30 @@ class CaptureEngine:
         ring_capacity: int = 4096,
         destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address | str] = (),
     ) -> None:
-        n4, n6 = segment_counts(layout)  # LayoutError propagates
-        self._capacity = _count("capacity", capacity)
-        self._ring_capacity = _count("ring_capacity", ring_capacity)
-        timeout = float(knock_timeout)
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"knock_timeout must be a positive number of seconds, not {timeout}")
+        settings = engine_settings(layout, knock_timeout, capacity, ring_capacity, destinations)
+        self._capacity = settings.capacity
+        self._ring_capacity = settings.ring_capacity
         self._layout = layout
-        self.knock_timeout = timeout
+        self.knock_timeout = settings.knock_timeout
         self.live = False  # the twin never captures live
-        self._knock_timeout_us = round(timeout * 1e6)
-        self._destinations = tuple(ipaddress.ip_address(a) for a in destinations)
-        self._destination_keys = frozenset(address_key(a) for a in self._destinations)
-        if len(self._destination_keys) > MAX_DESTINATIONS:
-            raise ValueError(f"at most {MAX_DESTINATIONS} protected destinations")
+        self._knock_timeout_us = settings.knock_timeout_us
+        self._destinations = settings.destinations
+        self._destination_keys = frozenset(settings.destination_keys)
 
-        bits = layout.digit_bits
-        self._digit_bits = bits
+        self._digit_bits = layout.digit_bits
         self._base_port = layout.base_port
-        self._knock_end = layout.base_port + n6 * layout.segment_size
+        self._knock_end = settings.knock_end
         self._spa_port = layout.spa_port
         self._segment_mask = layout.segment_size - 1
         # Per family: (segments, message length, pad bits, pad mask).
-        pad4 = n4 * bits - 8 * MESSAGE_LEN_IPV4
-        pad6 = n6 * bits - 8 * MESSAGE_LEN_IPV6
         self._family = {
-            4: (n4, MESSAGE_LEN_IPV4, pad4, (1 << pad4) - 1),
-            6: (n6, MESSAGE_LEN_IPV6, pad6, (1 << pad6) - 1),
+            family: (
+                settings.segments[i],
+                settings.message_lengths[i],
+                settings.pad_bits[i],
+                settings.pad_masks[i],
+            )
+            for i, family in enumerate((4, 6))
         }
 
         # The source table: a ring of slots and an index from address key to slot.
@@ -297,13 +278,13 @@ class CaptureEngine:
             # nibble of 6 means IPv6 and anything else IPv4 (which then checks the version).
             offset = 0
             if linktype == LINKTYPE_IPV4:
-                ethertype = _ETHERTYPE_IPV4
+                ethertype = ETHERTYPE_IPV4
             elif linktype == LINKTYPE_IPV6 or (size and data[0] >> 4 == 6):
-                ethertype = _ETHERTYPE_IPV6
+                ethertype = ETHERTYPE_IPV6
             else:
-                ethertype = _ETHERTYPE_IPV4
+                ethertype = ETHERTYPE_IPV4
         tags = 0
-        while ethertype in _VLAN_TPIDS:
+        while ethertype in VLAN_TPIDS:
             if tags == MAX_VLAN_TAGS or size < offset + 4:
                 counters[_MALFORMED] += 1
                 return
@@ -313,7 +294,7 @@ class CaptureEngine:
 
         # 2. Network layer.
         captured = size - offset
-        if ethertype == _ETHERTYPE_IPV4:
+        if ethertype == ETHERTYPE_IPV4:
             if captured < 20 or data[offset] >> 4 != 4:
                 counters[_MALFORMED] += 1
                 return
@@ -327,16 +308,16 @@ class CaptureEngine:
                 return
             family = 4
             proto = data[offset + 9]
-            source = _MAPPED_PREFIX + data[offset + 12 : offset + 16]
-            destination = _MAPPED_PREFIX + data[offset + 16 : offset + 20]
+            source = IPV4_MAPPED_PREFIX + data[offset + 12 : offset + 16]
+            destination = IPV4_MAPPED_PREFIX + data[offset + 16 : offset + 20]
             transport = offset + header_len
             available = min(captured, total_len) - header_len
-        elif ethertype == _ETHERTYPE_IPV6:
+        elif ethertype == ETHERTYPE_IPV6:
             if captured < 40 or data[offset] >> 4 != 6:
                 counters[_MALFORMED] += 1
                 return
             source = data[offset + 8 : offset + 24]
-            if source[:12] == _MAPPED_PREFIX:
+            if source[:12] == IPV4_MAPPED_PREFIX:
                 counters[_MALFORMED] += 1
                 return
             family = 6
@@ -346,12 +327,12 @@ class CaptureEngine:
             transport = offset + 40
             end = transport + min(captured - 40, payload_len)
             walked = 0
-            while proto in _IPV6_WALKED:
+            while proto in IPV6_EXTENSION_HEADERS:
                 if walked == MAX_IPV6_EXTENSION_HEADERS:
                     counters[_MALFORMED] += 1
                     return
                 walked += 1
-                if proto == _IPPROTO_FRAGMENT:
+                if proto == IPPROTO_FRAGMENT:
                     length = 8
                     if transport + length > end:
                         counters[_MALFORMED] += 1
@@ -363,7 +344,7 @@ class CaptureEngine:
                     if transport + 2 > end:
                         counters[_MALFORMED] += 1
                         return
-                    if proto == _IPPROTO_AH:
+                    if proto == IPPROTO_AH:
                         length = (data[transport + 1] + 2) * 4
                     else:
                         length = (data[transport + 1] + 1) * 8
@@ -383,15 +364,15 @@ class CaptureEngine:
             return
 
         # 4. Transport.
-        if proto == _IPPROTO_TCP:
+        if proto == IPPROTO_TCP:
             if available < 20:
                 counters[_MALFORMED] += 1
                 return
             flags = data[transport + 13]
-            if not flags & _TCP_SYN or flags & _TCP_ACK:
+            if not flags & TCP_SYN or flags & TCP_ACK:
                 counters[_IGNORED] += 1
                 return
-        elif proto == _IPPROTO_UDP:
+        elif proto == IPPROTO_UDP:
             if available < 8:
                 counters[_MALFORMED] += 1
                 return
@@ -400,7 +381,7 @@ class CaptureEngine:
             return
         port = data[transport + 2] << 8 | data[transport + 3]
 
-        if proto == _IPPROTO_UDP and port == self._spa_port:
+        if proto == IPPROTO_UDP and port == self._spa_port:
             udp_len = data[transport + 4] << 8 | data[transport + 5]
             if udp_len < 8 or udp_len > available or udp_len - 8 not in _SPA_LENGTHS:
                 counters[_MALFORMED] += 1

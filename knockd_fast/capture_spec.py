@@ -1,19 +1,30 @@
-"""What both capture twins share: record layout, counter names, limits, the BPF filter.
+"""What both capture twins share: record layout, counter names, limits, protocol numbers,
+the one error class, the one argument check, the BPF filter.
 
 docs/capture.md is the specification; ``_capture_c`` (Cython) and ``_capture_py`` (pure
-Python) implement it and import their shared numbers from here.
+Python) implement it and import their shared numbers from here. The Cython engine keeps its
+own C copies of the numbers and asserts at import that they equal these.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import math
+import numbers
+import operator
 from collections.abc import Iterable
 
 import numpy as np
 
 from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6, KnockLayout, digit_count
 
-KIND_KNOCK = 1
+
+class CaptureError(Exception):
+    """A capture that cannot be opened or read, or an engine used out of order; one line."""
+
+
+KIND_KNOCK = 1  # completion record kinds
 KIND_SPA = 2
 MAX_ALTERNATIVES = 8  # per source
 ALTERNATIVES_PER_SEGMENT = 2
@@ -53,6 +64,32 @@ SUPPORTED_LINKTYPES = frozenset(
         LINKTYPE_LINUX_SLL2,
     }
 )
+
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_IPV6 = 0x86DD
+ETHERTYPE_VLAN = 0x8100  # 802.1Q
+ETHERTYPE_QINQ = 0x88A8  # 802.1ad
+ETHERTYPE_QINQ_LEGACY = 0x9100  # pre-standard QinQ, still sent by some switches
+VLAN_TPIDS = (ETHERTYPE_VLAN, ETHERTYPE_QINQ, ETHERTYPE_QINQ_LEGACY)
+
+IPPROTO_HOPOPTS = 0
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ROUTING = 43
+IPPROTO_FRAGMENT = 44
+IPPROTO_AH = 51
+IPPROTO_DSTOPTS = 60
+# The IPv6 extension headers the engines walk to reach TCP or UDP; any other is ignored.
+IPV6_EXTENSION_HEADERS = (
+    IPPROTO_HOPOPTS,
+    IPPROTO_ROUTING,
+    IPPROTO_FRAGMENT,
+    IPPROTO_AH,
+    IPPROTO_DSTOPTS,
+)
+
+TCP_SYN = 0x02
+TCP_ACK = 0x10
 
 COUNTER_NAMES = (
     "packets",
@@ -97,21 +134,110 @@ def segment_counts(layout: KnockLayout) -> tuple[int, int]:
     )
 
 
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"  # ::ffff:0:0/96
+IPV4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"  # ::ffff:0:0/96
 
 
 def address_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     """The 16-byte table key: IPv6 as is, IPv4 as IPv4-mapped IPv6."""
     if address.version == 4:
-        return _V4_MAPPED + address.packed
+        return IPV4_MAPPED_PREFIX + address.packed
     return address.packed
 
 
 def key_address(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     key = bytes(key)
-    if key[:12] == _V4_MAPPED:  # the common case, without building an IPv6Address first
+    if key[:12] == IPV4_MAPPED_PREFIX:  # the common case, without building an IPv6Address first
         return ipaddress.IPv4Address(key[12:])
     return ipaddress.IPv6Address(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """A capture engine's checked and normalised constructor arguments.
+
+    Per-family pairs are (IPv4, IPv6): a digit's family is that of its packet's source.
+    """
+
+    layout: KnockLayout
+    knock_timeout: float  # seconds
+    knock_timeout_us: int  # what the engines compare packet times against
+    capacity: int  # table slots
+    ring_capacity: int  # completion records
+    destinations: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]  # as given
+    destination_keys: tuple[bytes, ...]  # their 16-byte keys, sorted, unique
+    segments: tuple[int, int]  # digits of a message (N4, N6)
+    message_lengths: tuple[int, int]
+    pad_bits: tuple[int, int]  # low bits of the last digit past the message's end
+    pad_masks: tuple[int, int]  # a last digit with any of these bits set is malformed
+    knock_end: int  # one past the last knock port (the IPv6 range is the longer one)
+
+
+_COUNT_LIMIT = 2**31  # capacities: the C engine's 32-bit slot numbers, index of 2 x capacity
+_TIMEOUT_US_LIMIT = 2.0**63  # the C engine's int64_t microseconds
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool | np.bool_):  # an int to Python, but True is no count
+        raise TypeError(f"{name} must be an integer, not bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not 1 <= number < _COUNT_LIMIT:
+        raise ValueError(f"{name} must be in 1..2**31-1, not {number}")
+    return number
+
+
+def _seconds(name: str, value: object) -> tuple[float, int]:
+    """(seconds, microseconds) of a finite positive real; bools refused."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        kind = "bool" if isinstance(value, bool | np.bool_) else type(value).__name__
+        raise TypeError(f"{name} must be a number of seconds, not {kind}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, not {seconds}")
+    if seconds * 1e6 >= _TIMEOUT_US_LIMIT:
+        raise ValueError(f"{name} must be below 2**63 microseconds, not {seconds}")
+    return seconds, round(seconds * 1e6)
+
+
+def engine_settings(
+    layout: KnockLayout,
+    knock_timeout: float = 10.0,
+    capacity: int = 65536,
+    ring_capacity: int = 4096,
+    destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address | str] = (),
+) -> EngineSettings:
+    """Check a ``CaptureEngine``'s arguments, in this order, as both twins' constructors do.
+
+    LayoutError if either family's range does not fit; TypeError for a bool or a wrong type
+    (the timeout: any real; capacities: integers); ValueError for a value out of range, a
+    bad address, or more than MAX_DESTINATIONS distinct destinations.
+    """
+    n4, n6 = segment_counts(layout)
+    seconds, microseconds = _seconds("knock_timeout", knock_timeout)
+    slots = _count("capacity", capacity)
+    records = _count("ring_capacity", ring_capacity)
+    addresses = tuple(ipaddress.ip_address(a) for a in destinations)
+    keys = tuple(sorted({address_key(a) for a in addresses}))
+    if len(keys) > MAX_DESTINATIONS:
+        raise ValueError(f"at most {MAX_DESTINATIONS} protected destinations")
+    pad4 = n4 * layout.digit_bits - 8 * MESSAGE_LEN_IPV4
+    pad6 = n6 * layout.digit_bits - 8 * MESSAGE_LEN_IPV6
+    return EngineSettings(
+        layout=layout,
+        knock_timeout=seconds,
+        knock_timeout_us=microseconds,
+        capacity=slots,
+        ring_capacity=records,
+        destinations=addresses,
+        destination_keys=keys,
+        segments=(n4, n6),
+        message_lengths=(MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6),
+        pad_bits=(pad4, pad6),
+        pad_masks=((1 << pad4) - 1, (1 << pad6) - 1),
+        knock_end=layout.base_port + n6 * layout.segment_size,
+    )
 
 
 def filter_expression(
@@ -129,9 +255,10 @@ def filter_expression(
     knock_range = f"dst portrange {layout.base_port}-{last}"
     # libpcap's tcpflags accessor is IPv4-only; for IPv6 read the flags at the fixed offset.
     syn = "(tcp[tcpflags] & (tcp-syn|tcp-ack)) == tcp-syn"
-    syn6 = "(ip6[6] == 6 and (ip6[53] & 0x12) == 0x02)"
-    # Extension headers first: the engine walks them (hop-by-hop, routing, fragment, AH, dstopt).
-    ext6 = "(ip6 and (ip6[6] == 0 or ip6[6] == 43 or ip6[6] == 44 or ip6[6] == 51 or ip6[6] == 60))"
+    syn6 = f"(ip6[6] == {IPPROTO_TCP} and (ip6[53] & {TCP_SYN | TCP_ACK:#04x}) == {TCP_SYN:#04x})"
+    # Extension headers first: the engine walks them itself.
+    ext6 = " or ".join(f"ip6[6] == {header}" for header in IPV6_EXTENSION_HEADERS)
+    ext6 = f"(ip6 and ({ext6}))"
     body = (
         f"(ip and tcp and {knock_range} and {syn})"
         f" or (ip6 and tcp and {knock_range} and {syn6})"

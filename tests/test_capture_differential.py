@@ -463,3 +463,28 @@ def test_thousands_of_hostile_frames(linktype: int) -> None:
                 cut = rng.choice((None, rng.randrange(200)))
                 frames.append(streams.mutate(rng.choice(templates), flips, cut))
         check_hostile(hostile_stream(linktype, layout, frames, setting))
+
+
+# --- the debug build's invariants --------------------------------------------------------------
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize("linktype", ALL_LINKTYPES)
+def test_debug_build_keeps_the_table_invariants_on_long_streams(linktype: int) -> None:
+    """A ``make debug`` build checks the C engine's table after every dispatch (and a slot
+    after every digit) and raises CaptureError("internal error: ...") on a violation. Long
+    seeded streams that complete, conflict, evict, expire and forget, in batches of one to
+    all, must pass every check and still agree with the twin."""
+    from knockd_fast import _capture_c
+
+    if not _capture_c.debug_build():
+        pytest.skip("a release build: `make debug` compiles the invariant checks in")
+    for seed in range(4):
+        stream = streams.seeded_stream(linktype, seed, count=200)
+        if stream.capacity > 64:
+            stream = stream.replace(ring_capacity=4096)  # each check scans the whole table
+        runs = run_all(stream)
+        assert runs["cython"].error is None, runs["cython"].exception
+        stats = runs["cython"].stats
+        assert stats["completions"] and stats["evictions"] + stats["expired"], stats
+        assert runs_difference(runs) is None, runs_difference(runs)
