@@ -14,7 +14,7 @@ DEB_PACKAGES := build-essential pkg-config libpcap-dev iptables iproute2 tcpdump
 # Remaking the venv is keyed on these: a change reinstalls and rebuilds the extension.
 STAMP        := $(VENV)/.stamp
 STAMP_DEPS   := pyproject.toml setup.py client/pyproject.toml \
-                $(wildcard _ext/*.pyx _ext/*.pxd _ext/includes/*.pxd)
+                $(wildcard _ext/*.pyx _ext/*.pxd _ext/includes/*.pxd _ext/includes/*.h)
 LINT_PATHS   := setup.py $(wildcard client knockd_fast tests bench)
 PYTEST       := $(IN_VENV) $(VPY) -m pytest -p no:cacheprovider
 # The capture tests already run both twins side by side; this second run, with

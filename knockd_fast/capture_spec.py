@@ -13,9 +13,9 @@ import ipaddress
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Iterable
-
-import numpy as np
+from typing import Any
 
 from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6, KnockLayout, digit_count
 
@@ -106,22 +106,35 @@ COUNTER_NAMES = (
 )
 PCAP_COUNTER_NAMES = ("pcap_received", "pcap_dropped", "pcap_ifdropped")
 
-COMPLETION_DTYPE = np.dtype(
-    [
-        ("kind", "u1"),
-        ("family", "u1"),
-        ("length", "u1"),
-        ("n_alternatives", "u1"),
-        ("usec", "<u4"),
-        ("sec", "<i8"),
-        ("source", "u1", 16),
-        ("destination", "u1", 16),
-        ("message", "u1", MESSAGE_CAPACITY),
-        ("alt_segment", "u1", MAX_ALTERNATIVES),
-        ("alt_digit", "<u2", MAX_ALTERNATIVES),
-    ],
-    align=True,
-)
+
+def _completion_dtype() -> Any:
+    import numpy as np
+
+    return np.dtype(
+        [
+            ("kind", "u1"),
+            ("family", "u1"),
+            ("length", "u1"),
+            ("n_alternatives", "u1"),
+            ("usec", "<u4"),
+            ("sec", "<i8"),
+            ("source", "u1", 16),
+            ("destination", "u1", 16),
+            ("message", "u1", MESSAGE_CAPACITY),
+            ("alt_segment", "u1", MAX_ALTERNATIVES),
+            ("alt_digit", "<u2", MAX_ALTERNATIVES),
+        ],
+        align=True,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # COMPLETION_DTYPE, the record layout, is built on first use: the limits above are read
+    # by the configuration (`check-config`), which has no reason to load numpy.
+    if name == "COMPLETION_DTYPE":
+        dtype = globals()[name] = _completion_dtype()
+        return dtype
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def segment_counts(layout: KnockLayout) -> tuple[int, int]:
@@ -176,8 +189,15 @@ _COUNT_LIMIT = 2**31  # capacities: the C engine's 32-bit slot numbers, index of
 _TIMEOUT_US_LIMIT = 2.0**63  # the C engine's int64_t microseconds
 
 
+def _is_bool(value: object) -> bool:
+    """A bool, Python's or numpy's (without importing numpy: if it is not loaded, the value
+    cannot be one of its bools)."""
+    numpy = sys.modules.get("numpy")
+    return isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_))
+
+
 def _count(name: str, value: object) -> int:
-    if isinstance(value, bool | np.bool_):  # an int to Python, but True is no count
+    if _is_bool(value):  # an int to Python, but True is no count
         raise TypeError(f"{name} must be an integer, not bool")
     try:
         number = operator.index(value)  # type: ignore[arg-type]
@@ -190,8 +210,8 @@ def _count(name: str, value: object) -> int:
 
 def _seconds(name: str, value: object) -> tuple[float, int]:
     """(seconds, microseconds) of a finite positive real; bools refused."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        kind = "bool" if isinstance(value, bool | np.bool_) else type(value).__name__
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        kind = "bool" if _is_bool(value) else type(value).__name__
         raise TypeError(f"{name} must be a number of seconds, not {kind}")
     seconds = float(value)
     if not (math.isfinite(seconds) and seconds > 0):
