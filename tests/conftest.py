@@ -77,24 +77,24 @@ def knock_key(tmp_path: Path) -> tuple[Path, bytes]:
     return path, key
 
 
+def _in_namespaces(context: contextlib.AbstractContextManager) -> Iterator:
+    """Enter ``context`` (it builds namespaces), or skip the test saying why it cannot."""
+    with contextlib.ExitStack() as stack:
+        try:
+            entered = stack.enter_context(context)
+        except NetnsUnavailable as error:
+            pytest.skip(f"network namespaces unavailable: {error}")
+        yield entered
+
+
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh network namespace ``kf-<pid>-<n>`` with lo up; deleted afterwards, always."""
-    with contextlib.ExitStack() as stack:
-        try:
-            name = stack.enter_context(network_namespace())
-        except NetnsUnavailable as error:
-            pytest.skip(f"network namespaces unavailable: {error}")
-        yield name
+    yield from _in_namespaces(network_namespace())
 
 
 @pytest.fixture
 def hosts() -> Iterator[tuple[str, str, str]]:
     """Two hosts on a veth (``netns.two_hosts``): (server namespace, client namespace,
     server interface); deleted afterwards, always."""
-    with contextlib.ExitStack() as stack:
-        try:
-            names = stack.enter_context(two_hosts())
-        except NetnsUnavailable as error:
-            pytest.skip(f"network namespaces unavailable: {error}")
-        yield names
+    yield from _in_namespaces(two_hosts())

@@ -116,6 +116,22 @@ def doorman(  # noqa: ANN001
     return door, capture
 
 
+def read_and_judge(door: Doorman, capture: Capture, *limits: int | None) -> list:
+    """With the worker thread running: one read, then a slice per limit; the stats taken
+    after each slice. The worker has applied everything once this returns."""
+    door.worker.start()
+    try:
+        door.read(capture)
+        snapshots = []
+        for limit in limits:
+            door.judge_backlog(limit)
+            snapshots.append(door.stats())
+    finally:
+        door.worker.stop()
+        door.replay.close()
+    return snapshots
+
+
 def test_a_burst_is_read_at_once_and_judged_in_slices_committed_before_granted(setup) -> None:
     tmp_path, config = setup
     knockers = sources(3 * JUDGE_SLICE + 5)
@@ -165,14 +181,8 @@ def test_a_full_backlog_drops_new_completions_and_says_so(setup, caplog) -> None
     door, capture = doorman(config, tmp_path / "flood.pcap")
     assert door.backlog.limit == max(MIN_BACKLOG, config.capture.table_size)
     door.backlog.limit = 10
-    door.worker.start()
-    try:
-        with caplog.at_level(logging.WARNING, logger="knockd_fast"):
-            door.read(capture)
-            door.judge_backlog(None)
-    finally:
-        door.worker.stop()
-        door.replay.close()
+    with caplog.at_level(logging.WARNING, logger="knockd_fast"):
+        read_and_judge(door, capture, None)
     assert door.backlog.dropped == 20
     # The oldest completions were kept and judged; the overflow was refused, not queued.
     assert sorted(g.source for g in door.firewall.grants()) == knockers[:10]
@@ -186,16 +196,8 @@ def test_stats_is_one_snapshot_of_every_counter(setup) -> None:
     knockers = sources(5)
     spa_capture(tmp_path / "five.pcap", knockers + knockers[:2])  # two replays
     door, capture = doorman(config, tmp_path / "five.pcap")
-    door.worker.start()
-    try:
-        door.read(capture)
-        door.judge_backlog(3)
-        before = door.stats()
-        door.judge_backlog(None)
-    finally:
-        door.worker.stop()
-    stats = door.stats()
-    door.replay.close()
+    before, _ = read_and_judge(door, capture, 3, None)
+    stats = door.stats()  # with the worker stopped: all it did is counted
     assert before.backlog == 4 and stats.backlog == 0
     (only,) = stats.captures
     assert (only.interface, only.running) == ("eth0", True)
@@ -222,14 +224,8 @@ def test_a_failing_sink_loses_no_grant(setup, caplog) -> None:
 
     recorder = Recorder()
     door, capture = doorman(config, tmp_path / "one.pcap", sinks=[Broken(), recorder])
-    door.worker.start()
-    try:
-        with caplog.at_level(logging.ERROR, logger="knockd_fast"):
-            door.read(capture)
-            door.judge_backlog(None)
-    finally:
-        door.worker.stop()
-        door.replay.close()
+    with caplog.at_level(logging.ERROR, logger="knockd_fast"):
+        read_and_judge(door, capture, None)
     assert [g.source for g in door.firewall.grants()] == sources(1)
     assert len(recorder.slices) == 1
     assert "internal error in decision sink Broken" in caplog.text
