@@ -15,6 +15,7 @@ packets are not dropped.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import select
 import signal
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .capture_spec import BLOCK_TIMEOUT_MS
-from .config import CaptureSettings, Config, ConfigError, IPAddress, load_config
+from .config import CaptureSettings, Config, ConfigError, GrantSettings, IPAddress, load_config
 from .firewall.base import Firewall
 from .firewall.worker import FirewallWorker
 from .judging import MIN_BACKLOG, Backlog, Judge
@@ -81,6 +82,11 @@ def open_captures(config: Config, destinations: Sequence[IPAddress]) -> list[Cap
             capture.engine.close()
         raise
     return captures
+
+
+def _backend_part(config: Config) -> GrantSettings:
+    """``[grants]`` without what a reload applies (the timeouts): the backend's settings."""
+    return dataclasses.replace(config.grants, default_timeout=0, max_timeout=0)
 
 
 class Doorman:
@@ -265,11 +271,8 @@ class Doorman:
                 ("knock layout", old.knock.layout, fresh.knock.layout),
                 ("knock.knock_timeout", old.knock.knock_timeout, fresh.knock.knock_timeout),
                 ("[capture]", old.capture, fresh.capture),
-                (
-                    "grants.backend/chain/hooks",
-                    (old.grants.backend, old.grants.chain, old.grants.hooks),
-                    (fresh.grants.backend, fresh.grants.chain, fresh.grants.hooks),
-                ),
+                # Timeouts apply at once; the backend and its own settings at a restart.
+                ("grants.backend/chain/hooks", _backend_part(old), _backend_part(fresh)),
                 ("state.directory", old.state_dir, fresh.state_dir),
             )
             if before != after
