@@ -105,7 +105,8 @@ ctypedef struct Slot:
     uint8_t message[MSG_CAP]   # digits packed MSB-first, digit_bits each
     uint8_t alt_segment[N_ALT]
     uint16_t alt_digit[N_ALT]
-    uint8_t _tail[8]
+    uint16_t sport             # source port of its packets when grouping by port, else 0
+    uint8_t _tail[6]
 
 # Layout of one record of capture_spec.COMPLETION_DTYPE (aligned numpy struct).
 ctypedef struct Completion:
@@ -124,6 +125,7 @@ ctypedef struct Completion:
 # A knock digit between parsing and table work (see ``defer_digit``).
 ctypedef struct Digit:
     uint64_t src[2]
+    uint16_t sport
     uint8_t dst[16]
     uint64_t hash
     int64_t sec
@@ -146,7 +148,8 @@ ctypedef struct Engine:
     int64_t timeout_us
     uint32_t ndest
     uint8_t dest[MAX_DESTINATIONS][16]
-    uint64_t seed[2]
+    uint64_t seed[3]            # seed[2] is odd: it weighs the source port into the hash
+    bint by_port                # group digits by source address and port (else address)
     # table
     Slot *slots
     uint64_t *index             # (32-bit hash << 32) | (slot + 1); 0 = empty
@@ -179,17 +182,20 @@ cdef inline uint64_t fmix64(uint64_t x) noexcept nogil:
     return x
 
 
-cdef inline uint64_t hash_key(const Engine *e, const uint64_t *key) noexcept nogil:
-    # Seeded at start-up so that spoofers cannot aim their sources at one probe chain.
-    return fmix64((key[0] ^ e.seed[0]) + fmix64(key[1] ^ e.seed[1]))
+cdef inline uint64_t hash_key(const Engine *e, const uint64_t *key, uint16_t sport) noexcept nogil:
+    # Seeded at start-up so that spoofers cannot aim their sources at one probe chain. The
+    # port goes in through a secret odd factor, not by XOR into the address (which would let
+    # a spoofer trade address bits for port bits and collide without knowing the seed).
+    return fmix64((key[0] ^ e.seed[0]) + fmix64(key[1] ^ e.seed[1]) + sport * e.seed[2])
 
 
 cdef inline Slot *slot_at(const Engine *e, uint64_t entry) noexcept nogil:
     return &e.slots[<uint32_t>(entry & 0xffffffffULL) - 1]
 
 
-cdef inline int64_t index_find(const Engine *e, const uint64_t *key, uint64_t h) noexcept nogil:
-    """Position in the index of ``key``'s entry, or -1."""
+cdef inline int64_t index_find(const Engine *e, const uint64_t *key, uint16_t sport,
+                               uint64_t h) noexcept nogil:
+    """Position in the index of the entry of (``key``, ``sport``), or -1."""
     cdef uint64_t fp = h & 0xffffffffULL
     cdef uint64_t i = fp & e.index_mask
     cdef uint64_t entry
@@ -200,7 +206,7 @@ cdef inline int64_t index_find(const Engine *e, const uint64_t *key, uint64_t h)
             return -1
         if (entry >> 32) == fp:
             slot = slot_at(e, entry)
-            if slot.key[0] == key[0] and slot.key[1] == key[1]:
+            if slot.key[0] == key[0] and slot.key[1] == key[1] and slot.sport == sport:
                 return <int64_t>i
         i = (i + 1) & e.index_mask
 
@@ -245,7 +251,7 @@ cdef inline void release_slot(Engine *e, Slot *slot, int64_t pos) noexcept nogil
 
 cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
     # Eviction and completion start from the slot: its kept hash finds the entry.
-    release_slot(e, slot, index_find(e, slot.key, slot.fp))
+    release_slot(e, slot, index_find(e, slot.key, slot.sport, slot.fp))
 
 
 cdef inline void prefetch_victims(const Engine *e) noexcept nogil:
@@ -338,9 +344,10 @@ cdef int table_violation(const Engine *e) noexcept nogil:
         if entry == 0:
             continue
         slot = slot_at(e, entry)
-        h = hash_key(e, slot.key)
+        h = hash_key(e, slot.key, slot.sport)
         if slot.state != STATE_PARTIAL or (entry >> 32) != slot.fp \
-                or slot.fp != <uint32_t>h or index_find(e, slot.key, h) != <int64_t>i:
+                or slot.fp != <uint32_t>h or index_find(e, slot.key, slot.sport, h) != <int64_t>i \
+                or (slot.sport != 0 and not e.by_port):
             return ERROR_INDEX_ENTRY
     return ERROR_NONE
 
@@ -385,7 +392,7 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     cdef int fam = d.fam
     cdef uint32_t segment = d.segment
     cdef uint32_t digit = d.digit
-    cdef int64_t pos = index_find(e, src, hv)
+    cdef int64_t pos = index_find(e, src, d.sport, hv)
     cdef Slot *slot = NULL
     cdef uint32_t s, i, same_segment
     cdef uint32_t bit = segment * e.digit_bits
@@ -413,6 +420,7 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
         memset(slot, 0, sizeof(Slot))
         slot.key[0] = src[0]
         slot.key[1] = src[1]
+        slot.sport = d.sport
         slot.first_us = now
         slot.fp = <uint32_t>hv
         slot.state = STATE_PARTIAL
@@ -479,17 +487,18 @@ cdef inline void flush_pending(Engine *e) noexcept nogil:
 
 
 cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
-                             const uint8_t *dst, int fam, uint32_t segment,
+                             uint16_t sport, const uint8_t *dst, int fam, uint32_t segment,
                              uint32_t digit) noexcept nogil:
     # A one-packet pipeline: start fetching this source's index entry now, do the previous
     # packet's table work meanwhile, and this packet's on the next call (or at the end of
     # the batch: dispatch() flushes). The order of table work is the packets' order.
-    cdef uint64_t hv = hash_key(e, src)
+    cdef uint64_t hv = hash_key(e, src, sport)
     KF_PREFETCH(&e.index[hv & e.index_mask])
     flush_pending(e)
     cdef Digit *d = &e.pending
     d.src[0] = src[0]
     d.src[1] = src[1]
+    d.sport = sport
     memcpy(d.dst, dst, 16)
     d.hash = hv
     d.sec = h.ts.tv_sec
@@ -670,7 +679,8 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
         return C_IGNORED
     if segment == e.nseg[fam] - 1 and (digit & e.pad_mask[fam]):
         return C_MALFORMED
-    defer_digit(e, h, src, dst, fam, segment, digit)
+    # Both transports carry the source port in their first two bytes (checked above).
+    defer_digit(e, h, src, be16(l4) if e.by_port else 0, dst, fam, segment, digit)
     return C_KNOCK_PACKETS
 
 
@@ -734,16 +744,18 @@ cdef class CaptureEngine:
     cdef cnp.ndarray _index
     cdef cnp.ndarray _ring
     cdef readonly double knock_timeout
+    cdef readonly object group_by
     cdef readonly bint live
 
     def __cinit__(self):
         memset(&self.e, 0, sizeof(Engine))
 
     def __init__(self, layout, knock_timeout=10.0, capacity=65536, ring_capacity=4096,
-                 destinations=()):
+                 destinations=(), group_by=spec.GROUP_BY_ADDRESS_AND_PORT):
         # The twin calls the same checker: same errors, same normalised numbers.
         settings = spec.engine_settings(layout, knock_timeout, capacity, ring_capacity,
-                                        destinations)
+                                        destinations, group_by)
+        self.group_by = group_by
         capacity = settings.capacity
         ring_capacity = settings.ring_capacity
         self.layout = layout
@@ -767,6 +779,8 @@ cdef class CaptureEngine:
         e.ndest = len(settings.destination_keys)
         e.seed[0] = int.from_bytes(os.urandom(8), "little")
         e.seed[1] = int.from_bytes(os.urandom(8), "little")
+        e.seed[2] = int.from_bytes(os.urandom(8), "little") | 1
+        e.by_port = settings.by_port
 
         # Allocated once; the callback only ever sees these raw pointers.
         index_size = 1 << max(4, (2 * capacity - 1).bit_length())
@@ -914,12 +928,14 @@ cdef class CaptureEngine:
         self.e.ring_count = 0
         return self._ring[:count].copy()
 
-    def forget(self, address):
-        """Drop the partial knock of ``address``, if any (the daemon's one way back in)."""
+    def forget(self, address, port=0):
+        """Drop the partial knock of ``address`` (from source ``port`` when grouping by
+        port), if any (the daemon's one way back in)."""
         cdef bytes key = _address_key(address)
         cdef uint64_t k[2]
+        cdef uint16_t sport = port if self.e.by_port else 0
         memcpy(k, <const char *>key, 16)
-        cdef int64_t pos = index_find(&self.e, k, hash_key(&self.e, k))
+        cdef int64_t pos = index_find(&self.e, k, sport, hash_key(&self.e, k, sport))
         if pos >= 0:
             release_slot(&self.e, slot_at(&self.e, self.e.index[pos]), pos)
 

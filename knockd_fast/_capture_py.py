@@ -8,6 +8,7 @@ files only (``knockd_fast.pcapfile``); live capture and BPF need the extension.
 from __future__ import annotations
 
 import ipaddress
+import operator
 import os
 from collections.abc import Iterable, Iterator
 
@@ -22,6 +23,7 @@ from .capture_spec import (
     COUNTER_NAMES,
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
+    GROUP_BY_ADDRESS_AND_PORT,
     IPPROTO_AH,
     IPPROTO_FRAGMENT,
     IPPROTO_TCP,
@@ -92,8 +94,11 @@ class CaptureEngine:
         capacity: int = 65536,
         ring_capacity: int = 4096,
         destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address | str] = (),
+        group_by: str = GROUP_BY_ADDRESS_AND_PORT,
     ) -> None:
-        settings = engine_settings(layout, knock_timeout, capacity, ring_capacity, destinations)
+        settings = engine_settings(
+            layout, knock_timeout, capacity, ring_capacity, destinations, group_by
+        )
         self._capacity = settings.capacity
         self._ring_capacity = settings.ring_capacity
         self._layout = layout
@@ -102,6 +107,8 @@ class CaptureEngine:
         self._knock_timeout_us = settings.knock_timeout_us
         self._destinations = settings.destinations
         self._destination_keys = frozenset(settings.destination_keys)
+        self.group_by = group_by
+        self._by_port = settings.by_port
 
         self._digit_bits = layout.digit_bits
         self._base_port = layout.base_port
@@ -119,7 +126,8 @@ class CaptureEngine:
             for i, family in enumerate((4, 6))
         }
 
-        # The source table: a ring of slots and an index from address key to slot.
+        # The source table: a ring of slots and an index from knock key (the address key,
+        # and the source port's two bytes when grouping by port) to slot.
         capacity = self._capacity
         self._index: dict[bytes, int] = {}
         self._slot_key: list[bytes | None] = [None] * capacity
@@ -242,9 +250,15 @@ class CaptureEngine:
         counters.update(dict.fromkeys(PCAP_COUNTER_NAMES, 0))
         return counters
 
-    def forget(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | str) -> None:
-        """Drop the partial knock of ``address``, if any (counted nowhere)."""
-        slot = self._index.pop(address_key(ipaddress.ip_address(address)), None)
+    def forget(
+        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | str, port: int = 0
+    ) -> None:
+        """Drop the partial knock of ``address`` (from source ``port`` when grouping by
+        port), if any (counted nowhere)."""
+        key = address_key(ipaddress.ip_address(address))
+        if self._by_port:
+            key += operator.index(port).to_bytes(2, "big")
+        slot = self._index.pop(key, None)
         if slot is not None:
             self._slot_key[slot] = None
 
@@ -405,12 +419,14 @@ class CaptureEngine:
             counters[_MALFORMED] += 1
             return
         counters[_KNOCK_PACKETS] += 1
-        self._digit(source, destination, family, segment, digit, sec, usec)
+        key = source + data[transport : transport + 2] if self._by_port else source
+        self._digit(key, source, destination, family, segment, digit, sec, usec)
 
     # --- the source table ---------------------------------------------------------------
 
     def _digit(
         self,
+        key: bytes,
         source: bytes,
         destination: bytes,
         family: int,
@@ -428,9 +444,9 @@ class CaptureEngine:
         segments = self._family[family][0]
 
         # 1. Lookup, with lazy expiry.
-        slot = index.get(source)
+        slot = index.get(key)
         if slot is not None and now - slot_first[slot] > timeout:
-            del index[source]
+            del index[key]
             slot_key[slot] = None
             counters[_EXPIRED] += 1
             slot = None
@@ -446,8 +462,8 @@ class CaptureEngine:
                     counters[_EXPIRED] += 1
                 else:
                     counters[_EVICTIONS] += 1
-            slot_key[slot] = source
-            index[source] = slot
+            slot_key[slot] = key
+            index[key] = slot
             slot_first[slot] = now
             self._slot_digits[slot] = [-1] * segments
             self._slot_filled[slot] = 0
@@ -486,7 +502,7 @@ class CaptureEngine:
                 value = value << bits | held
             message = (value >> pad).to_bytes(length, "big")
             alternatives = self._slot_alternatives[slot]
-            del index[source]
+            del index[key]
             slot_key[slot] = None
             self._complete(
                 KIND_KNOCK, family, message, alternatives, sec, usec, source, destination

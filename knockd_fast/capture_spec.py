@@ -164,6 +164,15 @@ def key_address(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.IPv6Address(key)
 
 
+# How digits are grouped into one knock (docs/capture.md, "Blind poisoning"): by the source
+# address and the source port every packet of one knock shares (the client binds one random
+# port per knock), or, for clients behind a NAT that rewrites source ports per flow, by the
+# address alone, where a blind spoofer of the address can break a knock with 3 packets.
+GROUP_BY_ADDRESS_AND_PORT = "address+port"
+GROUP_BY_ADDRESS = "address"
+GROUP_BY = (GROUP_BY_ADDRESS_AND_PORT, GROUP_BY_ADDRESS)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """A capture engine's checked and normalised constructor arguments.
@@ -183,6 +192,7 @@ class EngineSettings:
     pad_bits: tuple[int, int]  # low bits of the last digit past the message's end
     pad_masks: tuple[int, int]  # a last digit with any of these bits set is malformed
     knock_end: int  # one past the last knock port (the IPv6 range is the longer one)
+    by_port: bool  # a knock's digits are grouped by source address and source port
 
 
 _COUNT_LIMIT = 2**31  # capacities: the C engine's 32-bit slot numbers, index of 2 x capacity
@@ -227,12 +237,14 @@ def engine_settings(
     capacity: int = 65536,
     ring_capacity: int = 4096,
     destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address | str] = (),
+    group_by: str = GROUP_BY_ADDRESS_AND_PORT,
 ) -> EngineSettings:
     """Check a ``CaptureEngine``'s arguments, in this order, as both twins' constructors do.
 
     LayoutError if either family's range does not fit; TypeError for a bool or a wrong type
     (the timeout: any real; capacities: integers); ValueError for a value out of range, a
-    bad address, or more than MAX_DESTINATIONS distinct destinations.
+    bad address, more than MAX_DESTINATIONS distinct destinations, or a ``group_by`` that is
+    not one of GROUP_BY.
     """
     n4, n6 = segment_counts(layout)
     seconds, microseconds = _seconds("knock_timeout", knock_timeout)
@@ -242,6 +254,9 @@ def engine_settings(
     keys = tuple(sorted({address_key(a) for a in addresses}))
     if len(keys) > MAX_DESTINATIONS:
         raise ValueError(f"at most {MAX_DESTINATIONS} protected destinations")
+    if group_by not in GROUP_BY:
+        choices = ", ".join(map(repr, GROUP_BY))
+        raise ValueError(f"group_by must be one of {choices}, not {group_by!r}")
     pad4 = n4 * layout.digit_bits - 8 * MESSAGE_LEN_IPV4
     pad6 = n6 * layout.digit_bits - 8 * MESSAGE_LEN_IPV6
     return EngineSettings(
@@ -257,6 +272,7 @@ def engine_settings(
         pad_bits=(pad4, pad6),
         pad_masks=((1 << pad4) - 1, (1 << pad6) - 1),
         knock_end=layout.base_port + n6 * layout.segment_size,
+        by_port=group_by == GROUP_BY_ADDRESS_AND_PORT,
     )
 
 

@@ -31,7 +31,7 @@ from knock_client.protocol import (
     LayoutError,
 )
 
-from .capture_spec import MAX_DESTINATIONS
+from .capture_spec import GROUP_BY, GROUP_BY_ADDRESS_AND_PORT, MAX_DESTINATIONS
 from .firewall import registry
 from .firewall.xtables import DEFAULT_CHAIN, HOOKS, check_chain
 
@@ -68,6 +68,10 @@ class KnockSettings:
     modes: frozenset[str]
     knock_timeout: float
     window: int
+    # How the capture groups digits into knocks: "address+port" (each knock's packets share
+    # a source port; a blind spoofer must guess it) or "address" (for NATs that rewrite
+    # source ports per connection; a blind spoofer can break knocks). docs/capture.md.
+    group_by: str = GROUP_BY_ADDRESS_AND_PORT
 
     @property
     def knock_mode(self) -> bool:
@@ -290,7 +294,15 @@ class _Reader:
         self.no_unknown(
             section,
             p,
-            ("base_port", "digit_bits", "spa_port", "modes", "knock_timeout", "window"),
+            (
+                "base_port",
+                "digit_bits",
+                "spa_port",
+                "modes",
+                "knock_timeout",
+                "window",
+                "group_by",
+            ),
         )
         base_port = self.integer(section, p, "base_port", 20000, -MAX_INT31, MAX_INT31)
         digit_bits = self.integer(section, p, "digit_bits", 8, -MAX_INT31, MAX_INT31)
@@ -310,7 +322,8 @@ class _Reader:
                 f"{p}.knock_timeout", f"{timeout}: must be more than 0 and at most 3600 seconds"
             )
         window = self.integer(section, p, "window", 30, 1, MAX_WINDOW)
-        return KnockSettings(layout, frozenset(modes), float(timeout), window)
+        group_by = self.choice(section, p, "group_by", GROUP_BY_ADDRESS_AND_PORT, GROUP_BY)
+        return KnockSettings(layout, frozenset(modes), float(timeout), window, group_by)
 
     def capture(self, section: _Section) -> CaptureSettings:
         p = "capture"

@@ -74,6 +74,7 @@ def open_captures(config: Config, destinations: Sequence[IPAddress]) -> list[Cap
                 knock_timeout=config.knock.knock_timeout,
                 capacity=config.capture.table_size,
                 destinations=destinations,
+                group_by=config.knock.group_by,
             )
             captures.append(Capture(interface, engine))
             open_capture(engine, interface, config.capture)
@@ -270,6 +271,7 @@ class Doorman:
             for name, before, after in (
                 ("knock layout", old.knock.layout, fresh.knock.layout),
                 ("knock.knock_timeout", old.knock.knock_timeout, fresh.knock.knock_timeout),
+                ("knock.group_by", old.knock.group_by, fresh.knock.group_by),
                 ("[capture]", old.capture, fresh.capture),
                 # Timeouts apply at once; the backend and its own settings at a restart.
                 ("grants.backend/chain/hooks", _backend_part(old), _backend_part(fresh)),

@@ -192,6 +192,7 @@ def replay_capture(config: Config, path: str, sinks: Sequence[DecisionSink]) -> 
         knock_timeout=config.knock.knock_timeout,
         capacity=config.capture.table_size,
         destinations=config.capture.destinations,
+        group_by=config.knock.group_by,
     )
     engine.open_file(path)
     while True:

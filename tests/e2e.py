@@ -505,9 +505,14 @@ class Harness:
         done = tool(ns or self.client, *args)
         assert done.returncode == 0, done.stderr
 
-    def send_syn(self, target: str, ports: Sequence[int], *, source=None, ns=None) -> None:
-        """One SYN per port (non-blocking connect, closed at once) from the client side."""
+    def send_syn(
+        self, target: str, ports: Sequence[int], *, source=None, ns=None, sport=0, spray=False
+    ) -> None:
+        """One SYN per port (non-blocking connect, closed at once) from the client side, all
+        from one source port (``sport``, else the kernel's choice), or with ``spray`` each
+        from its own."""
         args = ["syn", target, *ports] + (["--source", source] if source else [])
+        args += ["--sport", sport] + (["--spray"] if spray else [])
         self.cursor = self.mark()
         done = tool(ns or self.client, *args)
         assert done.returncode == 0, done.stderr
@@ -805,10 +810,18 @@ def _session(host: str, port: int) -> int:
     return 0
 
 
-def _syn(host: str, ports: Sequence[int], source: str | None) -> int:
+def _syn(host: str, ports: Sequence[int], source: str | None, sport: int, spray: bool) -> int:
+    """One bare SYN per port: all from one source port, as the client sends a knock (``sport``,
+    or one the kernel picks for the first), or with ``spray`` each from a port of its own, as
+    a blind spoofer's packets come."""
     for port in ports:
-        sock = _socket(host, socket.SOCK_STREAM, source)
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
         try:
+            if not spray:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if source or not spray:
+                sock.bind((source or ("::" if ":" in host else "0.0.0.0"), 0 if spray else sport))
+                sport = sock.getsockname()[1]
             sock.setblocking(False)
             result = sock.connect_ex((host, port))
             if result not in (0, errno.EINPROGRESS, errno.ECONNREFUSED):
@@ -846,6 +859,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     syn = sub.add_parser("syn")
     syn.add_argument("host")
     syn.add_argument("ports", type=int, nargs="+")
+    syn.add_argument("--sport", type=int, default=0, help="source port (0: the kernel's)")
+    syn.add_argument("--spray", action="store_true", help="a source port per SYN")
     session = sub.add_parser("session")
     session.add_argument("host")
     session.add_argument("port", type=int)
@@ -863,7 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sock.sendto(args.payload, (args.host, args.port))
         return 0
     if args.command == "syn":
-        return _syn(args.host, args.ports, args.source)
+        return _syn(args.host, args.ports, args.source, args.sport, args.spray)
     if args.command == "lock":
         return _hold_lock(args.file)
     return _session(args.host, args.port)

@@ -45,6 +45,8 @@ from knock_client.protocol import (
 )
 from knockd_fast import frames as fr
 from knockd_fast.capture_spec import (
+    GROUP_BY,
+    GROUP_BY_ADDRESS_AND_PORT,
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
     LINKTYPE_IPV6,
@@ -236,9 +238,16 @@ def pick_carrier(rng: random.Random, profile: str) -> str:
 
 
 def transport_segment(
-    rng: random.Random, mode: str, dport: int, flags: int = 0x02, payload: bytes = b""
+    rng: random.Random,
+    mode: str,
+    dport: int,
+    flags: int = 0x02,
+    payload: bytes = b"",
+    sport: int | None = None,
 ) -> tuple[int, bytes]:
-    sport = rng.randrange(1, 1 << 16)
+    """A TCP or UDP header to ``dport`` from ``sport`` (a random port if None)."""
+    if sport is None:
+        sport = rng.randrange(1, 1 << 16)
     if mode == "syn":
         return fr.PROTO_TCP, fr.tcp(sport, dport, flags, payload, seq=rng.randrange(1 << 32))
     return fr.PROTO_UDP, fr.udp(sport, dport, payload)
@@ -310,11 +319,12 @@ def digit_frame(
     digit: int,
     mode: str,
     profile: str,
+    sport: int | None = None,
 ) -> bytes:
     flags = 0x02 if profile == "plain" or rng.random() < 0.7 else rng.choice(DIGIT_FLAGS)
     if profile == "hostile" and rng.random() < 0.1:
         flags = rng.choice(NON_DIGIT_FLAGS)
-    proto, transport = transport_segment(rng, mode, ctx.port(segment, digit), flags)
+    proto, transport = transport_segment(rng, mode, ctx.port(segment, digit), flags, sport=sport)
     carrier = pick_carrier(rng, profile)
     packet = ip_packet(rng, family, src, dst, proto, transport, carrier)
     return ctx.frame(rng, packet, hostile=profile == "hostile")
@@ -337,8 +347,15 @@ def knock_lane(
     profile: str,
     owner: int = -1,
     tail_unique: bool = False,
+    sport: int | None = None,
 ) -> Lane:
-    """The frames of one knock from ``src``: (segment, digit) entries, then frames."""
+    """The frames of one knock from ``src``: (segment, digit) entries, then frames.
+
+    Every packet of the knock comes from one source port (``sport``, else a random one),
+    as the client sends them; a conflicting digit comes from it too (an attacker who
+    guessed it, or a retransmission), now and then from another port (a blind spoofer)."""
+    if sport is None:
+        sport = rng.randrange(1, 1 << 16)
     size = ctx.layout.segment_size
     digits = [(p - ctx.layout.base_port) % size for p in ctx.layout.ports_for(message)]
     segments = list(range(len(digits)))
@@ -346,15 +363,18 @@ def knock_lane(
         segments = rng.sample(segments, rng.randrange(len(segments)))
     if shuffle:
         rng.shuffle(segments)
-    entries: list[tuple[int, int, bool]] = [(s, digits[s], True) for s in segments]
+    # (segment, digit, genuine, source port: None for a random one)
+    entries: list[tuple[int, int, bool, int | None]] = [
+        (s, digits[s], True, sport) for s in segments
+    ]
     for _ in range(duplicates):
         if tail_unique and len(entries) > 1:
             # Nothing after the completing digit: a digit after it starts a new knock.
-            seg, digit, _ = rng.choice(entries[:-1])
-            entries.insert(rng.randint(0, len(entries) - 1), (seg, digit, False))
+            seg, digit, _, _ = rng.choice(entries[:-1])
+            entries.insert(rng.randint(0, len(entries) - 1), (seg, digit, False, sport))
         elif entries and not tail_unique:
-            seg, digit, _ = rng.choice(entries)
-            entries.insert(rng.randint(0, len(entries)), (seg, digit, False))
+            seg, digit, _, _ = rng.choice(entries)
+            entries.insert(rng.randint(0, len(entries)), (seg, digit, False, sport))
     pad = ctx.pad_mask(family)
     if conflicts:
         # A few segments take all the conflicts, so per-segment bounds are exceeded too.
@@ -369,17 +389,17 @@ def knock_lane(
                 position = rng.randint(where[0] + 1, len(entries))  # after the genuine digit
             else:
                 position = rng.randint(0, where[0] if where else len(entries))
-            entries.insert(position, (seg, bogus, False))
+            entries.insert(position, (seg, bogus, False, sport if rng.random() < 0.8 else None))
     if pad_violation and pad:
         last = len(digits) - 1
         bad = (digits[last] & ~pad) | rng.randint(1, pad)
-        entries.insert(rng.randint(0, len(entries)), (last, bad, False))
+        entries.insert(rng.randint(0, len(entries)), (last, bad, False, sport))
     return [
         (
-            digit_frame(rng, ctx, family, src, dst, seg, digit, mode, profile),
+            digit_frame(rng, ctx, family, src, dst, seg, digit, mode, profile, port),
             ("digit", owner, seg),
         )
-        for seg, digit, _genuine in entries
+        for seg, digit, _genuine, port in entries
     ]
 
 
@@ -527,6 +547,7 @@ class Stream:
     destinations: tuple[str, ...]
     packets: list[tuple[int, bytes]]  # (microseconds after T0, frame)
     batches: tuple[int, ...] = (-1,)
+    group_by: str = GROUP_BY_ADDRESS_AND_PORT
     forgets: tuple[tuple[int, str], ...] = ()  # (after batch number, address)
     expected: list[Any] = dataclasses.field(default_factory=list)  # honest streams only
 
@@ -537,7 +558,8 @@ class Stream:
             f"{' ns' if self.nanosecond else ''} {self.byte_order}, layout "
             f"{layout.base_port}/{layout.digit_bits}/{layout.spa_port}, capacity "
             f"{self.capacity}, ring {self.ring_capacity}, timeout {self.knock_timeout}, "
-            f"destinations {self.destinations}, batches {self.batches}, forgets {self.forgets}>"
+            f"destinations {self.destinations}, group_by {self.group_by}, batches "
+            f"{self.batches}, forgets {self.forgets}>"
         )
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
@@ -549,6 +571,7 @@ class Stream:
             "capacity": self.capacity,
             "ring_capacity": self.ring_capacity,
             "destinations": tuple(ipaddress.ip_address(a) for a in self.destinations),
+            "group_by": self.group_by,
         }
 
     def write(self, path: str) -> None:
@@ -578,7 +601,7 @@ class Stream:
             f"byte_order={self.byte_order!r},",
             f"    capacity={self.capacity}, ring_capacity={self.ring_capacity}, "
             f"knock_timeout={self.knock_timeout}, destinations={self.destinations!r},",
-            f"    batches={self.batches!r}, forgets={self.forgets!r},",
+            f"    batches={self.batches!r}, forgets={self.forgets!r}, group_by={self.group_by!r},",
             "    packets=[",
         ]
         lines += [
@@ -793,6 +816,7 @@ def streams(draw: st.DrawFn, max_events: int = 10) -> Stream:
     batches = tuple(draw(st.lists(st.sampled_from(BATCH_SIZES), min_size=1, max_size=4)))
     forget_sources = st.builds(source_address, st.sampled_from((4, 6)), st.integers(0, 4))
     forgets = tuple(draw(st.lists(st.tuples(st.integers(0, 30), forget_sources), max_size=2)))
+    group_by = draw(st.sampled_from(GROUP_BY))
     seed = draw(st.integers(0, 2**32 - 1))
 
     return build_stream(
@@ -806,6 +830,7 @@ def streams(draw: st.DrawFn, max_events: int = 10) -> Stream:
         batches,
         forgets,
         seed,
+        group_by,
     )
 
 
@@ -820,6 +845,7 @@ def build_stream(
     batches: tuple[int, ...],
     forgets: tuple[tuple[int, str], ...],
     seed: int,
+    group_by: str = GROUP_BY_ADDRESS_AND_PORT,
 ) -> Stream:
     fmt, nanosecond, byte_order = file_format
     capacity, ring_capacity, knock_timeout, destinations = engine_settings
@@ -841,6 +867,7 @@ def build_stream(
         packets=list(zip(times, frames, strict=True)),
         batches=batches,
         forgets=forgets,
+        group_by=group_by,
     )
 
 
@@ -883,6 +910,7 @@ def seeded_stream(linktype: int, seed: int, count: int = 16) -> Stream:
         (5, -1, 1),
         ((3, source_address(fams[0], 0)),),
         seed,
+        GROUP_BY[seed % 3 % 2],  # seeds 0-3: port, address, port, port
     )
 
 
@@ -936,6 +964,7 @@ def honest_streams(draw: st.DrawFn) -> Stream:
     gap = draw(st.sampled_from((0, 1, 50)))
     digit_sources = len(knocks) + len(partials)
     capacity = draw(st.sampled_from((digit_sources, digit_sources + 1, 64, 65536)))
+    group_by = draw(st.sampled_from(GROUP_BY))
     batches = tuple(draw(st.lists(st.sampled_from(BATCH_SIZES), min_size=1, max_size=3)))
     seed = draw(st.integers(0, 2**32 - 1))
 
@@ -1061,6 +1090,7 @@ def honest_streams(draw: st.DrawFn) -> Stream:
         packets=packets,
         batches=batches,
         expected=expected,
+        group_by=group_by,
     )
 
 

@@ -680,6 +680,15 @@ def test_a_knock_lives_until_capacity_newer_sources(run: Run, newer: int, surviv
     assert engine.active_sources() == (63 if survives else 64)
 
 
+def test_forget_by_address_alone_when_grouping_by_address(engine_cls: type, tmp_path: Path) -> None:
+    packets = fr.knock_frames(LAYOUT, random_message(4), SRC4, DST4, LINKTYPE_ETHERNET)
+    engine = engine_cls(LAYOUT, group_by="address")
+    engine.open_file(str(write_capture(tmp_path / "a.pcap", packets)))
+    assert engine.dispatch(10) == 10 and engine.active_sources() == 1
+    engine.forget(ipaddress.ip_address(SRC4))  # the port is not part of the key
+    assert engine.active_sources() == 0
+
+
 def test_forget_drops_a_partial_knock(engine_cls: type, tmp_path: Path) -> None:
     packets = fr.knock_frames(LAYOUT, random_message(4), SRC4, DST4, LINKTYPE_ETHERNET)
     path = write_capture(tmp_path / "a.pcap", packets)
@@ -687,8 +696,10 @@ def test_forget_drops_a_partial_knock(engine_cls: type, tmp_path: Path) -> None:
     engine.open_file(str(path))
     assert engine.dispatch(10) == 10
     assert engine.active_sources() == 1
-    engine.forget(ipaddress.ip_address("192.0.2.99"))  # unknown: nothing happens
-    engine.forget(ipaddress.ip_address(SRC4))
+    engine.forget(ipaddress.ip_address("192.0.2.99"), 43210)  # unknown: nothing happens
+    engine.forget(ipaddress.ip_address(SRC4), 43211)  # another port: another knock
+    assert engine.active_sources() == 1
+    engine.forget(ipaddress.ip_address(SRC4), 43210)
     assert engine.active_sources() == 0
     while engine.dispatch():
         pass

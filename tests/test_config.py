@@ -64,6 +64,7 @@ def test_every_default(conf) -> None:
     assert config.knock.modes == frozenset({"syn", "udp", "spa"})
     assert config.knock.knock_timeout == 10.0 and isinstance(config.knock.knock_timeout, float)
     assert config.knock.window == 30
+    assert config.knock.group_by == "address+port"  # the default: a blind spoofer must guess
     assert config.capture.interfaces == ("eth0",)
     assert config.capture.label == "eth0"
     assert config.capture.destinations == ()
@@ -114,6 +115,7 @@ spa_port = 40000
 modes = ["spa"]
 knock_timeout = 2.5
 window = 3600
+group_by = "address"
 [capture]
 interface = "any"
 destinations = ["192.0.2.1", "2001:db8::1"]
@@ -146,6 +148,7 @@ source = 56
     assert config.knock.layout == KnockLayout(30000, 4, 40000)
     assert config.knock.modes == {"spa"} and not config.knock.knock_mode
     assert config.knock.knock_timeout == 2.5 and config.knock.window == 3600
+    assert config.knock.group_by == "address"
     assert config.capture.interfaces == ("any",)
     assert config.capture.destinations == (
         ipaddress.ip_address("192.0.2.1"),
@@ -259,6 +262,8 @@ def test_not_utf8(conf) -> None:
         ("[knock]\nwindow = 3601\n", "knock.window", "outside 1..3600"),
         ("[knock]\nwindow = 30.5\n", "knock.window", "expected an integer"),
         ("[knock]\nknock_timeout = 0\n", "knock.knock_timeout", "more than 0"),
+        ("[knock]\ngroup_by = 'port'\n", "knock.group_by", "'port' is not one of 'address+port'"),
+        ("[knock]\ngroup_by = 1\n", "knock.group_by", "expected a string"),
         ("[knock]\nknock_timeout = nan\n", "knock.knock_timeout", "more than 0"),
         ("[knock]\nknock_timeout = '10'\n", "knock.knock_timeout", "expected seconds"),
         ("[knock]\nmodes = ['syn', 'tcp']\n", "knock.modes[1]", "'tcp' is not one of"),

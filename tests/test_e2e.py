@@ -258,14 +258,43 @@ def test_a_knock_with_a_spoofed_conflicting_digit_still_opens(e2e):
     layout = KnockLayout()
     genuine = encode_header(h.user().id)[0]  # segment 0 holds the clear header's first byte
     poison = layout.base_port + (genuine ^ 0x01)
-    h.send_syn(SERVER_V4, [poison])
-    sent = open_and_wait(h, SERVER_V4, PORT, "--no-shuffle")
+    # From the knock's own source port: an attacker who guessed it, or a stray retransmit.
+    sport = 40000 + secrets.randbelow(20000)
+    h.send_syn(SERVER_V4, [poison], sport=sport)
+    sent = open_and_wait(h, SERVER_V4, PORT, "--no-shuffle", "--source-port", str(sport))
     assert sent["ports"][0] == layout.base_port + genuine != poison
     assert h.can_connect(SERVER_V4, PORT)
     h.stop()
     stopped = h.wait_log(r"^stopped: ", 0, since=0)
     assert " conflicts=1 " in stopped, stopped
     assert [d["reason"] for d in h.decisions()] == ["ok"]
+
+
+@live
+def test_blind_spoofed_syns_from_the_knockers_address_do_not_break_its_knocks(e2e):
+    """A blind attacker who knows the client's address and the layout, but not the source
+    port of its next knock, sprays SYNs from that address to random digits of every segment
+    (each from a port of its own): 200 before each knock (the review's attack broke 10 of 10
+    knocks so), and the knock still opens and closes."""
+    h = e2e()
+    layout, rng = KnockLayout(), secrets.SystemRandom()
+
+    def spray(count: int) -> None:
+        ports = [
+            layout.base_port + rng.randrange(34) * layout.segment_size + rng.randrange(256)
+            for _ in range(count)
+        ]
+        h.send_syn(SERVER_V4, ports, spray=True)
+
+    for action in ("open", "close", "open"):
+        spray(200)
+        h.knock(action, SERVER_V4, f"{PORT}/tcp")
+        decision = h.wait_decision(accepted(action))
+        assert (decision["verdict"], decision["reason"]) == ("accepted", "ok"), decision
+        h.wait_log(rf"^firewall: {'opened' if action == 'open' else 'closed'} {PORT}/tcp ")
+    assert h.can_connect(SERVER_V4, PORT)
+    assert [d["reason"] for d in h.decisions()] == ["ok"] * 3, "no failed knock was logged"
+    h.stop()
 
 
 # --- crash and restart -----------------------------------------------------------------

@@ -7,6 +7,7 @@ a socket the client left open would retransmit its SYN after 1 s.
 from __future__ import annotations
 
 import ipaddress
+import json
 import time
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def test_knock_packets_on_the_wire(
             assert all(f & SYN and not f & ACK for f in flags), f"not all pure SYNs: {flags}"
         else:
             assert all(p["proto"] == "udp" and p["payload_hex"] == "" for p in packets)
+        # One source port for the whole knock, an unprivileged one (the daemon groups by it).
+        (sport,) = {p["sport"] for p in packets}
+        assert 1024 <= sport <= 65535
         ports = [p["dport"] for p in packets]
         repeated = sorted({port for port in ports if ports.count(port) > 1})
         assert not repeated, f"ports knocked more than once (retransmits?): {repeated}"
@@ -107,3 +111,30 @@ def test_knock_packets_on_the_wire(
     assert knock.claimed_ip == ipaddress.ip_address(host)
     assert knock.duration == 0
     assert abs(sent_at - knock.timestamp) < 10
+
+
+@pytest.mark.parametrize("mode", ["syn", "udp"])
+def test_each_knock_draws_its_own_source_port_unless_one_is_given(
+    mode: str,
+    doorman: str,
+    knock_cmd: list[str],
+    knock_env: dict[str, str],
+    knock_key: tuple[Path, bytes],
+    tmp_path: Path,
+) -> None:
+    key_path, _ = knock_key
+    argv = [*knock_cmd, "open", "127.0.0.1", "22/tcp", "--user", "7", "--key-file", str(key_path)]
+    argv += ["--mode", mode, "--json"]
+    with Sniffer(doorman, tmp_path / "capture.jsonl") as sniffer:
+        reported = []
+        for extra in ([], [], ["--source-port", "40001"]):
+            sent = run_in(doorman, [*argv, *extra], env=knock_env, capture_output=True, text=True)
+            assert sent.returncode == 0, sent.stderr
+            reported.append(json.loads(sent.stdout)["source_port"])
+        time.sleep(SETTLE_S)
+    by_port: dict[int, int] = {}
+    for packet in sniffer.packets():
+        by_port[packet["sport"]] = by_port.get(packet["sport"], 0) + 1
+    # Three knocks, three ports (two random draws of 64,512 agree once in 64,512 runs).
+    assert reported[2] == 40001 and len(set(reported)) == 3, reported
+    assert by_port == dict.fromkeys(reported, KNOCKS[4]), by_port

@@ -67,6 +67,7 @@ _PROFILE_KEYS: dict[str, tuple[type, Any]] = {
     "delay_ms": (int, lambda v: 0 <= v <= 60_000),
     "duration": (int, lambda v: 0 <= v <= MAX_DURATION),
     "family": (int, lambda v: v in (4, 6)),
+    "source_port": (int, lambda v: 1 <= v <= 65535),
 }
 
 
@@ -84,6 +85,7 @@ class Settings:
     delay_ms: int = 0
     duration: int = 0
     family: int = 0
+    source_port: int | None = None  # None: a random one per knock
 
 
 def load_profiles(path: Path, required: bool) -> dict[str, dict[str, Any]]:
@@ -132,6 +134,12 @@ def _check_profile(path: Path, where: str, table: Any) -> dict[str, Any]:
     return dict(table)
 
 
+def _source_port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port in 1..65535")
+    return int(text)
+
+
 def parse_port_spec(spec: str) -> tuple[int, Proto]:
     """``22/tcp``, ``53/udp``, or a bare ``22`` for TCP."""
     number, _, proto_name = spec.partition("/")
@@ -167,6 +175,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "delay_ms",
         "duration",
         "family",
+        "source_port",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -224,12 +233,13 @@ def knock_command(args: argparse.Namespace) -> int:
     if settings.shuffle:
         secrets.SystemRandom().shuffle(ports)
 
+    source_port = settings.source_port
     if not args.dry_run:
         delay_s = settings.delay_ms / 1000
         if settings.mode == "syn":
-            send_syn(destination, ports, delay_s)
+            source_port = send_syn(destination, ports, delay_s, source_port)
         elif settings.mode == "udp":
-            send_udp(destination, ports, delay_s)
+            source_port = send_udp(destination, ports, delay_s, source_port)
         else:
             send_spa(destination, layout.spa_port, message)
 
@@ -242,6 +252,7 @@ def knock_command(args: argparse.Namespace) -> int:
                     "mode": settings.mode,
                     "message": message.hex(),
                     "ports": ports,
+                    "source_port": source_port if settings.mode != "spa" else None,
                     "fields": knock.as_json(),
                     "sent": not args.dry_run,
                 }
@@ -353,6 +364,12 @@ def make_parser() -> argparse.ArgumentParser:
             "--no-shuffle", action="store_true", help="send the knocks in segment order"
         )
         sub.add_argument("--delay-ms", type=int, metavar="N", help="pause between knock packets")
+        sub.add_argument(
+            "--source-port",
+            type=_source_port,
+            metavar="N",
+            help="send every knock packet from this port (default: a random one per knock)",
+        )
         family = sub.add_mutually_exclusive_group()
         family.add_argument("-4", dest="family", action="store_const", const=4, help="use IPv4")
         family.add_argument("-6", dest="family", action="store_const", const=6, help="use IPv6")

@@ -2,6 +2,10 @@
 
 No raw sockets: an ordinary user can knock. The kernel writes the packets, so
 the source address is the one the kernel routes from, as the daemon expects.
+
+Every packet of one knock leaves from one source port, drawn at random for the knock
+(docs/protocol.md, "Transport"): the daemon groups a knock's digits by address and port,
+so a blind attacker who spoofs our address must also guess the port to touch our knock.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import secrets
 import socket
 import time
 from collections.abc import Sequence
@@ -19,6 +24,11 @@ from .protocol import IPAddress
 
 class SendError(Exception):
     """A destination that cannot be resolved or reached; the message is one line."""
+
+
+# Source ports a knock may use: every unprivileged one, so a blind guesser faces 2**16 - 1024.
+SOURCE_PORTS = range(1024, 65536)
+_PORT_TRIES = 32  # a random port may be taken; a few more draws find a free one
 
 
 @dataclass(frozen=True)
@@ -60,17 +70,25 @@ def local_address_toward(destination: Destination) -> IPAddress:
         return ipaddress.ip_address(probe.getsockname()[0].split("%", 1)[0])
 
 
-def send_syn(destination: Destination, ports: Sequence[int], delay_s: float = 0.0) -> None:
-    """One SYN per port, from a non-blocking connect whose socket is closed at once.
+def send_syn(
+    destination: Destination,
+    ports: Sequence[int],
+    delay_s: float = 0.0,
+    source_port: int | None = None,
+) -> int:
+    """One SYN per port, all from one source port (random unless given); returns it.
 
-    Closing in SYN-SENT makes the kernel forget the attempt, so it never
-    retransmits the SYN at 1 s, 3 s, 7 s into a later knock of the same source.
+    Each SYN comes from a non-blocking connect whose socket is closed at once: closing
+    in SYN-SENT makes the kernel forget the attempt, so it never retransmits the SYN at
+    1 s, 3 s, 7 s into a later knock, and frees the port for the next SYN of this knock.
     """
+    bound = source_port
     for number, port in enumerate(ports):
         if number and delay_s:
             time.sleep(delay_s)
         sock = socket.socket(destination.family, socket.SOCK_STREAM)
         try:
+            bound = _bind_source(sock, destination, bound)
             sock.setblocking(False)
             result = sock.connect_ex(destination.sockaddr(port))
             if result not in (0, errno.EINPROGRESS, errno.ECONNREFUSED):
@@ -79,15 +97,47 @@ def send_syn(destination: Destination, ports: Sequence[int], delay_s: float = 0.
                 )
         finally:
             sock.close()
+    return bound if bound is not None else 0
 
 
-def send_udp(destination: Destination, ports: Sequence[int], delay_s: float = 0.0) -> None:
-    """One empty datagram per port."""
+def send_udp(
+    destination: Destination,
+    ports: Sequence[int],
+    delay_s: float = 0.0,
+    source_port: int | None = None,
+) -> int:
+    """One empty datagram per port, from one source port (random unless given); returns it."""
     with socket.socket(destination.family, socket.SOCK_DGRAM) as sock:
+        bound = _bind_source(sock, destination, source_port)
         for number, port in enumerate(ports):
             if number and delay_s:
                 time.sleep(delay_s)
             _sendto(sock, b"", destination, port)
+    return bound
+
+
+def _bind_source(sock: socket.socket, destination: Destination, port: int | None) -> int:
+    """Bind ``sock`` to ``port`` on the wildcard address (the kernel still picks the source
+    address by route), or to a free random one of SOURCE_PORTS; returns the port."""
+    # Several sockets of one knock share the port in turn (each closed before the next).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    wildcard = "::" if destination.family == socket.AF_INET6 else "0.0.0.0"
+    candidates = (
+        [port] if port is not None else [secrets.choice(SOURCE_PORTS) for _ in range(_PORT_TRIES)]
+    )
+    error: OSError | None = None
+    for candidate in candidates:
+        try:
+            sock.bind((wildcard, candidate))
+            return candidate
+        except OSError as failure:
+            if failure.errno != errno.EADDRINUSE:
+                raise SendError(
+                    f"cannot bind source port {candidate}: {failure.strerror}"
+                ) from None
+            error = failure
+    what = f"source port {port}" if port is not None else f"any of {_PORT_TRIES} random ports"
+    raise SendError(f"cannot bind {what}: {error.strerror if error else 'in use'}")
 
 
 def send_spa(destination: Destination, spa_port: int, message: bytes) -> None:
