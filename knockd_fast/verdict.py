@@ -87,8 +87,9 @@ def judge(
 
     At most ``MAX_CANDIDATES`` candidates are looked at, whatever the iterable holds. The
     first that authenticates under the key of the user its own header names is judged
-    further (checks 3a-8); if none does, the verdict is the first candidate's (malformed,
-    unknown_user or authentication). ``seen(user_id, siv)`` says whether the replay cache
+    further (checks 3a-8); if none does, the verdict is that of the first candidate whose
+    header names a configured user (so a failed knock is logged with its user whenever one
+    of its candidates shows it), else the first candidate's (malformed, unknown_user). ``seen(user_id, siv)`` says whether the replay cache
     holds that message, e.g. ``lambda uid, siv: cache.seen(uid, siv, now)``; after an
     accepted verdict the caller remembers it with ``replay_expiry``. ``destination`` is
     not checked (the capture only reports knocks to protected addresses); it is taken so
@@ -107,7 +108,7 @@ def judge(
             break
         if outcome.message is not None:  # authentic but malformed: this one is judged
             return outcome
-        if first is None:
+        if first is None or (first.user is None and outcome.user is not None):
             first = outcome
     if found is None:
         if first is None:

@@ -463,11 +463,19 @@ def test_spoofed_digits_in_two_segments() -> None:
     assert verdict.accepted and verdict.message == genuine
 
 
-def test_when_nothing_authenticates_the_first_candidate_speaks() -> None:
-    assert run([sealed(user_id=9), sealed(KEY_B), b"x"]).reason == "unknown_user"
+def test_when_nothing_authenticates_the_first_candidate_naming_a_user_speaks() -> None:
+    # A poisoned header digit (an unknown user, a broken version) hides the user only when
+    # no candidate shows it: the admin sees whose knock failed.
+    verdict = run([sealed(user_id=9), sealed(KEY_B), b"x"])
+    assert (verdict.reason, verdict.user) == ("authentication", USERS[7])
+    assert "(3 candidates tried)" in verdict.detail
+    verdict = run([b"x", sealed(KEY_B)])
+    assert (verdict.reason, verdict.user) == ("authentication", USERS[7])
     verdict = run([sealed(KEY_B), sealed(user_id=9), b"x"])
-    assert verdict.reason == "authentication" and "(3 candidates tried)" in verdict.detail
-    assert run([b"x", sealed(KEY_B)]).reason == "malformed"
+    assert (verdict.reason, verdict.user) == ("authentication", USERS[7])
+    # With no user in sight, the first candidate speaks.
+    assert run([sealed(user_id=9), b"x"]).reason == "unknown_user"
+    assert run([b"x", sealed(user_id=9)]).reason == "malformed"
 
 
 def test_the_first_authentic_candidate_is_judged_with_its_own_user() -> None:
