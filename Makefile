@@ -104,7 +104,7 @@ fuzz-atheris: $(STAMP)
 # pure-Python twin over deterministic capture files, cached in bench/results/ (about 1.3 GB).
 # Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
 BENCH_RUN   := $(IN_VENV) $(VPY) bench/run.py
-.PHONY: bench bench-quick bench-tools bench-grants bench-firewall bench-live
+.PHONY: bench bench-quick bench-tools bench-grants bench-firewall bench-live bench-poison
 
 bench-tools: $(STAMP)
 	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q --group bench
@@ -120,6 +120,11 @@ bench-grants: $(STAMP)
 # The iptables backend's latency per grant with 10, 1,000 and 10,000 live grants.
 bench-firewall: $(STAMP)
 	$(BENCH_RUN:run.py=firewall_latency.py)
+
+# Blind digit poisoning: attack packets per knock -> share of genuine knocks accepted, for
+# both knock.group_by settings (offline, the Cython engine and the verdict); about 3 minutes.
+bench-poison: bench-tools
+	$(BENCH_RUN:run.py=poison.py) $(POISON_ARGS)
 
 # Live, side by side with Debian's knockd: tcpreplay onto a veth between two namespaces
 # (bench/README.md, "Live"); about 20 minutes. LIVE_ARGS="--ks 100,1000 --rates top" to narrow.

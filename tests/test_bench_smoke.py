@@ -121,3 +121,17 @@ def test_sweep_writes_json_and_plot(tmp_path: Path) -> None:
         assert png is None
     else:
         assert png is not None and png.stat().st_size > 0
+
+
+@pytest.mark.skipif(bool(CYTHON_MISSING), reason="the poisoning benchmark runs the Cython engine")
+def test_poison_benchmark_runs_and_writes_its_curve(tmp_path: Path) -> None:
+    poison = _load("knockd_fast_bench_poison", "poison.py")
+    assert poison.main(["--ks", "0,3", "--trials", "3", "--out", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("poison-*.json")
+    rows = json.loads(written.read_text())["rows"]
+    groupings, strategies = ("address+port", "address"), ("spread", "segment")
+    assert {(r["group_by"], r["strategy"], r["k"]) for r in rows} == {
+        (g, s, k) for g in groupings for s in strategies for k in (0, 3)
+    }
+    # Unattacked knocks are accepted; three blind packets cannot touch one grouped by port.
+    assert all(r["accepted"] == 3 for r in rows if r["k"] == 0 or r["group_by"] == "address+port")
