@@ -89,8 +89,9 @@ def judge(
     first that authenticates under the key of the user its own header names is judged
     further (checks 3a-8); if none does, the verdict is that of the first candidate whose
     header names a configured user (so a failed knock is logged with its user whenever one
-    of its candidates shows it), else the first candidate's (malformed, unknown_user). ``seen(user_id, siv)`` says whether the replay cache
-    holds that message, e.g. ``lambda uid, siv: cache.seen(uid, siv, now)``; after an
+    of its candidates shows it), else the first candidate's (malformed, unknown_user).
+    ``seen(user_id, siv)`` says whether the replay cache holds that message, e.g.
+    ``lambda uid, siv: cache.seen(uid, siv, now)``; after an
     accepted verdict the caller remembers it with ``replay_expiry``. ``destination`` is
     not checked (the capture only reports knocks to protected addresses); it is taken so
     that callers pass one completion whole.
