@@ -89,6 +89,11 @@ def main() -> int:
         f'[state]\ndirectory = "{work / "state"}"\n'
         '[[users]]\nid = 1\nname = "bench"\nkey_file = "bench.key"\nallow = ["2222/tcp"]\n'
     )
+    # The knocks are sealed before the daemon starts: give it a replay cache with its
+    # history (an empty one), or it refuses them as sealed before it started.
+    from knockd_fast.replay import ReplayCache
+
+    ReplayCache.for_state_dir(work / "state").close()
     with hosts(args.sources) as (server, client, server_if, sources):
         config = work / "config.toml"
         config.write_text(config.read_text().replace("IFACE", server_if))

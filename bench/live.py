@@ -316,6 +316,11 @@ class KnockdFast(Daemon):
         if not key.exists():
             write_key_file(key, make_pcap.BENCH_KEY)
         state = work / f"state-{time.monotonic_ns()}"
+        # The sweep's messages are sealed before this daemon starts: give it a replay cache
+        # with its history (an empty one), or it refuses them as sealed before it started.
+        from knockd_fast.replay import ReplayCache
+
+        ReplayCache.for_state_dir(state).close()
         self.config = work / "knockd-fast.toml"
         self.config.write_text(
             f"[knock]\nwindow = {KNOCK_WINDOW}\nknock_timeout = {KNOCK_TIMEOUT}\n"

@@ -116,7 +116,7 @@ def accepted(path: Path, messages: list[bytes], group_by: str) -> tuple[int, dic
                 now,
                 {7: USER},
                 3600,
-                lambda _user, _siv: False,
+                lambda _user, _siv, _sent: False,
             )
             if verdict.accepted and verdict.message in wanted:
                 got.add(verdict.message)

@@ -85,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         kept, removed = firewall.reconcile(int(time.time()))
     except (CaptureError, FirewallError) as error:
         raise StartError(str(error)) from None
-    replay = ReplayCache.for_state_dir(config.state_dir, now=time.time())
+    replay = ReplayCache.for_state_dir(config.state_dir, time.time(), config.knock.window)
     doorman = Doorman(config, captures, firewall, replay, sinks=[LogSink(as_json=args.json)])
     log.info(
         "knockd-fast %s on %s protecting %s; %d users; grants kept %d, expired %d",

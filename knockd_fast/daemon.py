@@ -283,4 +283,5 @@ class Doorman:
             log.warning("reload: changes to %s apply at the next restart", ", ".join(pending))
         self.config = fresh
         self.judge.config = fresh
+        self.replay.raise_window(fresh.knock.window)
         log.info("reloaded %s: %d users", fresh.path, len(fresh.users))

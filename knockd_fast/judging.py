@@ -69,7 +69,7 @@ class Judge:
             now,
             self.config.users,
             settings.window,
-            lambda user_id, siv: self.replay.seen(user_id, siv, now),
+            lambda user_id, siv, sent_at: self.replay.seen(user_id, siv, now, sent_at),
         )
         knock = verdict.knock
         decision = Decision(
@@ -88,8 +88,10 @@ class Judge:
         if not verdict.accepted:
             return decision, None
         assert knock is not None and verdict.user is not None and verdict.siv is not None
+        # Kept for the longest window ever in force (a window raised later extends it).
+        window = max(settings.window, self.replay.window)
         self.replay.remember(
-            verdict.user.id, verdict.siv, replay_expiry(knock, now, settings.window)
+            verdict.user.id, verdict.siv, replay_expiry(knock, now, window)
         )
         grant = Grant(
             source=source,

@@ -8,8 +8,18 @@ each capture batch in one such block and acts on the accepted knocks only after 
 
 If the file cannot be opened or written (read-only or missing directory, disk full,
 corrupt file), the cache goes on from memory alone: it sets ``degraded`` to the
-reason and logs one warning, never raising to the daemon. Protection then holds until
-the next restart only.
+reason and logs one warning, never raising to the daemon.
+
+It never fails open (docs/protocol.md §7.7):
+
+- entries are kept for the longest ``window`` ever in force (``raise_window``, persisted):
+  a window raised by SIGHUP or a restart extends the entries already cached;
+- pruning needs both the wall clock past an entry's expiry and the entry held for at least
+  that window by the monotonic clock: a wall clock stepped forward does not empty the
+  cache, so stepping it back again does not reopen old messages;
+- a file cache that starts without its history (no file yet, or one it cannot open)
+  refuses every message sealed before it started (``blind_before``): a restart costs a
+  user one re-knock, never a replay.
 
 Expiry: the caller remembers an accepted message with ``expires_at = timestamp +
 window`` (the message's unwrapped Unix timestamp; ``knockd_fast.verdict.replay_expiry``
@@ -26,7 +36,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("knockd_fast.replay")
@@ -41,7 +51,9 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (user_id, siv)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_expires_at ON seen (expires_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+_WINDOW_KEY = "longest_window"
 _UPSERT = """
 INSERT INTO seen (user_id, siv, expires_at) VALUES (?, ?, ?)
 ON CONFLICT (user_id, siv) DO UPDATE SET expires_at = max(expires_at, excluded.expires_at)
@@ -56,36 +68,87 @@ class ReplayCache:
     """Remembers (user_id, siv) -> expires_at (Unix seconds, inclusive; see module doc).
 
     ``path`` is the SQLite file (``for_state_dir`` names it ``replay.sqlite3`` in the
-    state directory), or None for a cache in memory only (tests, dry runs). Its parent
-    directory is created (mode 0700) if missing. ``now`` (default: the clock) decides
-    which stored entries are still worth loading.
+    state directory), or None for a cache in memory only (tests, offline replays). Its
+    parent directory is created (mode 0700) if missing. ``now`` (default: the clock) is the
+    start's wall time; ``window`` the window in force (``raise_window``); ``monotonic`` the
+    clock that ages entries for pruning.
     """
 
-    def __init__(self, path: Path | None, now: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        now: float | None = None,
+        window: int = 0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = Path(path) if path is not None else None
         self.degraded: str | None = None
+        self.window = 0  # the longest window ever in force (seconds)
+        # Messages sealed before this second are refused: set when a file cache started
+        # without its history (a new or unreadable file); None when it has it, or in memory.
+        self.blind_before: int | None = None
+        self._monotonic = monotonic
         self._entries: dict[tuple[int, bytes], int] = {}
+        self._held_since: dict[tuple[int, bytes], float] = {}  # monotonic, for pruning
         self._db: sqlite3.Connection | None = None
         self._pending: dict[tuple[int, bytes], int] | None = None  # inside batch()
         if self.path is not None:
             self._open(_second(time.time() if now is None else now))
+        self.raise_window(window)
 
     @classmethod
-    def for_state_dir(cls, state_dir: Path, now: float | None = None) -> ReplayCache:
-        return cls(Path(state_dir) / DB_NAME, now)
+    def for_state_dir(
+        cls, state_dir: Path, now: float | None = None, window: int = 0
+    ) -> ReplayCache:
+        return cls(Path(state_dir) / DB_NAME, now, window)
 
     # --- the cache ----------------------------------------------------------------------
 
-    def seen(self, user_id: int, siv: bytes, now: float) -> bool:
-        """Whether this message was remembered and its entry is still live at ``now``."""
+    def seen(self, user_id: int, siv: bytes, now: float, sent_at: int | None = None) -> str:
+        """Why this message counts as seen at ``now`` ("" if it does not): its entry is
+        live, or (``sent_at``, its unwrapped timestamp) it was sealed before a cache that
+        started without its history."""
         expires_at = self._entries.get((user_id, bytes(siv)))
-        return expires_at is not None and _second(now) <= expires_at
+        if expires_at is not None and _second(now) <= expires_at:
+            return f"already accepted (SIV {bytes(siv).hex()[:16]})"
+        if self.blind_before is not None and sent_at is not None and sent_at < self.blind_before:
+            return (
+                f"sealed before the replay cache started without its history "
+                f"({self.blind_before - sent_at} s before); knock again"
+            )
+        return ""
+
+    def raise_window(self, window: int) -> None:
+        """The window in force is ``window``: if it is the longest yet, every cached entry
+        is extended by the difference (and the new longest window stored)."""
+        extra = int(window) - self.window
+        if extra <= 0:
+            return
+        self.window = int(window)
+        for key in self._entries:
+            self._entries[key] += extra
+        if self._pending is not None:
+            for key in self._pending:
+                self._pending[key] += extra
+        if self._db is None:
+            return
+        try:
+            with self._db:
+                self._db.execute("UPDATE seen SET expires_at = expires_at + ?", (extra,))
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (_WINDOW_KEY, self.window),
+                )
+        except sqlite3.Error as error:
+            self._degrade(f"cannot write: {error}")
 
     def remember(self, user_id: int, siv: bytes, expires_at: int) -> None:
         """Remember an accepted message until ``expires_at`` (timestamp + window), durably."""
         key = (int(user_id), bytes(siv))
         expires_at = max(int(expires_at), self._entries.get(key, int(expires_at)))
         self._entries[key] = expires_at
+        self._held_since.setdefault(key, self._monotonic())
         if self._pending is not None:
             self._pending[key] = expires_at
         else:
@@ -115,15 +178,24 @@ class ReplayCache:
             self._degrade(f"cannot write: {error}")
 
     def prune(self, now: float) -> int:
-        """Forget entries no longer live at ``now``, in memory and on disk; return how many."""
+        """Forget entries no longer live at ``now`` that were also held for the whole
+        window by the monotonic clock, in memory and on disk; return how many."""
         second = _second(now)
-        expired = [key for key, expires_at in self._entries.items() if expires_at < second]
+        old_enough = self._monotonic() - self.window
+        expired = [
+            key
+            for key, expires_at in self._entries.items()
+            if expires_at < second and self._held_since[key] <= old_enough
+        ]
         for key in expired:
             del self._entries[key]
-        if self._db is not None:
+            del self._held_since[key]
+        if self._db is not None and expired:
             try:
                 with self._db:
-                    self._db.execute("DELETE FROM seen WHERE expires_at < ?", (second,))
+                    self._db.executemany(
+                        "DELETE FROM seen WHERE user_id = ? AND siv = ?", expired
+                    )
             except sqlite3.Error as error:
                 self._degrade(f"cannot write: {error}")
         return len(expired)
@@ -150,9 +222,13 @@ class ReplayCache:
     def _open(self, second: int) -> None:
         assert self.path is not None
         db = None
+        had_history = False
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+            had_history = bool(
+                db.execute("SELECT 1 FROM sqlite_master WHERE name = 'seen'").fetchone()
+            )
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit reaches the OS before remember() returns, so a
             # crash or kill -9 of the daemon loses nothing; only a power cut may lose the
@@ -166,18 +242,26 @@ class ReplayCache:
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.isolation_level = "DEFERRED"  # `with db:` commits each statement at once
-            rows = db.execute(
-                "SELECT user_id, siv, expires_at FROM seen WHERE expires_at >= ?", (second,)
-            ).fetchall()
+            # Every row, the expired ones too: the wall clock may have been stepped
+            # forward while we were down; prune() forgets them once held a whole window.
+            rows = db.execute("SELECT user_id, siv, expires_at FROM seen").fetchall()
+            stored = db.execute("SELECT value FROM meta WHERE key = ?", (_WINDOW_KEY,)).fetchone()
         except (sqlite3.Error, OSError) as error:
             if db is not None:
                 db.close()
             reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            self.blind_before = second
             self._degrade(f"cannot open: {reason}")
             return
+        if not had_history:
+            self.blind_before = second
+        started = self._monotonic()
         for user_id, siv, expires_at in rows:
             if isinstance(user_id, int) and isinstance(siv, bytes) and isinstance(expires_at, int):
                 self._entries[(user_id, siv)] = expires_at
+                self._held_since[(user_id, siv)] = started
+        if stored and isinstance(stored[0], int) and stored[0] > 0:
+            self.window = stored[0]
         self._db = db
 
     def _degrade(self, reason: str) -> None:

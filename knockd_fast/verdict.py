@@ -81,7 +81,7 @@ def judge(
     now: float,
     users: Mapping[int, User],
     window: int,
-    seen: Callable[[int, bytes], bool],
+    seen: Callable[[int, bytes, int], bool | str],
 ) -> Verdict:
     """Judge one completion: its candidate messages (primary first), as §7 orders the checks.
 
@@ -90,8 +90,9 @@ def judge(
     further (checks 3a-8); if none does, the verdict is that of the first candidate whose
     header names a configured user (so a failed knock is logged with its user whenever one
     of its candidates shows it), else the first candidate's (malformed, unknown_user).
-    ``seen(user_id, siv)`` says whether the replay cache holds that message, e.g.
-    ``lambda uid, siv: cache.seen(uid, siv, now)``; after an
+    ``seen(user_id, siv, sent_at)`` says whether the replay cache counts that message (sealed
+    at ``sent_at``, unwrapped) as seen: True, or a string saying why, e.g.
+    ``lambda uid, siv, sent: cache.seen(uid, siv, now, sent)``; after an
     accepted verdict the caller remembers it with ``replay_expiry``. ``destination`` is
     not checked (the capture only reports knocks to protected addresses); it is taken so
     that callers pass one completion whole.
@@ -131,8 +132,10 @@ def judge(
         return _reject(
             "source_mismatch", f"claimed {knock.claimed_ip}, packet from {source}", **known
         )
-    if seen(user.id, siv):
-        return _reject("replay", f"already accepted (SIV {siv.hex()[:16]})", **known)
+    hit = seen(user.id, siv, int(now) - age)
+    if hit:
+        detail = hit if isinstance(hit, str) else f"already accepted (SIV {siv.hex()[:16]})"
+        return _reject("replay", detail, **known)
     if not user.allows(knock.port, knock.proto):
         return _reject(
             "not_allowed", f"{knock.port}/{knock.proto} is not allowed for {user.name!r}", **known

@@ -229,3 +229,25 @@ def test_a_failing_sink_loses_no_grant(setup, caplog) -> None:
     assert [g.source for g in door.firewall.grants()] == sources(1)
     assert len(recorder.slices) == 1
     assert "internal error in decision sink Broken" in caplog.text
+
+
+def test_a_window_raised_by_reload_keeps_refusing_the_replays_of_the_old_window(setup) -> None:
+    """Accepted under a 30 s window, replayed 31 s later after a SIGHUP raised it to 60 s:
+    the cached entry must cover the new window (it used to expire at the old one)."""
+    tmp_path, config = setup
+    spa_capture(tmp_path / "one.pcap", sources(1))
+    recorder = Recorder()
+    door, capture = doorman(config, tmp_path / "one.pcap", sinks=[recorder], inline=True)
+    door.read(capture)
+    door.judge_backlog(None)
+    text = (tmp_path / "config.toml").read_text()
+    (tmp_path / "config.toml").write_text("[knock]\nwindow = 60\n" + text)
+    door.reload()
+    assert door.config.knock.window == 60 and door.replay.window == 60
+    door.clock = lambda: NOW + 31  # the same datagram again, 31 s after it was sealed
+    capture.engine.open_file(str(tmp_path / "one.pcap"))
+    door.read(capture)
+    door.judge_backlog(None)
+    door.replay.close()
+    (first,), (again,) = recorder.slices
+    assert (first.verdict, again.verdict, again.reason) == ("accepted", "rejected", "replay")

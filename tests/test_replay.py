@@ -87,8 +87,10 @@ def test_persists_across_instances(tmp_path: Path) -> None:
     again = ReplayCache(tmp_path / DB_NAME, now=NOW + 10)
     assert again.degraded is None
     assert again.seen(7, SIV_A, NOW + 10)
-    assert not again.seen(4095, SIV_B, NOW + 10)  # expired before the restart: not loaded
-    assert len(again) == 1
+    assert not again.seen(4095, SIV_B, NOW + 10)  # expired before the restart
+    # ... but loaded all the same: the clock may have been stepped forward while the
+    # daemon was down; prune() forgets it once held for a whole window.
+    assert len(again) == 2
     again.close()
 
 
@@ -178,8 +180,65 @@ def test_a_restart_in_an_entrys_last_second_still_refuses_the_replay(tmp_path: P
     assert restarted.seen(7, SIV_A, last + 0.999)
     restarted.close()
     again = ReplayCache(tmp_path / DB_NAME, now=last + 1)
-    assert len(again) == 0 and not again.seen(7, SIV_A, last + 1)
+    assert not again.seen(7, SIV_A, last + 1)
     again.close()
+
+
+# --- never failing open (docs/protocol.md 7.7) -------------------------------------------------
+
+
+def test_a_raised_window_extends_the_cached_entries_across_a_restart(tmp_path: Path) -> None:
+    cache = ReplayCache(tmp_path / DB_NAME, now=NOW, window=30)
+    cache.remember(7, SIV_A, NOW + 30)  # sealed at NOW, remembered for the window of 30 s
+    cache.raise_window(60)  # a SIGHUP raises the window: the message is valid until NOW + 60
+    assert cache.seen(7, SIV_A, NOW + 31) and cache.seen(7, SIV_A, NOW + 60)
+    assert not cache.seen(7, SIV_A, NOW + 61)
+    cache.raise_window(20)  # lowering it keeps the longest ever in force
+    assert cache.window == 60 and cache.seen(7, SIV_A, NOW + 60)
+    cache.close()
+    # Restarted with the old window: the longest one is remembered with the entries.
+    again = ReplayCache(tmp_path / DB_NAME, now=NOW + 1, window=30)
+    assert again.window == 60 and again.seen(7, SIV_A, NOW + 59)
+    again.close()
+
+
+def test_a_wall_clock_stepped_forward_does_not_empty_the_cache(tmp_path: Path) -> None:
+    tick = [1000.0]
+    cache = ReplayCache(tmp_path / DB_NAME, now=NOW, window=30, monotonic=lambda: tick[0])
+    cache.remember(7, SIV_A, NOW + 30)
+    tick[0] += 10
+    assert cache.prune(NOW + 86_400) == 0  # the wall clock jumped a day; held 10 s of 30
+    # Stepped back again: the old message is still known.
+    assert cache.seen(7, SIV_A, NOW + 5)
+    tick[0] += 20  # held for the whole window now, and expired by the wall clock
+    assert cache.prune(NOW + 86_400) == 1 and len(cache) == 0
+    cache.close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert db.execute("SELECT COUNT(*) FROM seen").fetchone() == (0,)
+    db.close()
+
+
+def test_a_cache_that_starts_without_its_history_refuses_messages_sealed_before(
+    tmp_path: Path,
+) -> None:
+    # No file yet: nothing says what was accepted before this start.
+    fresh = ReplayCache(tmp_path / "new" / DB_NAME, now=NOW + 0.5, window=30)
+    assert fresh.blind_before == NOW
+    assert "sealed before the replay cache started" in fresh.seen(7, SIV_A, NOW + 1, NOW - 1)
+    assert not fresh.seen(7, SIV_A, NOW + 1, NOW)  # sealed in the second it started: fine
+    fresh.close()
+    # Restarted on that file, it has its history: nothing refused for its age.
+    again = ReplayCache(tmp_path / "new" / DB_NAME, now=NOW + 10, window=30)
+    assert again.blind_before is None and not again.seen(7, SIV_A, NOW + 11, NOW - 1)
+    again.close()
+    # A file it cannot read is no history either.
+    corrupt = tmp_path / "corrupt.sqlite3"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    degraded = ReplayCache(corrupt, now=NOW, window=30)
+    assert degraded.degraded and degraded.blind_before == NOW
+    assert degraded.seen(7, SIV_A, NOW + 1, NOW - 20)
+    # In memory only (offline replays, tests): there is no history to miss.
+    assert not ReplayCache(None, now=NOW).seen(7, SIV_A, NOW + 1, NOW - 20)
 
 
 def test_state_directory_is_created(tmp_path: Path) -> None:
@@ -345,7 +404,10 @@ def test_no_gap_between_the_cache_and_the_window(delay: float) -> None:
     cache = ReplayCache(None)
 
     def verdict(now: float):
-        return judge([message], claimed, None, now, users, 30, lambda u, s: cache.seen(u, s, now))
+        def seen(user_id: int, siv: bytes, sent_at: int) -> str:
+            return cache.seen(user_id, siv, now, sent_at)
+
+        return judge([message], claimed, None, now, users, 30, seen)
 
     first = verdict(NOW)
     assert first.accepted

@@ -63,7 +63,7 @@ def knock(**fields) -> Knock:
     return Knock(**base)
 
 
-def never(user_id: int, siv: bytes) -> bool:
+def never(user_id: int, siv: bytes, sent_at: int) -> bool:
     return False
 
 
@@ -224,13 +224,13 @@ def test_replay() -> None:
     message = sealed()
     asked = []
 
-    def seen(user_id: int, siv: bytes) -> bool:
-        asked.append((user_id, siv))
+    def seen(user_id: int, siv: bytes, sent_at: int) -> bool:
+        asked.append((user_id, siv, sent_at))
         return True
 
     verdict = run([message], seen=seen)
     assert verdict.reason == "replay" and verdict.siv == siv_of(message)
-    assert asked == [(7, siv_of(message))]
+    assert asked == [(7, siv_of(message), NOW)]  # the message's own (unwrapped) time
 
 
 def test_not_allowed() -> None:
@@ -248,7 +248,7 @@ def test_every_reason_is_reachable() -> None:
         run([sealed()], now=NOW + 100).reason,
         run([sealed()], now=NOW - 100).reason,
         run([sealed()], source="192.0.2.11").reason,
-        run([sealed()], seen=lambda u, s: True).reason,
+        run([sealed()], seen=lambda u, s, t: True).reason,
         run([sealed(port=24)]).reason,
         run([sealed()]).reason,
     }
@@ -267,12 +267,12 @@ def test_future_from_the_wrong_source_says_from_future() -> None:
 
 
 def test_replay_from_another_source_says_source_mismatch() -> None:
-    verdict = run([sealed()], source="198.51.100.1", seen=lambda u, s: True)
+    verdict = run([sealed()], source="198.51.100.1", seen=lambda u, s, t: True)
     assert verdict.reason == "source_mismatch"
 
 
 def test_replay_of_a_forbidden_port_says_replay() -> None:
-    assert run([sealed(port=24)], seen=lambda u, s: True).reason == "replay"
+    assert run([sealed(port=24)], seen=lambda u, s, t: True).reason == "replay"
 
 
 def test_malformed_plaintext_beats_expiry() -> None:
@@ -289,7 +289,7 @@ def test_unknown_user_beats_bad_authentication_and_version_beats_user() -> None:
 
 
 def test_seen_is_not_asked_before_the_earlier_checks_pass() -> None:
-    def seen(user_id: int, siv: bytes) -> bool:
+    def seen(user_id: int, siv: bytes, sent_at: int) -> bool:
         raise AssertionError("seen() asked too early")
 
     for kwargs in ({"source": "192.0.2.9"}, {"now": NOW + 31}, {"now": NOW - 31}):
@@ -402,7 +402,7 @@ def test_verdict_follows_the_order(s) -> None:
     now = (k.timestamp % 2**32) + s["offset"] + 2**32 * 3  # any era: only mod 2**32 counts
     replays = {(k.user_id, siv_of(message))} if s["replayed"] else set()
     verdict = judge(
-        [message], s["source"], None, now, users, WINDOW, lambda u, v: (u, v) in replays
+        [message], s["source"], None, now, users, WINDOW, lambda u, v, _sent: (u, v) in replays
     )
     expected = predicted(s, k, the_user, now, s["source"])
     event(expected)
