@@ -596,9 +596,13 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
     elif ethertype == ETHERTYPE_IPV6:
         if avail < 40 or (ip[0] >> 4) != 6:
             return C_MALFORMED
-        # An IPv4-mapped source would share the IPv4 source's table entry.
+        # An IPv4-mapped source would share the IPv4 source's table entry; a mapped
+        # destination would make a grant of mixed families (an IPv6 source, an IPv4 address).
         if (be16(ip + 8) | be16(ip + 10) | be16(ip + 12) | be16(ip + 14) | be16(ip + 16)) == 0 \
                 and be16(ip + 18) == 0xFFFF:
+            return C_MALFORMED
+        if (be16(ip + 24) | be16(ip + 26) | be16(ip + 28) | be16(ip + 30) | be16(ip + 32)) == 0 \
+                and be16(ip + 34) == 0xFFFF:
             return C_MALFORMED
         avail -= 40
         total = be16(ip + 4)

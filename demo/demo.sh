@@ -81,13 +81,18 @@ allow = ["2222/tcp"]
 TOML
 knockd-fast check-config -c "$work/config.toml"
 
-step "server: knockd-fast run, then a DROP for 2222/tcp after its jump, and a listener"
+step "server: knockd-fast run, then DROPs for 2222/tcp and the knock ports after its jump, and a listener"
 # `ip netns exec` execs its command: `$!` is the daemon itself.
 ip netns exec "$server" knockd-fast run -c "$work/config.toml" 2> "$work/daemon.log" &
 daemon_pid=$!
 for _ in $(seq 50); do grep -q "^knockd-fast .* on " "$work/daemon.log" && break; sleep 0.1; done
 sed 's/^/   daemon: /' "$work/daemon.log"
 in_server iptables-legacy -A INPUT -p tcp --dport 2222 -j DROP
+# The knock range and the SPA port stay silent: no RST betrays (or reflects) a knock.
+for proto in tcp udp; do
+  in_server iptables-legacy -A INPUT -p "$proto" --dport 20000:31775 -j DROP
+done
+in_server iptables-legacy -A INPUT -p udp --dport 62201 -j DROP
 ip netns exec "$server" python3 -c "
 import socket
 s = socket.socket()

@@ -331,11 +331,11 @@ class CaptureEngine:
                 counters[_MALFORMED] += 1
                 return
             source = data[offset + 8 : offset + 24]
-            if source[:12] == IPV4_MAPPED_PREFIX:
+            destination = data[offset + 24 : offset + 40]
+            if source[:12] == IPV4_MAPPED_PREFIX or destination[:12] == IPV4_MAPPED_PREFIX:
                 counters[_MALFORMED] += 1
                 return
             family = 6
-            destination = data[offset + 24 : offset + 40]
             payload_len = data[offset + 4] << 8 | data[offset + 5]
             proto = data[offset + 6]
             transport = offset + 40

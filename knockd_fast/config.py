@@ -40,6 +40,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MODES = ("syn", "udp", "spa")
 KNOCK_MODES = frozenset({"syn", "udp"})
 MAX_WINDOW = 3600
+# Bounds of what can work. A table slot costs 144 bytes (a 128-byte slot and two index
+# entries): 2**24 slots are 2.4 GB per interface, past that the start fails to allocate.
+MAX_TABLE_SIZE = 1 << 24
+# A knock is 34 to 92 packets; below a tenth of a second every knock across a real network
+# expires before its last packet (1e-300 made every knock expire).
+MIN_KNOCK_TIMEOUT = 0.1
 MAX_INT31 = 2**31 - 1
 IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
 DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
@@ -317,9 +323,10 @@ class _Reader:
         timeout = section.get("knock_timeout", 10)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise self.error(f"{p}.knock_timeout", f"expected seconds, got {_describe(timeout)}")
-        if not (math.isfinite(timeout) and 0 < timeout <= 3600):
+        if not (math.isfinite(timeout) and MIN_KNOCK_TIMEOUT <= timeout <= 3600):
             raise self.error(
-                f"{p}.knock_timeout", f"{timeout}: must be more than 0 and at most 3600 seconds"
+                f"{p}.knock_timeout",
+                f"{timeout}: must be at least {MIN_KNOCK_TIMEOUT} and at most 3600 seconds",
             )
         window = self.integer(section, p, "window", 30, 1, MAX_WINDOW)
         group_by = self.choice(section, p, "group_by", GROUP_BY_ADDRESS_AND_PORT, GROUP_BY)
@@ -345,7 +352,7 @@ class _Reader:
         return CaptureSettings(
             interfaces=interfaces,
             destinations=tuple(destinations),
-            table_size=self.integer(section, p, "table_size", 65536, 1, MAX_INT31),
+            table_size=self.integer(section, p, "table_size", 65536, 1, MAX_TABLE_SIZE),
             buffer_bytes=self.integer(section, p, "buffer_bytes", 33554432, 1, MAX_INT31),
         )
 

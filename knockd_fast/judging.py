@@ -11,6 +11,7 @@ same judge over a capture file at packet time, with a dry-run firewall.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -88,19 +89,24 @@ class Judge:
         if not verdict.accepted:
             return decision, None
         assert knock is not None and verdict.user is not None and verdict.siv is not None
+        # The grant first: a message that cannot become one is refused, and stays unspent
+        # (remembering it first let a bad copy use up the genuine knock's message).
+        try:
+            grant = Grant(
+                source=source,
+                proto=str(knock.proto),
+                port=knock.port,
+                destination=destination,
+                expires=int(now) + grant_duration(knock, self.config.grants),
+                user=verdict.user.name,
+            )
+        except ValueError as error:
+            return dataclasses.replace(
+                decision, verdict="rejected", reason="malformed", detail=f"no grant: {error}"
+            ), None
         # Kept for the longest window ever in force (a window raised later extends it).
         window = max(settings.window, self.replay.window)
-        self.replay.remember(
-            verdict.user.id, verdict.siv, replay_expiry(knock, now, window)
-        )
-        grant = Grant(
-            source=source,
-            proto=str(knock.proto),
-            port=knock.port,
-            destination=destination,
-            expires=int(now) + grant_duration(knock, self.config.grants),
-            user=verdict.user.name,
-        )
+        self.replay.remember(verdict.user.id, verdict.siv, replay_expiry(knock, now, window))
         return decision, GrantChange(
             Action.CLOSE if knock.action == Action.CLOSE else Action.OPEN, grant
         )
@@ -202,7 +208,11 @@ def replay_capture(config: Config, path: str, sinks: Sequence[DecisionSink]) -> 
         decisions = []
         for record in engine.drain():
             when = int(record["sec"]) + int(record["usec"]) / 1e6
-            decision, change = judge_.decide(record, when)
+            try:
+                decision, change = judge_.decide(record, when)
+            except Exception:  # one bad record must not end the replay of a file
+                log.exception("internal error judging a completion; skipped")
+                continue
             decisions.append(decision)
             if change is None:
                 continue

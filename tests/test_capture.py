@@ -809,6 +809,8 @@ PACKET_CASES: list[tuple[str, bytes, str]] = [
     ("v6 version 4", _patched(V6_SYN, 14, b"\x40"), "malformed"),
     ("v6 short", V6_SYN[: 14 + 39], "malformed"),
     ("v6 mapped source", fr.ethernet(fr.ipv6("::ffff:192.0.2.1", DST6, 6, SYN)), "malformed"),
+    # A mapped destination: a grant for an IPv6 source to an IPv4 address cannot exist.
+    ("v6 mapped dest", fr.ethernet(fr.ipv6(SRC6, "::ffff:198.51.100.2", 6, SYN)), "malformed"),
     ("v6 payload length cuts tcp", _patched(V6_SYN, 14 + 4, b"\x00\x13"), "malformed"),
     (
         "v6 all extension headers",

@@ -14,6 +14,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from knock_client.keys import write_key_file
@@ -251,3 +252,31 @@ def test_a_window_raised_by_reload_keeps_refusing_the_replays_of_the_old_window(
     door.replay.close()
     (first,), (again,) = recorder.slices
     assert (first.verdict, again.verdict, again.reason) == ("accepted", "rejected", "replay")
+
+
+def test_a_message_that_cannot_become_a_grant_is_refused_and_not_used_up(setup) -> None:
+    """A completion no grant can be made of (here an IPv6 source knocking an IPv4-mapped
+    destination, which the engines now refuse themselves) is rejected before its message is
+    remembered: the genuine copy of the same message is still accepted."""
+    from knockd_fast.capture_spec import COMPLETION_DTYPE, KIND_SPA, address_key
+    from knockd_fast.judging import Judge
+
+    tmp_path, config = setup
+    source = ipaddress.IPv6Address("2001:db8::7")
+    message = seal(Knock(Action.OPEN, Proto.TCP, 22, NOW, source, 7, 1), KEY)
+
+    def record(destination: str):  # noqa: ANN202
+        found = np.zeros(1, dtype=COMPLETION_DTYPE)[0]
+        found["kind"], found["family"], found["length"] = KIND_SPA, 6, len(message)
+        found["source"] = list(address_key(source))
+        found["destination"] = list(address_key(ipaddress.ip_address(destination)))
+        found["message"][: len(message)] = list(message)
+        return found
+
+    replay = ReplayCache(None)
+    judge = Judge(config, replay)
+    bad, change = judge.decide(record("::ffff:198.51.100.20"), NOW + 1)
+    assert (bad.verdict, bad.reason, change) == ("rejected", "malformed", None)
+    assert bad.detail.startswith("no grant: ") and len(replay) == 0
+    good, change = judge.decide(record("2001:db8::1"), NOW + 1)
+    assert (good.verdict, good.reason) == ("accepted", "ok") and change is not None

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -65,14 +66,18 @@ def key(data: dict) -> dict:
     return {name: data[name] for name in ("source", "proto", "port", "destination")}
 
 
-def rule_line(g: dict) -> str:
-    """The ``-S`` line of a grant, written out by hand (the spec of the rule format)."""
+def rule_line(g: dict, timed: bool = True) -> str:
+    """The ``-S`` line of a grant, written out by hand (the spec of the rule format): the
+    expiry in the comment and, so that the kernel stops matching at expiry whatever the
+    daemon does, in a time match (``timed=False``: a rule of an earlier version)."""
     family = ip_address(g["source"]).version
     dest = f" -d {g['destination']}/{BITS[family]}" if g["destination"] else ""
+    until = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(g["expires"] - 1))  # last second
+    stop = f" -m time --datestop {until}" if timed else ""
     return (
         f"-A {CHAIN} -s {g['source']}/{BITS[family]}{dest} -p {g['proto']} -m {g['proto']} "
         f'--dport {g["port"]} -m comment --comment "knockd-fast user={g["user"]} '
-        f'expires={g["expires"]}" -j ACCEPT'
+        f'expires={g["expires"]}"{stop} -j ACCEPT'
     )
 
 
@@ -245,6 +250,7 @@ def test_grants_round_trip_through_the_kernel(probe: Probe) -> None:
 def test_reconcile_keeps_live_and_removes_expired_and_unparsable(probe: Probe) -> None:
     live4 = grant("192.0.2.2", 22, expires=NOW + 1)
     live6 = grant("2001:db8::2", 22, dest="2001:db8::1", expires=NOW + 100)
+    untimed = grant("192.0.2.5", 22, expires=NOW + 7)  # made before rules had a time match
     dead = [
         grant("192.0.2.3", 22, expires=NOW),  # expires == now: expired
         grant("192.0.2.4", 80, proto="udp", expires=1),
@@ -260,6 +266,9 @@ def test_reconcile_keeps_live_and_removes_expired_and_unparsable(probe: Probe) -
         f"-s 192.0.2.11/32 -p tcp -m multiport --dports 22,23 {ours} -j ACCEPT",
         f"-s 192.0.2.12/32 -p tcp -m tcp --dport 22 {ours} -j DROP",
         f"! -s 192.0.2.13/32 -p tcp -m tcp --dport 22 {ours} -j ACCEPT",
+        # The comment's expiry and the kernel's disagree: edited by hand.
+        f"-s 192.0.2.14/32 -p tcp -m tcp --dport 22 {ours} -m time "
+        "--datestop 2031-01-01T00:00:00 -j ACCEPT",
     ]
     junk6 = [
         f"-s 2001:db8::9/128 -i lo -p udp -m udp --dport 53 {ours} -j ACCEPT",
@@ -268,17 +277,19 @@ def test_reconcile_keeps_live_and_removes_expired_and_unparsable(probe: Probe) -
     probe([["setup"]])
     for g in [live4, live6, *dead]:
         probe.ipt(family_of(g), *split(rule_line(g)))  # as if left by an earlier run
+    probe.ipt(4, *split(rule_line(untimed, timed=False)))
     for family, lines in ((4, junk4), (6, junk6)):
         for line in lines:
             probe.ipt(family, "-A", CHAIN, *split(line))
     result, listed = probe([["reconcile", NOW], ["grants"]])
-    assert result["kept"] == sort_json([live4, live6]) == listed
+    assert result["kept"] == sort_json([live4, live6, untimed]) == listed
     assert result["removed"] == sort_json(dead)
-    assert probe.chain(4) == [rule_line(live4)]
+    assert probe.chain(4) == [rule_line(live4), rule_line(untimed, timed=False)]
     assert probe.chain(6) == [rule_line(live6)]
     warnings = [line for line in probe.stderr.splitlines() if "not a grant" in line]
     assert len(warnings) == len(junk4) + len(junk6), probe.stderr
     assert "multiport" in probe.stderr and "target DROP" in probe.stderr
+    assert "disagree on the expiry (1924992001 vs 1900000000)" in probe.stderr
 
 
 @netns_test

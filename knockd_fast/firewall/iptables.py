@@ -13,7 +13,14 @@ families, an unconditional jump to it as the first rule of each hook (INPUT and/
 FORWARD), and one ACCEPT rule per grant::
 
     -A KNOCKD-FAST -s 192.0.2.2/32 [-d 192.0.2.1/32] -p tcp -m tcp --dport 22
-        -m comment --comment "knockd-fast user=alice expires=1700000000" -j ACCEPT
+        -m comment --comment "knockd-fast user=alice expires=1700000000"
+        -m time --datestop 2023-11-14T22:13:19 -j ACCEPT
+
+The time match carries the expiry into the kernel: the rule stops matching at expiry even
+while the daemon is dead, stuck or retrying a failed change; the daemon's sweep then only
+tidies the rule away. xt_time matches through its stop second, so the stop is the grant's
+last second, ``expires - 1`` (a grant lives for ``[opened, expires)``); it keeps the date as
+32 bits: a grant past 2106 goes without.
 
 How it changes. Every change takes the xtables lock (``/run/xtables.lock``, or
 ``$XTABLES_LOCKFILE``: the lock ``iptables-legacy`` takes), re-reads the table, edits
@@ -72,6 +79,8 @@ _MATCH_HEADER = struct.Struct("=H29sB")  # struct xt_entry_match: size, name, re
 _TCP = struct.Struct("=4H4B")  # struct xt_tcp: spts[2], dpts[2], option, flg_mask, flg_cmp, inv
 _UDP = struct.Struct("=4HB")  # struct xt_udp: spts[2], dpts[2], invflags
 _COMMENT_BYTES = 256  # struct xt_comment_info
+_TIME_STOP = struct.Struct("=I")  # struct xt_time_info's date_stop, after its date_start
+_TIME_LIMIT = 2**32  # date_stop is a __u32 of Unix seconds
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17}
 _PROTO_NAMES = {6: "tcp", 17: "udp"}
 
@@ -176,7 +185,7 @@ def _parse(fam: _Family, raw: bytes, target: str | None) -> Grant | str:
     proto = _PROTO_NAMES.get(struct.unpack_from("=H", raw, fam.proto)[0])
     if proto is None:
         return "protocol is not tcp or udp"
-    port = comment = None
+    port = comment = date_stop = None
     offset = fam.entry_size
     while offset < target_offset:
         size, name_bytes, revision = _MATCH_HEADER.unpack_from(raw, offset)
@@ -192,6 +201,8 @@ def _parse(fam: _Family, raw: bytes, target: str | None) -> Grant | str:
             if (sp_lo, sp_hi) != (0, 65535) or dp_lo != dp_hi or dp_lo == 0 or any(rest):
                 return f"{proto} match is not a single --dport"
             port = dp_lo
+        elif name == "time" and revision == 0 and date_stop is None:
+            (date_stop,) = _TIME_STOP.unpack_from(raw, data + 4)
         elif name == "comment" and revision == 0 and comment is None:
             text = raw[data : data + _COMMENT_BYTES].split(b"\0", 1)[0]
             comment = parse_comment(text.decode("utf-8", "replace"))
@@ -205,6 +216,9 @@ def _parse(fam: _Family, raw: bytes, target: str | None) -> Grant | str:
     if comment is None:
         return "has no comment"
     user, expires = comment
+    # Rules made before the time match have none; one that disagrees was edited by hand.
+    if date_stop is not None and 0 < expires <= _TIME_LIMIT and date_stop != expires - 1:
+        return f"time match and comment disagree on the expiry ({date_stop + 1} vs {expires})"
     try:
         return Grant(source, proto, port, destination, expires, user)
     except ValueError as error:
@@ -589,6 +603,9 @@ class IptablesFirewall:
         rule.protocol = grant.proto
         rule.create_match(grant.proto).dport = str(grant.port)
         rule.create_match("comment").comment = format_comment(grant)
+        if 0 < grant.expires <= _TIME_LIMIT:
+            last = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(grant.expires - 1))
+            rule.create_match("time").datestop = last  # UTC: xt_time's default
         rule.target = iptc.Target(rule, "ACCEPT")
         rule.final_check()
         return rule
