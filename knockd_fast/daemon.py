@@ -153,6 +153,7 @@ class Doorman:
                 if self.clock() - last_prune > PRUNE_SECONDS:
                     last_prune = self.clock()
                     self.replay.prune(last_prune)
+                self._to_sinks("tick", self.clock())
                 flush_logs()
         finally:
             live = [c for c in self.captures if c.lost_at is None]
@@ -161,6 +162,7 @@ class Doorman:
             for capture in live:
                 self.read(capture)
             self.judge_backlog(None)
+            self._to_sinks("close")
             self.worker.stop()
             self._log_stop(self.stats())
             flush_logs()
@@ -232,13 +234,18 @@ class Doorman:
         decisions, changes = self.judge.judge_slice(self.backlog, limit, self.clock)
         if decisions:
             self.decided.update((d.verdict, d.reason) for d in decisions)
-            for sink in self.sinks:
-                try:
-                    sink.write(decisions)
-                except Exception:  # a sink's bug must not lose the firewall changes
-                    log.exception("internal error in decision sink %s", type(sink).__name__)
+            self._to_sinks("write", decisions)
         self.worker.submit(changes)
         return len(decisions)
+
+    def _to_sinks(self, method: str, *args: Any) -> None:
+        """``DecisionSink.<method>(*args)`` on every sink; a sink's bug is logged, never
+        raised (it must not lose the firewall changes, nor stop the loop)."""
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(*args)
+            except Exception:
+                log.exception("internal error in decision sink %s", type(sink).__name__)
 
     def _reopen(self, capture: Capture) -> None:
         from ._capture import CaptureError

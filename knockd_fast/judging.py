@@ -224,5 +224,7 @@ def replay_capture(config: Config, path: str, sinks: Sequence[DecisionSink]) -> 
             sink.write(decisions)
         if count == 0:
             break
+    for sink in sinks:
+        sink.close()
     engine.close()
     return engine.stats()

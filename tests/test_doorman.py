@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
+import re
 import sqlite3
 from pathlib import Path
 
@@ -72,6 +74,12 @@ class Recorder:
 
     def write(self, decisions) -> None:  # noqa: ANN001
         self.slices.append(list(decisions))
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class CommittedFirst(DryRunFirewall):
@@ -219,7 +227,7 @@ def test_a_failing_sink_loses_no_grant(setup, caplog) -> None:
     tmp_path, config = setup
     spa_capture(tmp_path / "one.pcap", sources(1))
 
-    class Broken:
+    class Broken(Recorder):
         def write(self, decisions) -> None:  # noqa: ANN001
             raise RuntimeError("sink bug")
 
@@ -280,3 +288,40 @@ def test_a_message_that_cannot_become_a_grant_is_refused_and_not_used_up(setup) 
     assert bad.detail.startswith("no grant: ") and len(replay) == 0
     good, change = judge.decide(record("2001:db8::1"), NOW + 1)
     assert (good.verdict, good.reason) == ("accepted", "ok") and change is not None
+
+
+@pytest.mark.parametrize("modes", ['["syn", "udp", "spa"]', '["syn"]'])
+def test_twenty_thousand_junk_datagrams_cost_a_few_log_lines(setup, caplog, modes) -> None:
+    """The review's flood: 20,000 junk SPA datagrams made 20,004 log lines, with SPA
+    disabled too. Now: a sample per reason and a summary; the one genuine knock in the
+    middle of it is logged as ever."""
+    from knockd_fast.sinks import LogSink
+
+    tmp_path, _ = setup
+    text = (tmp_path / "config.toml").read_text()
+    (tmp_path / "config.toml").write_text(f"[knock]\nmodes = {modes}\n" + text)
+    config = load_config(tmp_path / "config.toml")
+    rng = random.Random(7)
+    genuine = seal(Knock(Action.OPEN, Proto.TCP, 22, NOW, sources(1)[0], 7, 1), KEY)
+    with CaptureWriter(tmp_path / "junk.pcap", LINKTYPE_ETHERNET) as writer:
+        for n in range(20_001):
+            source = ipaddress.IPv4Address("203.0.113.0") + n % 200
+            payload = rng.randbytes(34)
+            if n == 10_000:
+                source, payload = sources(1)[0], genuine
+            datagram = frames.udp(40000, DEFAULT_SPA_PORT, payload)
+            writer.write(NOW, n, frames.ethernet(frames.ipv4(source, SERVER, 17, datagram)))
+    door, capture = doorman(config, tmp_path / "junk.pcap", sinks=[LogSink()], inline=True)
+    with caplog.at_level(logging.INFO, logger="knockd_fast.decisions"):
+        while door.read(capture):
+            door.judge_backlog(None)
+        door._to_sinks("close")
+    door.replay.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "knockd_fast.decisions"]
+    assert len(said) <= 100, f"{len(said)} lines"
+    accepted = [line for line in said if " accepted ok: " in line]
+    assert len(accepted) == (1 if "spa" in modes else 0)
+    # The summary counts every rejection: the junk, and with SPA off the genuine one too.
+    assert said[-1].startswith("rejections "), said[-1]
+    counted = sum(int(n) for n in re.findall(r" (\d+) \(\d+ shown\)", said[-1]))
+    assert counted == (20_000 if "spa" in modes else 20_001), said[-1]
