@@ -48,10 +48,15 @@ class Judge:
         self.replay = replay
 
     def decide(
-        self, record: np.void, now: float, interface: str | None = None
+        self,
+        record: np.void,
+        now: float,
+        interface: str | None = None,
+        granted_at: float | None = None,
     ) -> tuple[Decision, GrantChange | None]:
-        """Judge one completion; ``interface`` (the capture it came from) is only logged.
-        An accepted message is remembered in the replay cache before this returns."""
+        """Judge one completion at ``now`` (its capture time); ``interface`` (the capture it
+        came from) is only logged; a grant lasts from ``granted_at`` (default ``now``). An
+        accepted message is remembered in the replay cache before this returns."""
         source = key_address(bytes(record["source"]))
         destination = key_address(bytes(record["destination"]))
         settings = self.config.knock
@@ -97,7 +102,8 @@ class Judge:
                 proto=str(knock.proto),
                 port=knock.port,
                 destination=destination,
-                expires=int(now) + grant_duration(knock, self.config.grants),
+                expires=int(now if granted_at is None else granted_at)
+                + grant_duration(knock, self.config.grants),
                 user=verdict.user.name,
             )
         except ValueError as error:
@@ -115,13 +121,20 @@ class Judge:
         self, backlog: Backlog, limit: int | None, clock: Callable[[], float]
     ) -> tuple[list[Decision], list[GrantChange]]:
         """Judge up to ``limit`` waiting completions (all: None), oldest first, as one
-        replay-cache transaction, committed before this returns."""
+        replay-cache transaction, committed before this returns.
+
+        Each is judged at its capture time (the packet's timestamp, from the kernel), not at
+        the moment it comes out of the backlog: a backlog that grew under a flood never
+        expires the genuine knocks waiting in it. A capture time ahead of ``clock`` (the
+        clock stepped back meanwhile) counts as now."""
         decisions: list[Decision] = []
         changes: list[GrantChange] = []
         with self.replay.batch():
             for interface, record in backlog.take(limit):
                 try:
-                    decision, change = self.decide(record, clock(), interface)
+                    now = clock()
+                    when = min(captured_at(record), now)
+                    decision, change = self.decide(record, when, interface, granted_at=now)
                 except Exception:  # a bug must never take the doorman down
                     log.exception("internal error judging a completion on %s; skipped", interface)
                     continue
@@ -129,6 +142,11 @@ class Judge:
                 if change is not None:
                     changes.append(change)
         return decisions, changes
+
+
+def captured_at(record: np.void) -> float:
+    """The capture time of a completion's last packet, in Unix seconds."""
+    return int(record["sec"]) + int(record["usec"]) / 1e6
 
 
 class Backlog:
@@ -207,9 +225,8 @@ def replay_capture(config: Config, path: str, sinks: Sequence[DecisionSink]) -> 
         count = engine.dispatch()
         decisions = []
         for record in engine.drain():
-            when = int(record["sec"]) + int(record["usec"]) / 1e6
             try:
-                decision, change = judge_.decide(record, when)
+                decision, change = judge_.decide(record, captured_at(record))
             except Exception:  # one bad record must not end the replay of a file
                 log.exception("internal error judging a completion; skipped")
                 continue

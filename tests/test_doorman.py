@@ -253,8 +253,13 @@ def test_a_window_raised_by_reload_keeps_refusing_the_replays_of_the_old_window(
     (tmp_path / "config.toml").write_text("[knock]\nwindow = 60\n" + text)
     door.reload()
     assert door.config.knock.window == 60 and door.replay.window == 60
-    door.clock = lambda: NOW + 31  # the same datagram again, 31 s after it was sealed
-    capture.engine.open_file(str(tmp_path / "one.pcap"))
+    # The same datagram again, captured 31 s after it was sealed.
+    message = seal(Knock(Action.OPEN, Proto.TCP, 22, NOW, sources(1)[0], 7, 0), KEY)
+    with CaptureWriter(tmp_path / "again.pcap", LINKTYPE_ETHERNET) as writer:
+        datagram = frames.udp(40000, DEFAULT_SPA_PORT, message)
+        writer.write(NOW + 31, 0, frames.ethernet(frames.ipv4(sources(1)[0], SERVER, 17, datagram)))
+    door.clock = lambda: NOW + 31.5
+    capture.engine.open_file(str(tmp_path / "again.pcap"))
     door.read(capture)
     door.judge_backlog(None)
     door.replay.close()
@@ -325,3 +330,23 @@ def test_twenty_thousand_junk_datagrams_cost_a_few_log_lines(setup, caplog, mode
     assert said[-1].startswith("rejections "), said[-1]
     counted = sum(int(n) for n in re.findall(r" (\d+) \(\d+ shown\)", said[-1]))
     assert counted == (20_000 if "spa" in modes else 20_001), said[-1]
+
+
+def test_a_completion_is_judged_at_its_capture_time_not_when_it_leaves_the_backlog(
+    setup,
+) -> None:
+    """A knock captured in time but judged long after (a backlog that grew under a flood)
+    is still fresh: it used to expire in the backlog."""
+    tmp_path, config = setup
+    spa_capture(tmp_path / "late.pcap", sources(3))
+    recorder = Recorder()
+    door, capture = doorman(config, tmp_path / "late.pcap", sinks=[recorder], inline=True)
+    door.clock = lambda: NOW + 3600  # judged an hour later; the window is 30 s
+    door.read(capture)
+    door.judge_backlog(None)
+    door.replay.close()
+    (judged,) = recorder.slices
+    assert [d.verdict for d in judged] == ["accepted"] * 3
+    assert all(NOW <= d.time < NOW + 1 for d in judged)  # the decision says when it came
+    # The grants last their time from when they are made, not from the capture.
+    assert {g.expires for g in door.firewall.grants()} == {NOW + 3600 + 300}
