@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import stat
 import tomllib
 import types
 from collections.abc import Mapping
@@ -177,7 +178,43 @@ def load_config(path: str | os.PathLike[str], load_keys: bool = True) -> Config:
     except OSError as error:
         raise ConfigError(file, None, f"cannot read config file: {error.strerror}") from None
     config_path = Path(os.path.abspath(path))
+    unsafe = insecure_path(config_path)
+    if unsafe:
+        raise ConfigError(file, None, unsafe)
     return _Reader(file, config_path.parent).config(data, config_path, load_keys)
+
+
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+def insecure_path(path: Path) -> str | None:
+    """Why someone but root or this process's user could change what ``path`` holds (sshd's
+    StrictModes): the file or a directory above it owned by another user, or writable by
+    group or others; None if nobody could. A world-writable directory with the sticky bit
+    (/tmp) is safe: nobody may replace another's entries in it. A symbolic link is judged
+    by where it points and where it lies; a part of the path not there yet is skipped."""
+    trusted = {0, os.geteuid()}
+    real = Path(os.path.realpath(path))
+    chain = [real, *real.parents]
+    lies_in = Path(os.path.abspath(path)).parent
+    if lies_in != real.parent:
+        chain += [lies_in, *lies_in.parents]
+    for item in chain:
+        try:
+            info = os.stat(item)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            return f"cannot check {item}: {error.strerror}"
+        what = "directory " if stat.S_ISDIR(info.st_mode) else ""
+        if info.st_uid not in trusted:
+            owners = " or ".join(f"uid {uid}" for uid in sorted(trusted))
+            return f"{what}{item} is owned by uid {info.st_uid}, not {owners}"
+        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_mode & _OTHERS_WRITE and not sticky:
+            mode = stat.S_IMODE(info.st_mode)
+            return f"{what}{item} is writable by group or others (mode {mode:04o})"
+    return None
 
 
 _Section = dict[str, Any]
@@ -285,6 +322,9 @@ class _Reader:
         state = self.table(data, "state", "state")
         self.no_unknown(state, "state", ("directory",))
         state_dir = self.path(self.string(state, "state", "directory", DEFAULT_STATE_DIR))
+        unsafe = insecure_path(state_dir)
+        if unsafe:  # the replay cache lives there: whoever can write it can reopen replays
+            raise self.error("state.directory", unsafe)
         users = self.users(data.get("users", _REQUIRED), load_keys)
         return Config(
             path=path,
@@ -458,6 +498,9 @@ class _Reader:
                 key = load_key(key_file)
             except KeyFileError as error:
                 raise self.error(f"{p}.key_file", str(error)) from None
+            unsafe = insecure_path(key_file)
+            if unsafe:
+                raise self.error(f"{p}.key_file", unsafe)
         return User(user_id, name, key, key_file, frozenset(allow), source_prefix)
 
     def source(self, value: Any, key: str) -> dict[int, int] | None:

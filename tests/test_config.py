@@ -608,3 +608,49 @@ def test_layout_that_only_just_fits(conf) -> None:
     # IPv6 at 8 bits: 46 segments of 256 ports = 11776; 65536 - 11776 = 53760.
     config = load_config(conf("[knock]\nbase_port = 53760\nspa_port = 1\n" + MINIMAL_USER))
     assert config.knock.layout.port_range(46).stop - 1 == 65535
+
+
+# --- strict modes (sshd's StrictModes) ----------------------------------------------------
+
+
+def test_a_config_others_can_write_is_refused(conf) -> None:
+    path = conf(MINIMAL_USER)
+    os.chmod(path, 0o666)
+    assert error_of(path) == f"{path}: {path} is writable by group or others (mode 0666)"
+
+
+def test_a_config_in_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    write_key_file(shared / "alice.key", secrets.token_bytes(64))
+    path = shared / "config.toml"
+    path.write_text(MINIMAL_USER + '[capture]\ninterface = "eth0"\n')
+    os.chmod(shared, 0o777)  # anyone may replace config.toml
+    assert f"directory {shared} is writable by group or others (mode 0777)" in error_of(path)
+    os.chmod(shared, 0o1777)  # sticky, as /tmp: nobody may replace another's file
+    assert load_config(path).users[7].name == "alice"
+
+
+def test_a_key_or_state_directory_others_can_write_is_refused(conf) -> None:
+    path = conf(MINIMAL_USER + '[state]\ndirectory = "state"\n')
+    (conf.dir / "state").mkdir(mode=0o700)
+    os.chmod(conf.dir / "state", 0o770)
+    assert error_of(path).startswith(f"{path}: state.directory: directory {conf.dir / 'state'} ")
+    os.chmod(conf.dir / "state", 0o700)
+    key = conf.dir / "alice.key"
+    os.chmod(key, 0o600)
+    link = conf.dir / "elsewhere"
+    link.mkdir(mode=0o777)
+    os.chmod(link, 0o777)
+    (link / "alice.key").symlink_to(key)  # a safe key behind a link others can replace
+    path.write_text(path.read_text().replace('"alice.key"', '"elsewhere/alice.key"'))
+    assert f"users[0].key_file: directory {link} is writable" in error_of(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_a_key_owned_by_another_user_is_refused(conf) -> None:
+    path = conf(MINIMAL_USER)
+    os.chown(conf.dir / "alice.key", 65534, -1)  # nobody
+    assert error_of(path).endswith("alice.key is owned by uid 65534, not uid 0")
+    # Without loading keys (check-config as a user who may not read them) it is not read.
+    assert load_config(path, load_keys=False).users[7].name == "alice"
