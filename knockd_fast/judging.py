@@ -234,7 +234,7 @@ def replay_capture(config: Config, path: str, sinks: Sequence[DecisionSink]) -> 
             if change is None:
                 continue
             if change.action == Action.CLOSE:
-                firewall.close(change.grant.key)
+                firewall.close(change.grant.key, change.grant.user)
             else:
                 firewall.open(change.grant)
         for sink in sinks:

@@ -81,10 +81,10 @@ def run_ops(fw: Any, ops: list[list[Any]]) -> list[dict[str, Any]]:
                 value = getattr(fw, op)()
             elif op == "grants":
                 value = _listing(fw.grants())
-            elif op == "open":
-                value = fw.open(grant_from_json(args[0]))
-            elif op == "close":
-                value = fw.close(key_from_json(args[0]))
+            elif op == "open":  # the grant in force afterwards
+                value = grant_to_json(fw.open(grant_from_json(args[0])))
+            elif op == "close":  # [key] closes whoever holds it; [key, user] only the user's
+                value = fw.close(key_from_json(args[0]), *args[1:])
             elif op == "reconcile":
                 kept, removed = fw.reconcile(args[0])
                 value = {"kept": _listing(kept), "removed": _listing(removed)}

@@ -481,7 +481,7 @@ def test_a_change_made_during_our_commit_is_not_lost(probe: Probe, tmp_path: Pat
     # a tool that ignores the lock: the kernel refuses our commit (EAGAIN), we redo it
     rude = ["env", f"XTABLES_LOCKFILE={tmp_path / 'other.lock'}", IPT[4], *drop]
     (raced,) = probe([["race", rude, ["open", grant("192.0.2.3")]]])
-    assert raced == {"inner": {"ok": None}, "rc": 0, "err": ""}
+    assert raced == {"inner": {"ok": grant("192.0.2.3")}, "rc": 0, "err": ""}
     assert "-A INPUT -s 203.0.113.9/32 -j DROP" in probe.rules(4)
     assert probe.chain(4) == [rule_line(g), rule_line(grant("192.0.2.3"))]
 
@@ -509,6 +509,47 @@ SCENARIO = [
 @needs_legacy
 def test_same_results_as_the_dry_run(probe: Probe) -> None:
     assert probe.raw(SCENARIO) == run_ops(DryRunFirewall(), SCENARIO)
+
+
+# A grant belongs to whoever holds it: another user's knock neither closes nor shortens it.
+ALICE = grant("192.0.2.2", 22, user="alice", expires=NOW + 300)
+BOB_SHORTER = grant("192.0.2.2", 22, user="bob", expires=NOW + 60)
+BOB_LONGER = grant("192.0.2.2", 22, user="bob", expires=NOW + 900)
+OWNERSHIP = [
+    ["setup"],
+    ["open", ALICE],
+    ["open", BOB_SHORTER],  # kept as it was: alice's, until NOW + 300
+    ["open", {**ALICE, "expires": NOW + 100}],  # nor does its own user shorten it
+    ["close", key(ALICE), "bob"],  # not bob's to close
+    ["grants"],
+    ["open", BOB_LONGER],  # longer: now bob's, until NOW + 900
+    ["close", key(ALICE), "alice"],
+    ["close", key(ALICE), "bob"],
+    ["grants"],
+]
+OWNERSHIP_RESULTS = [
+    {"ok": None},
+    {"ok": ALICE},
+    {"ok": ALICE},
+    {"ok": ALICE},
+    {"ok": False},
+    {"ok": [ALICE]},
+    {"ok": BOB_LONGER},
+    {"ok": False},
+    {"ok": True},
+    {"ok": []},
+]
+
+
+def test_a_grant_is_never_shortened_nor_closed_by_another_user_dry_run() -> None:
+    assert run_ops(DryRunFirewall(), OWNERSHIP) == OWNERSHIP_RESULTS
+
+
+@netns_test
+@needs_legacy
+def test_a_grant_is_never_shortened_nor_closed_by_another_user_iptables(probe: Probe) -> None:
+    assert probe.raw(OWNERSHIP) == OWNERSHIP_RESULTS
+    assert probe.chain(4) == []
 
 
 # -- reachability: a real listener behind a real drop rule -------------------------------

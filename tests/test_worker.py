@@ -49,13 +49,13 @@ class Flaky(DryRunFirewall):
         self._maybe_fail("grants")
         return super().grants()
 
-    def open(self, grant: Grant) -> None:
+    def open(self, grant: Grant) -> Grant:
         self._maybe_fail("open")
-        super().open(grant)
+        return super().open(grant)
 
-    def close(self, key) -> bool:  # noqa: ANN001
+    def close(self, key, user=None) -> bool:  # noqa: ANN001
         self._maybe_fail("close")
-        return super().close(key)
+        return super().close(key, user)
 
     def expire(self, now: int):  # noqa: ANN201
         self._maybe_fail("expire")
@@ -225,3 +225,20 @@ def test_the_thread_applies_changes_in_order_and_sweeps_expiry(caplog) -> None:
         f"firewall (dry run): closed {WHAT}",
     ]
     assert fw.calls.count("close") == 1 and worker.applied == 3
+
+
+def test_an_open_that_would_shorten_a_grant_keeps_it_and_says_so(worker_for, caplog) -> None:
+    fw = Flaky()
+    worker, _ = worker_for(fw)
+    longer = Grant(ALICE.source, "tcp", 22, ALICE.destination, NOW + 900, "bob")
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply(opening(longer))
+        worker.apply(opening(ALICE))  # alice asks for less: bob's longer grant stays
+        worker.apply(GrantChange(Action.CLOSE, ALICE))  # and is not alice's to close
+    said = messages(caplog)
+    assert said[1] == (
+        "firewall (dry run): kept 22/tcp for 192.0.2.2 to 192.0.2.1 (user bob) "
+        "until 2027-01-15T08:15:00.000Z"
+    )
+    assert said[2] == f"firewall (dry run): no grant to close for {WHAT}"
+    assert fw.grants() == [longer]

@@ -207,11 +207,14 @@ class Firewall(Protocol):
     def grants(self) -> list[Grant]:
         """The live grants, read back from the backend (both families)."""
 
-    def open(self, grant: Grant) -> None:
-        """Add ``grant``, or replace the expiry (and user) of the grant with the same key."""
+    def open(self, grant: Grant) -> Grant:
+        """Add ``grant``, or extend the grant with the same key to its expiry (and user);
+        never shorten one: a grant held until later stays as it is. Returns the grant in
+        force."""
 
-    def close(self, key: GrantKey) -> bool:
-        """Remove the grant with ``key``; False if there is none."""
+    def close(self, key: GrantKey, user: str | None = None) -> bool:
+        """Remove the grant with ``key`` if ``user`` holds it (None: whoever does); False if
+        there is none of theirs: another user's knock never closes a grant."""
 
     def reconcile(self, now: int) -> tuple[list[Grant], list[Grant]]:
         """At start: remove expired grants and entries that are no grant; (kept, removed)."""

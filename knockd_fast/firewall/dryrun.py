@@ -74,22 +74,27 @@ class DryRunFirewall:
     def grants(self) -> list[Grant]:
         return sorted(self._grants.values(), key=sort_key)
 
-    def open(self, grant: Grant) -> None:
+    def open(self, grant: Grant) -> Grant:
         if grant.family not in self.families:
             raise FirewallError(
                 f"dry-run: add grant {format_key(grant.key)}: IPv{grant.family} is not enabled"
             )
-        verb = "extend" if grant.key in self._grants else "add"
+        held = self._grants.get(grant.key)
+        if held is not None and held.expires >= grant.expires:
+            return held  # an open never shortens a grant (nor takes it from its user)
         self._grants[grant.key] = grant
         if self._saying():
-            self._say(f"{verb} grant {grant}")
+            self._say(f"{'extend' if held else 'add'} grant {grant}")
+        return grant
 
-    def close(self, key: GrantKey) -> bool:
-        key = getattr(key, "key", key)  # a Grant is accepted for its key
-        removed = self._grants.pop(tuple(key), None)
-        if removed is not None:
-            self._say(f"remove grant {removed}")
-        return removed is not None
+    def close(self, key: GrantKey, user: str | None = None) -> bool:
+        key = tuple(getattr(key, "key", key))  # a Grant is accepted for its key
+        held = self._grants.get(key)
+        if held is None or (user is not None and held.user != user):
+            return False  # only the grant's own user may close it
+        del self._grants[key]
+        self._say(f"remove grant {held}")
+        return True
 
     def reconcile(self, now: int) -> tuple[list[Grant], list[Grant]]:
         removed = self.expire(now)

@@ -366,21 +366,23 @@ class IptablesFirewall:
             self._view = found
             return sorted(found.values(), key=sort_key)
 
-    def open(self, grant: Grant) -> None:
+    def open(self, grant: Grant) -> Grant:
         what = f"add grant {format_key(grant.key)}"
         fam = self._family_of(grant.source, what)
         with self._op(what, lock=True):
-            self._transaction(fam, lambda table: self._open(fam, table, grant))
-            self._view[grant.key] = grant
+            in_force = self._transaction(fam, lambda table: self._open(fam, table, grant))
+            self._view[grant.key] = in_force
+            return in_force
 
-    def close(self, key: GrantKey) -> bool:
+    def close(self, key: GrantKey, user: str | None = None) -> bool:
         key = tuple(getattr(key, "key", key))  # a Grant is accepted for its key
         if key[0].version not in self.families:
             return False
         fam = _FAMILIES[key[0].version]
         with self._op(f"remove grant {format_key(key)}", lock=True):
-            found = self._transaction(fam, lambda table: self._close(fam, table, key))
-            self._view.pop(key, None)
+            found = self._transaction(fam, lambda table: self._close(fam, table, key, user))
+            if found:
+                self._view.pop(key, None)
             return found
 
     def reconcile(self, now: int) -> tuple[list[Grant], list[Grant]]:
@@ -457,23 +459,29 @@ class IptablesFirewall:
             changed = True
         return changed, None
 
-    def _open(self, fam: _Family, table: Any, grant: Grant) -> tuple[bool, None]:
+    def _open(self, fam: _Family, table: Any, grant: Grant) -> tuple[bool, Grant]:
         self._need_chain(fam, table)
         same = self._find(fam, table, grant.key)
-        rule = self._rule(fam, grant)
+        held = max((g for _, g in same), key=lambda g: g.expires, default=None)
+        if held is not None and held.expires >= grant.expires and len(same) == 1:
+            return False, held  # an open never shortens a grant (nor takes it from its user)
+        rule = self._rule(fam, grant if held is None or held.expires < grant.expires else held)
         chain = iptc.Chain(table, self.chain)
         if same:  # extend: replace the rule where it is, drop any duplicates
-            chain.replace_rule(rule, same[0])
-            for index in reversed(same[1:]):
+            chain.replace_rule(rule, same[0][0])
+            for index, _ in reversed(same[1:]):
                 _delete_at(table, self.chain, index)
         else:
             chain.append_rule(rule)
-        return True, None
+        return True, grant if held is None or held.expires < grant.expires else held
 
-    def _close(self, fam: _Family, table: Any, key: GrantKey) -> tuple[bool, bool]:
+    def _close(
+        self, fam: _Family, table: Any, key: GrantKey, user: str | None
+    ) -> tuple[bool, bool]:
         if not table.is_chain(self.chain):
             return False, False
-        same = self._find(fam, table, key)
+        # Only the grant's own user may close it (None: whoever asks, e.g. an admin tool).
+        same = [i for i, g in self._find(fam, table, key) if user is None or g.user == user]
         for index in reversed(same):
             _delete_at(table, self.chain, index)
         return bool(same), bool(same)
@@ -574,11 +582,12 @@ class IptablesFirewall:
             for raw, entry in _entries(table, self.chain)
         ]
 
-    def _find(self, fam: _Family, table: Any, key: GrantKey) -> list[int]:
-        """Indexes of the grants with ``key`` in our chain (parsing only same-source rules)."""
+    def _find(self, fam: _Family, table: Any, key: GrantKey) -> list[tuple[int, Grant]]:
+        """(index, grant) of the grants with ``key`` in our chain (parsing only same-source
+        rules)."""
         where, packed = slice(fam.src, fam.src + fam.addr_len), key[0].packed
         found = self._scan(fam, table, lambda raw: raw[where] == packed)
-        return [index for index, item in enumerate(found) if _has_key(item, key)]
+        return [(index, item) for index, item in enumerate(found) if _has_key(item, key)]
 
     def _need_chain(self, fam: _Family, table: Any) -> None:
         if not table.is_chain(self.chain):

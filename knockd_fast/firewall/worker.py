@@ -110,11 +110,14 @@ class FirewallWorker(threading.Thread):
         self._attempts("expire", None, lambda _: self._expire())
 
     def _open(self, grant: Grant) -> None:
-        self.firewall.open(grant)
-        log.info("%s: opened %s", self.tag, describe(grant))
+        in_force = self.firewall.open(grant)
+        if in_force is None or in_force.expires <= grant.expires:
+            log.info("%s: opened %s", self.tag, describe(grant))
+        else:  # held longer already: an open never shortens a grant
+            log.info("%s: kept %s", self.tag, describe(in_force))
 
     def _close(self, grant: Grant) -> None:
-        found = self.firewall.close(grant.key)
+        found = self.firewall.close(grant.key, grant.user)
         verb = "closed" if found else "no grant to close for"
         log.info("%s: %s %s", self.tag, verb, describe(grant, expiry=False))
 
