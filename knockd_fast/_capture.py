@@ -8,9 +8,14 @@ expected and did not load.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 # One CaptureError for both twins: catching it never depends on which one loaded.
 from .capture_spec import COMPLETION_DTYPE, COUNTER_NAMES, CaptureError
+
+if TYPE_CHECKING:
+    from .config import Config, IPAddress
 
 FORCED_PURE = os.environ.get("KNOCKD_FAST_NO_EXTENSIONS", "") not in ("", "0")
 
@@ -28,4 +33,23 @@ else:
     else:
         IMPLEMENTATION = "cython"
 
-__all__ = ["COMPLETION_DTYPE", "COUNTER_NAMES", "IMPLEMENTATION", "CaptureEngine", "CaptureError"]
+__all__ = [
+    "COMPLETION_DTYPE",
+    "COUNTER_NAMES",
+    "IMPLEMENTATION",
+    "CaptureEngine",
+    "CaptureError",
+    "engine_for",
+]
+
+
+def engine_for(config: Config, destinations: Iterable[IPAddress]) -> CaptureEngine:
+    """An engine with the configuration's knock layout, timing, grouping and table size,
+    protecting ``destinations`` (live: the interfaces' addresses; offline: the config's)."""
+    return CaptureEngine(
+        config.knock.layout,
+        knock_timeout=config.knock.knock_timeout,
+        capacity=config.capture.table_size,
+        destinations=destinations,
+        group_by=config.knock.group_by,
+    )

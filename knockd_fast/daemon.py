@@ -64,18 +64,12 @@ class Capture:
 def open_captures(config: Config, destinations: Sequence[IPAddress]) -> list[Capture]:
     """One engine per ``capture.interfaces`` entry, opened live; raises CaptureError (the
     ones opened already are closed again)."""
-    from ._capture import CaptureEngine
+    from ._capture import engine_for
 
     captures: list[Capture] = []
     try:
         for interface in config.capture.interfaces:
-            engine = CaptureEngine(
-                config.knock.layout,
-                knock_timeout=config.knock.knock_timeout,
-                capacity=config.capture.table_size,
-                destinations=destinations,
-                group_by=config.knock.group_by,
-            )
+            engine = engine_for(config, destinations)
             captures.append(Capture(interface, engine))
             open_capture(engine, interface, config.capture)
     except BaseException:

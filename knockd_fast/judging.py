@@ -113,9 +113,7 @@ class Judge:
         # Kept for the longest window ever in force (a window raised later extends it).
         window = max(settings.window, self.replay.window)
         self.replay.remember(verdict.user.id, verdict.siv, replay_expiry(knock, now, window))
-        return decision, GrantChange(
-            Action.CLOSE if knock.action == Action.CLOSE else Action.OPEN, grant
-        )
+        return decision, GrantChange(knock.action, grant)
 
     def judge_slice(
         self, backlog: Backlog, limit: int | None, clock: Callable[[], float]
@@ -208,18 +206,12 @@ def replay_capture(config: Config, path: str, sinks: Sequence[DecisionSink]) -> 
     in memory only: a replay never marks a message as seen for the running daemon.
     Returns the engine's counters.
     """
-    from ._capture import CaptureEngine
+    from ._capture import engine_for
     from .firewall.dryrun import DryRunFirewall
 
     firewall = DryRunFirewall()
     judge_ = Judge(config, ReplayCache(None))
-    engine = CaptureEngine(
-        config.knock.layout,
-        knock_timeout=config.knock.knock_timeout,
-        capacity=config.capture.table_size,
-        destinations=config.capture.destinations,
-        group_by=config.knock.group_by,
-    )
+    engine = engine_for(config, config.capture.destinations)
     engine.open_file(path)
     while True:
         count = engine.dispatch()

@@ -104,19 +104,21 @@ class ReplayCache:
 
     # --- the cache ----------------------------------------------------------------------
 
-    def seen(self, user_id: int, siv: bytes, now: float, sent_at: int | None = None) -> str:
-        """Why this message counts as seen at ``now`` ("" if it does not): its entry is
-        live, or (``sent_at``, its unwrapped timestamp) it was sealed before a cache that
-        started without its history."""
+    def seen(
+        self, user_id: int, siv: bytes, now: float, sent_at: int | None = None
+    ) -> bool | str:
+        """Whether this message counts as seen at ``now``: True while its entry is live; a
+        string saying why if (``sent_at``, its unwrapped timestamp) it was sealed before a
+        cache that started without its history; else False."""
         expires_at = self._entries.get((user_id, bytes(siv)))
         if expires_at is not None and _second(now) <= expires_at:
-            return f"already accepted (SIV {bytes(siv).hex()[:16]})"
+            return True
         if self.blind_before is not None and sent_at is not None and sent_at < self.blind_before:
             return (
                 f"sealed before the replay cache started without its history "
                 f"({self.blind_before - sent_at} s before); knock again"
             )
-        return ""
+        return False
 
     def raise_window(self, window: int) -> None:
         """The window in force is ``window``: if it is the longest yet, every cached entry

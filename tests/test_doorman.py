@@ -91,14 +91,14 @@ class CommittedFirst(DryRunFirewall):
         self.db, self.sivs = db, sivs
         self.uncommitted: list[str] = []
 
-    def open(self, grant) -> None:  # noqa: ANN001
+    def open(self, grant):  # noqa: ANN001, ANN201
         with sqlite3.connect(self.db) as db:  # sees committed transactions only
             row = db.execute(
                 "SELECT 1 FROM seen WHERE user_id = 7 AND siv = ?", (self.sivs[str(grant.source)],)
             ).fetchone()
         if row is None:
             self.uncommitted.append(str(grant.source))
-        super().open(grant)
+        return super().open(grant)
 
 
 class InlineWorker(FirewallWorker):

@@ -463,9 +463,11 @@ class IptablesFirewall:
         self._need_chain(fam, table)
         same = self._find(fam, table, grant.key)
         held = max((g for _, g in same), key=lambda g: g.expires, default=None)
-        if held is not None and held.expires >= grant.expires and len(same) == 1:
-            return False, held  # an open never shortens a grant (nor takes it from its user)
-        rule = self._rule(fam, grant if held is None or held.expires < grant.expires else held)
+        # An open never shortens a grant (nor takes it from its user): the later one stays.
+        in_force = grant if held is None or held.expires < grant.expires else held
+        if in_force is held and len(same) == 1:
+            return False, held
+        rule = self._rule(fam, in_force)
         chain = iptc.Chain(table, self.chain)
         if same:  # extend: replace the rule where it is, drop any duplicates
             chain.replace_rule(rule, same[0][0])
@@ -473,7 +475,7 @@ class IptablesFirewall:
                 _delete_at(table, self.chain, index)
         else:
             chain.append_rule(rule)
-        return True, grant if held is None or held.expires < grant.expires else held
+        return True, in_force
 
     def _close(
         self, fam: _Family, table: Any, key: GrantKey, user: str | None

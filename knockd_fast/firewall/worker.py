@@ -111,7 +111,7 @@ class FirewallWorker(threading.Thread):
 
     def _open(self, grant: Grant) -> None:
         in_force = self.firewall.open(grant)
-        if in_force is None or in_force.expires <= grant.expires:
+        if in_force.expires <= grant.expires:
             log.info("%s: opened %s", self.tag, describe(grant))
         else:  # held longer already: an open never shortens a grant
             log.info("%s: kept %s", self.tag, describe(in_force))
