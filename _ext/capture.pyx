@@ -90,7 +90,15 @@ cdef enum:  # Engine.error: why the loop stopped; dispatch() raises CaptureError
 
 cdef enum:  # counter indices, in capture_spec.COUNTER_NAMES order
     C_PACKETS, C_KNOCK_PACKETS, C_SPA_PACKETS, C_COMPLETIONS, C_DUPLICATES, C_CONFLICTS,
-    C_ALTERNATIVES_DROPPED, C_EVICTIONS, C_EXPIRED, C_MALFORMED, C_IGNORED, N_COUNTERS
+    C_ALTERNATIVES_DROPPED, C_EVICTIONS, C_EXPIRED, C_MALFORMED, C_IGNORED,
+    C_REFUSED_MODE, C_REFUSED_VERSION, C_REFUSED_USER, N_COUNTERS
+
+cdef enum:  # the message header: version (4 bits) and user id (12 bits), in clear
+    HEADER_BITS = 16
+    VERSION_SHIFT = 12
+    PROTOCOL_VERSION = 1
+    USER_ID_MASK = 0xFFF
+    MAX_HEADER_SEGMENTS = 4    # 16 bits in digits of at least 4 bits
 
 
 # One source with a partial knock: two cache lines, the common case touches nothing else.
@@ -150,6 +158,12 @@ ctypedef struct Engine:
     uint8_t dest[MAX_DESTINATIONS][16]
     uint64_t seed[3]            # seed[2] is odd: it weighs the source port into the hash
     bint by_port                # group digits by source address and port (else address)
+    # admission: refused before Python, needing no key (docs/capture.md, Admission)
+    bint knock_on
+    bint spa_on
+    bint check_header           # else any header is admitted
+    uint32_t header_segments    # the first segments, which hold the header's bits
+    uint64_t user_bits[64]      # one bit per configured user id (4096)
     # table
     Slot *slots
     uint64_t *index             # (32-bit hash << 32) | (slot + 1); 0 = empty
@@ -385,6 +399,55 @@ cdef inline void emit_spa(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *
     e.counters[C_COMPLETIONS] += 1
 
 
+cdef inline bint header_admitted(const Engine *e, uint32_t header) noexcept nogil:
+    cdef uint32_t user = header & USER_ID_MASK
+    return header >> VERSION_SHIFT == PROTOCOL_VERSION \
+        and (e.user_bits[user >> 6] >> (user & 63)) & 1
+
+
+cdef inline int header_refusal(const Engine *e, uint32_t header) noexcept nogil:
+    """The counter refusing one header: version, else user."""
+    return C_REFUSED_USER if header >> VERSION_SHIFT == PROTOCOL_VERSION else C_REFUSED_VERSION
+
+
+@cython.cdivision(True)
+cdef int knock_refusal(const Engine *e, const Slot *slot) noexcept nogil:
+    """0 when some combination of a completed slot's digits and alternatives in the header
+    segments gives an admitted header, else the counter refusing them all. At most 3^4
+    combinations of a few shifts each: nothing next to one AES-SIV attempt."""
+    cdef uint32_t header = (<uint32_t>slot.message[0] << 8) | slot.message[1]
+    if header_admitted(e, header):
+        return 0  # the common case: the primary message
+    if slot.nalt == 0:
+        return header_refusal(e, header)
+    cdef uint32_t nseg = e.header_segments, bits = e.digit_bits
+    cdef uint32_t options[MAX_HEADER_SEGMENTS][1 + ALT_PER_SEGMENT]
+    cdef uint32_t noptions[MAX_HEADER_SEGMENTS]
+    cdef uint32_t s, i, combination, rest, total = 1, value
+    cdef bint right_version = False
+    for s in range(nseg):
+        options[s][0] = get_digit(slot.message, s * bits, bits)
+        noptions[s] = 1
+    for i in range(slot.nalt):
+        s = slot.alt_segment[i]
+        if s < nseg:
+            options[s][noptions[s]] = slot.alt_digit[i]
+            noptions[s] += 1
+    for s in range(nseg):
+        total *= noptions[s]
+    for combination in range(total):
+        rest = combination
+        value = 0
+        for s in range(nseg):
+            value = (value << bits) | options[s][rest % noptions[s]]
+            rest //= noptions[s]
+        header = value >> (nseg * bits - HEADER_BITS)
+        if header_admitted(e, header):
+            return 0
+        right_version = right_version or header >> VERSION_SHIFT == PROTOCOL_VERSION
+    return C_REFUSED_USER if right_version else C_REFUSED_VERSION
+
+
 cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     cdef int64_t now = d.sec * 1000000 + d.usec
     cdef const uint64_t *src = d.src
@@ -397,6 +460,7 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     cdef uint32_t s, i, same_segment
     cdef uint32_t bit = segment * e.digit_bits
     cdef uint32_t stored
+    cdef int refusal
     cdef Completion *c
 
     if pos >= 0:
@@ -460,6 +524,12 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
         return
     if slot.nfilled < e.nseg[fam]:
         return
+    if e.check_header:
+        refusal = knock_refusal(e, slot)
+        if refusal:
+            e.counters[refusal] += 1
+            free_slot(e, slot)
+            return
     if not ring_reserve(e):
         return
     c = &e.ring[e.ring_count]
@@ -662,12 +732,16 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
             return C_MALFORMED
         dport = be16(l4 + 2)
         if dport == e.spa_port:
+            if not e.spa_on:
+                return C_REFUSED_MODE
             udp_len = be16(l4 + 4)
             if udp_len < 8 or udp_len > l4avail:
                 return C_MALFORMED
             payload = udp_len - 8
             if payload != MESSAGE_LEN_4 and payload != MESSAGE_LEN_6:
                 return C_MALFORMED
+            if e.check_header and not header_admitted(e, be16(l4 + 8)):
+                return header_refusal(e, be16(l4 + 8))
             flush_pending(e)  # keep completions in packet order
             emit_spa(e, h, src, dst, 4 if fam == 0 else 6, l4 + 8, payload)
             return C_SPA_PACKETS
@@ -681,6 +755,8 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
     digit = port & (e.segment_size - 1)
     if segment >= e.nseg[fam]:
         return C_IGNORED
+    if not e.knock_on:
+        return C_REFUSED_MODE
     if segment == e.nseg[fam] - 1 and (digit & e.pad_mask[fam]):
         return C_MALFORMED
     # Both transports carry the source port in their first two bytes (checked above).
@@ -749,16 +825,19 @@ cdef class CaptureEngine:
     cdef cnp.ndarray _ring
     cdef readonly double knock_timeout
     cdef readonly object group_by
+    cdef readonly object admission
     cdef readonly bint live
+    cdef bint bpf
 
     def __cinit__(self):
         memset(&self.e, 0, sizeof(Engine))
 
     def __init__(self, layout, knock_timeout=10.0, capacity=65536, ring_capacity=4096,
-                 destinations=(), group_by=spec.GROUP_BY_ADDRESS_AND_PORT):
+                 destinations=(), group_by=spec.GROUP_BY_ADDRESS_AND_PORT, knock_mode=True,
+                 spa_mode=True, user_ids=None):
         # The twin calls the same checker: same errors, same normalised numbers.
         settings = spec.engine_settings(layout, knock_timeout, capacity, ring_capacity,
-                                        destinations, group_by)
+                                        destinations, group_by, knock_mode, spa_mode, user_ids)
         self.group_by = group_by
         capacity = settings.capacity
         ring_capacity = settings.ring_capacity
@@ -785,6 +864,8 @@ cdef class CaptureEngine:
         e.seed[1] = int.from_bytes(os.urandom(8), "little")
         e.seed[2] = int.from_bytes(os.urandom(8), "little") | 1
         e.by_port = settings.by_port
+        e.header_segments = settings.header_segments
+        self._set_admission(settings.admission)
 
         # Allocated once; the callback only ever sees these raw pointers.
         index_size = 1 << max(4, (2 * capacity - 1).bit_length())
@@ -798,6 +879,24 @@ cdef class CaptureEngine:
         self._ring = np.zeros(ring_capacity, dtype=spec.COMPLETION_DTYPE)
         e.ring = <Completion *>cnp.PyArray_DATA(self._ring)
         e.ring_capacity = ring_capacity
+
+    cdef _set_admission(self, admission):
+        cdef Engine *e = &self.e
+        self.admission = admission
+        e.knock_on = admission.knock_mode
+        e.spa_on = admission.spa_mode
+        e.check_header = admission.user_ids is not None
+        memset(e.user_bits, 0, sizeof(e.user_bits))
+        for user in admission.user_ids or ():
+            e.user_bits[user >> 6] |= 1ULL << (user & 63)
+
+    def admit(self, knock_mode=True, spa_mode=True, user_ids=None):
+        """Change what is refused before judging (a reload: modes and users); a live handle
+        opened with BPF gets the filter for the new modes."""
+        admission = spec.admission(knock_mode, spa_mode, user_ids)
+        if self.e.handle != NULL and self.bpf:
+            self._set_filter(self.e.handle, admission, self.e.linktype)
+        self._set_admission(admission)
 
     def __dealloc__(self):
         if self.e.handle != NULL:
@@ -855,27 +954,37 @@ cdef class CaptureEngine:
         self.live = True
 
     cdef _adopt(self, pcap.pcap_t *handle, bint bpf, str what):
-        cdef pcap.bpf_program program
         linktype = pcap.pcap_datalink(handle)
         if linktype not in spec.SUPPORTED_LINKTYPES:
             pcap.pcap_close(handle)
             raise CaptureError(f"{what}: unsupported link type {linktype}")
         if bpf:
-            text = spec.filter_expression(self.layout, self.destinations, linktype).encode()
-            if pcap.pcap_compile(handle, &program, text, 1, pcap.PCAP_NETMASK_UNKNOWN) != 0 \
-                    or pcap.pcap_setfilter(handle, &program) != 0:
-                detail = pcap.pcap_geterr(handle).decode(errors="replace")
+            try:
+                self._set_filter(handle, self.admission, linktype)
+            except CaptureError as error:
                 pcap.pcap_close(handle)
-                raise CaptureError(f"{what}: BPF filter: {detail}")
-            pcap.pcap_freecode(&program)
+                raise CaptureError(f"{what}: {error}") from None
         self.e.handle = handle
         self.e.linktype = linktype
+        self.bpf = bpf
+
+    cdef _set_filter(self, pcap.pcap_t *handle, admission, int linktype):
+        cdef pcap.bpf_program program
+        text = spec.filter_expression(self.layout, self.destinations, linktype,
+                                      admission.knock_mode, admission.spa_mode).encode()
+        if pcap.pcap_compile(handle, &program, text, 1, pcap.PCAP_NETMASK_UNKNOWN) != 0:
+            raise CaptureError(f"BPF filter: {pcap.pcap_geterr(handle).decode(errors='replace')}")
+        rc = pcap.pcap_setfilter(handle, &program)
+        pcap.pcap_freecode(&program)
+        if rc != 0:
+            raise CaptureError(f"BPF filter: {pcap.pcap_geterr(handle).decode(errors='replace')}")
 
     @property
     def filter_expression(self):
         """The BPF source for the open handle's link type (Ethernet if none is open)."""
         return spec.filter_expression(
-            self.layout, self.destinations, self.e.linktype or spec.LINKTYPE_ETHERNET
+            self.layout, self.destinations, self.e.linktype or spec.LINKTYPE_ETHERNET,
+            self.admission.knock_mode, self.admission.spa_mode,
         )
 
     @property
@@ -1011,8 +1120,12 @@ def _check_layouts():
     } == {spec.LINKTYPE_RAW_DLT12, spec.LINKTYPE_RAW_DLT14, spec.LINKTYPE_RAW}
     assert tuple(spec.COUNTER_NAMES) == (
         "packets", "knock_packets", "spa_packets", "completions", "duplicates", "conflicts",
-        "alternatives_dropped", "evictions", "expired", "malformed", "ignored")
+        "alternatives_dropped", "evictions", "expired", "malformed", "ignored",
+        "refused_mode", "refused_version", "refused_user")
     assert N_COUNTERS == len(spec.COUNTER_NAMES)
+    assert (HEADER_BITS, VERSION_SHIFT, PROTOCOL_VERSION, USER_ID_MASK) == (
+        spec.HEADER_BITS, spec.VERSION_SHIFT, spec.VERSION, spec.MAX_USER_ID)
+    assert MAX_HEADER_SEGMENTS == spec.MAX_HEADER_SEGMENTS
 
 
 _check_layouts()

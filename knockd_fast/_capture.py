@@ -44,12 +44,24 @@ __all__ = [
 
 
 def engine_for(config: Config, destinations: Iterable[IPAddress]) -> CaptureEngine:
-    """An engine with the configuration's knock layout, timing, grouping and table size,
-    protecting ``destinations`` (live: the interfaces' addresses; offline: the config's)."""
+    """An engine with the configuration's knock layout, timing, grouping, table size, modes
+    and users, protecting ``destinations`` (live: the interfaces' addresses; offline: the
+    config's)."""
     return CaptureEngine(
         config.knock.layout,
         knock_timeout=config.knock.knock_timeout,
         capacity=config.capture.table_size,
         destinations=destinations,
         group_by=config.knock.group_by,
+        **admission_of(config),
     )
+
+
+def admission_of(config: Config) -> dict[str, object]:
+    """What the engine refuses before judging, from the configuration: the modes that are
+    off and the user ids without a key here (``CaptureEngine.admit`` takes the same)."""
+    return {
+        "knock_mode": config.knock.knock_mode,
+        "spa_mode": "spa" in config.knock.modes,
+        "user_ids": frozenset(config.users),
+    }

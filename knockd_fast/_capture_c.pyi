@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from knock_client.protocol import KnockLayout
+from knockd_fast.capture_spec import Admission
 from knockd_fast.capture_spec import CaptureError as CaptureError
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address | str
@@ -15,6 +16,7 @@ class CaptureEngine:
     knock_timeout: float
     live: bool
     group_by: str  # capture_spec.GROUP_BY: "address+port" or "address"
+    admission: Admission
     def __init__(
         self,
         layout: KnockLayout,
@@ -23,6 +25,12 @@ class CaptureEngine:
         ring_capacity: int = 4096,
         destinations: Iterable[_Address] = (),
         group_by: str = "address+port",
+        knock_mode: bool = True,
+        spa_mode: bool = True,
+        user_ids: Iterable[int] | None = None,
+    ) -> None: ...
+    def admit(
+        self, knock_mode: bool = True, spa_mode: bool = True, user_ids: Iterable[int] | None = None
     ) -> None: ...
     def open_file(self, path: str | os.PathLike[str], bpf: bool = False) -> None: ...
     def open_live(

@@ -8,6 +8,7 @@ files only (``knockd_fast.pcapfile``); live capture and BPF need the extension.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import operator
 import os
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,7 @@ from .capture_spec import (
     ETHERTYPE_IPV4,
     ETHERTYPE_IPV6,
     GROUP_BY_ADDRESS_AND_PORT,
+    HEADER_BITS,
     IPPROTO_AH,
     IPPROTO_FRAGMENT,
     IPPROTO_TCP,
@@ -48,8 +50,10 @@ from .capture_spec import (
     TCP_ACK,
     TCP_SYN,
     VLAN_TPIDS,
+    Admission,
     CaptureError,
     address_key,
+    admission,
     engine_settings,
 )
 from .pcapfile import CaptureFileError, CaptureReader
@@ -69,7 +73,11 @@ __all__ = ["COMPLETION_DTYPE", "COUNTER_NAMES", "CaptureEngine", "CaptureError"]
     _EXPIRED,
     _MALFORMED,
     _IGNORED,
+    _REFUSED_MODE,
+    _REFUSED_VERSION,
+    _REFUSED_USER,
 ) = range(len(COUNTER_NAMES))
+_REFUSAL_COUNTER = {"refused_version": _REFUSED_VERSION, "refused_user": _REFUSED_USER}
 
 _SPA_LENGTHS = (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
 _USEC_PER_SEC = 1_000_000
@@ -95,10 +103,23 @@ class CaptureEngine:
         ring_capacity: int = 4096,
         destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address | str] = (),
         group_by: str = GROUP_BY_ADDRESS_AND_PORT,
+        knock_mode: bool = True,
+        spa_mode: bool = True,
+        user_ids: Iterable[int] | None = None,
     ) -> None:
         settings = engine_settings(
-            layout, knock_timeout, capacity, ring_capacity, destinations, group_by
+            layout,
+            knock_timeout,
+            capacity,
+            ring_capacity,
+            destinations,
+            group_by,
+            knock_mode,
+            spa_mode,
+            user_ids,
         )
+        self._admission: Admission = settings.admission
+        self._header_segments = settings.header_segments
         self._capacity = settings.capacity
         self._ring_capacity = settings.ring_capacity
         self._layout = layout
@@ -145,6 +166,19 @@ class CaptureEngine:
         self._packets: Iterator[tuple[int, int, bytes]] | None = None
         self._linktype: int | None = None
         self._filter_linktype = LINKTYPE_ETHERNET  # the last one opened, as in the C engine
+
+    def admit(
+        self,
+        knock_mode: bool = True,
+        spa_mode: bool = True,
+        user_ids: Iterable[int] | None = None,
+    ) -> None:
+        """Change what is refused before judging (a reload: modes and users)."""
+        self._admission = admission(knock_mode, spa_mode, user_ids)
+
+    @property
+    def admission(self) -> Admission:
+        return self._admission
 
     # --- handles ------------------------------------------------------------------------
 
@@ -200,7 +234,11 @@ class CaptureEngine:
     def filter_expression(self) -> str:
         """The BPF source for the last opened link type (Ethernet if none was opened)."""
         return capture_spec.filter_expression(
-            self._layout, self._destinations, self._filter_linktype
+            self._layout,
+            self._destinations,
+            self._filter_linktype,
+            self._admission.knock_mode,
+            self._admission.spa_mode,
         )
 
     def fileno(self) -> int:
@@ -396,9 +434,17 @@ class CaptureEngine:
         port = data[transport + 2] << 8 | data[transport + 3]
 
         if proto == IPPROTO_UDP and port == self._spa_port:
+            if not self._admission.spa_mode:
+                counters[_REFUSED_MODE] += 1
+                return
             udp_len = data[transport + 4] << 8 | data[transport + 5]
             if udp_len < 8 or udp_len > available or udp_len - 8 not in _SPA_LENGTHS:
                 counters[_MALFORMED] += 1
+                return
+            header = data[transport + 8] << 8 | data[transport + 9]
+            refusal = self._admission.header_refusal((header,))
+            if refusal is not None:
+                counters[_REFUSAL_COUNTER[refusal]] += 1
                 return
             counters[_SPA_PACKETS] += 1
             message = data[transport + 8 : transport + udp_len]
@@ -414,6 +460,9 @@ class CaptureEngine:
         segments, _length, _pad, pad_mask = self._family[family]
         if segment >= segments:
             counters[_IGNORED] += 1
+            return
+        if not self._admission.knock_mode:
+            counters[_REFUSED_MODE] += 1
             return
         if segment == segments - 1 and digit & pad_mask:
             counters[_MALFORMED] += 1
@@ -504,9 +553,29 @@ class CaptureEngine:
             alternatives = self._slot_alternatives[slot]
             del index[key]
             slot_key[slot] = None
+            if self._admission.user_ids is not None:
+                refusal = self._admission.header_refusal(self._headers(digits, alternatives))
+                if refusal is not None:
+                    counters[_REFUSAL_COUNTER[refusal]] += 1
+                    return
             self._complete(
                 KIND_KNOCK, family, message, alternatives, sec, usec, source, destination
             )
+
+    def _headers(self, digits: list[int], alternatives: list[tuple[int, int]]) -> Iterator[int]:
+        """The header of every combination of the digits and alternatives in the segments
+        that hold the header (docs/capture.md, Admission)."""
+        count = self._header_segments
+        bits = self._digit_bits
+        options = [[digits[s]] for s in range(count)]
+        for segment, digit in alternatives:
+            if segment < count:
+                options[segment].append(digit)
+        for choice in itertools.product(*options):
+            value = 0
+            for digit in choice:
+                value = value << bits | digit
+            yield value >> (count * bits - HEADER_BITS)
 
     def _complete(
         self,

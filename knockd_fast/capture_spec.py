@@ -17,7 +17,17 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from knock_client.protocol import MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6, KnockLayout, digit_count
+from knock_client.protocol import (
+    HEADER_LEN,
+    MAX_USER_ID,
+    MESSAGE_LEN_IPV4,
+    MESSAGE_LEN_IPV6,
+    MIN_DIGIT_BITS,
+    USER_ID_BITS,
+    VERSION,
+    KnockLayout,
+    digit_count,
+)
 
 
 class CaptureError(Exception):
@@ -103,6 +113,10 @@ COUNTER_NAMES = (
     "expired",
     "malformed",
     "ignored",
+    # Messages refused before Python, needing no key ("Admission" in docs/capture.md).
+    "refused_mode",  # packets of a mode that is off (per packet)
+    "refused_version",  # messages whose header is not version 1
+    "refused_user",  # messages whose header names no configured user
 )
 PCAP_COUNTER_NAMES = ("pcap_received", "pcap_dropped", "pcap_ifdropped")
 
@@ -173,6 +187,69 @@ GROUP_BY_ADDRESS = "address"
 GROUP_BY = (GROUP_BY_ADDRESS_AND_PORT, GROUP_BY_ADDRESS)
 
 
+HEADER_BITS = 8 * HEADER_LEN  # version (4 bits) and user id (12 bits), in clear
+VERSION_SHIFT = USER_ID_BITS
+MAX_HEADER_SEGMENTS = -(-HEADER_BITS // MIN_DIGIT_BITS)  # segments holding the header: 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """What an engine refuses before Python, needing no key (docs/capture.md, Admission).
+
+    ``user_ids`` None admits any header (no header check: tests and benchmarks that feed
+    random messages); a set admits only version-1 headers naming one of them.
+    """
+
+    knock_mode: bool = True  # digits taken from SYNs and UDP datagrams in the knock range
+    spa_mode: bool = True  # datagrams to spa_port taken as messages
+    user_ids: frozenset[int] | None = None
+
+    def admits_header(self, header: int) -> bool:
+        """Whether a 16-bit header (version, user id) may name a message worth judging."""
+        return self.user_ids is None or (
+            header >> VERSION_SHIFT == VERSION and header & MAX_USER_ID in self.user_ids
+        )
+
+    def header_refusal(self, headers: Iterable[int]) -> str | None:
+        """None when one of ``headers`` is admitted, else the counter that refuses them all:
+        ``refused_user`` when one is at least version 1, ``refused_version`` otherwise."""
+        right_version = False
+        for header in headers:
+            if self.admits_header(header):
+                return None
+            right_version = right_version or header >> VERSION_SHIFT == VERSION
+        return "refused_user" if right_version else "refused_version"
+
+
+def admission(
+    knock_mode: object = True, spa_mode: object = True, user_ids: Iterable[object] | None = None
+) -> Admission:
+    """Check an engine's admission arguments (both twins' constructors and ``admit()``).
+
+    TypeError for a mode that is not a bool or a user id that is not an integer (a bool
+    included); ValueError for a user id outside 0..MAX_USER_ID.
+    """
+    for name, value in (("knock_mode", knock_mode), ("spa_mode", spa_mode)):
+        if not _is_bool(value):
+            raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+    ids = None
+    if user_ids is not None:
+        ids = frozenset(_user_id(value) for value in user_ids)
+    return Admission(bool(knock_mode), bool(spa_mode), ids)
+
+
+def _user_id(value: object) -> int:
+    if _is_bool(value):
+        raise TypeError("a user id must be an integer, not bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"a user id must be an integer, not {type(value).__name__}") from None
+    if not 0 <= number <= MAX_USER_ID:
+        raise ValueError(f"a user id must be in 0..{MAX_USER_ID}, not {number}")
+    return number
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """A capture engine's checked and normalised constructor arguments.
@@ -193,6 +270,8 @@ class EngineSettings:
     pad_masks: tuple[int, int]  # a last digit with any of these bits set is malformed
     knock_end: int  # one past the last knock port (the IPv6 range is the longer one)
     by_port: bool  # a knock's digits are grouped by source address and source port
+    admission: Admission
+    header_segments: int  # the first segments, which hold the header's 16 bits
 
 
 _COUNT_LIMIT = 2**31  # capacities: the C engine's 32-bit slot numbers, index of 2 x capacity
@@ -238,13 +317,16 @@ def engine_settings(
     ring_capacity: int = 4096,
     destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address | str] = (),
     group_by: str = GROUP_BY_ADDRESS_AND_PORT,
+    knock_mode: object = True,
+    spa_mode: object = True,
+    user_ids: Iterable[object] | None = None,
 ) -> EngineSettings:
     """Check a ``CaptureEngine``'s arguments, in this order, as both twins' constructors do.
 
     LayoutError if either family's range does not fit; TypeError for a bool or a wrong type
     (the timeout: any real; capacities: integers); ValueError for a value out of range, a
     bad address, more than MAX_DESTINATIONS distinct destinations, or a ``group_by`` that is
-    not one of GROUP_BY.
+    not one of GROUP_BY; then the admission arguments, as ``admission()`` checks them.
     """
     n4, n6 = segment_counts(layout)
     seconds, microseconds = _seconds("knock_timeout", knock_timeout)
@@ -257,6 +339,7 @@ def engine_settings(
     if group_by not in GROUP_BY:
         choices = ", ".join(map(repr, GROUP_BY))
         raise ValueError(f"group_by must be one of {choices}, not {group_by!r}")
+    admitted = admission(knock_mode, spa_mode, user_ids)
     pad4 = n4 * layout.digit_bits - 8 * MESSAGE_LEN_IPV4
     pad6 = n6 * layout.digit_bits - 8 * MESSAGE_LEN_IPV6
     return EngineSettings(
@@ -273,6 +356,8 @@ def engine_settings(
         pad_masks=((1 << pad4) - 1, (1 << pad6) - 1),
         knock_end=layout.base_port + n6 * layout.segment_size,
         by_port=group_by == GROUP_BY_ADDRESS_AND_PORT,
+        admission=admitted,
+        header_segments=-(-HEADER_BITS // layout.digit_bits),
     )
 
 
@@ -280,11 +365,13 @@ def filter_expression(
     layout: KnockLayout,
     destinations: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
     linktype: int = LINKTYPE_ETHERNET,
+    knock_mode: bool = True,
+    spa_mode: bool = True,
 ) -> str:
     """BPF source for the kernel filter of live handles (docs/capture.md, Live capture).
 
     The engine re-checks everything; the filter only keeps the kernel from copying
-    packets that can never matter.
+    packets that can never matter: a mode that is off leaves its ports out.
     """
     n4, n6 = segment_counts(layout)
     last = layout.base_port + n6 * layout.segment_size - 1
@@ -295,12 +382,16 @@ def filter_expression(
     # Extension headers first: the engine walks them itself.
     ext6 = " or ".join(f"ip6[6] == {header}" for header in IPV6_EXTENSION_HEADERS)
     ext6 = f"(ip6 and ({ext6}))"
-    body = (
-        f"(ip and tcp and {knock_range} and {syn})"
-        f" or (ip6 and tcp and {knock_range} and {syn6})"
-        f" or (udp and ({knock_range} or dst port {layout.spa_port}))"
-        f" or {ext6}"
-    )
+    parts = []
+    if knock_mode:
+        parts.append(f"(ip and tcp and {knock_range} and {syn})")
+        parts.append(f"(ip6 and tcp and {knock_range} and {syn6})")
+    udp_ports = [knock_range] * knock_mode + [f"dst port {layout.spa_port}"] * spa_mode
+    if udp_ports:
+        parts.append(f"(udp and ({' or '.join(udp_ports)}))")
+    if not parts:
+        return "ip and not ip"  # no mode on: nothing to read (the config refuses it)
+    body = " or ".join([*parts, ext6])
     hosts = sorted({str(a) for a in destinations})
     if hosts:
         body = f"({' or '.join(f'dst host {h}' for h in hosts)}) and ({body})"

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .capture_spec import BLOCK_TIMEOUT_MS
+from .capture_spec import BLOCK_TIMEOUT_MS, CaptureError
 from .config import CaptureSettings, Config, ConfigError, GrantSettings, IPAddress, load_config
 from .firewall.base import Firewall
 from .firewall.worker import FirewallWorker
@@ -282,6 +282,13 @@ class Doorman:
         ]
         if pending:
             log.warning("reload: changes to %s apply at the next restart", ", ".join(pending))
+        from ._capture import admission_of
+
+        for capture in self.captures:
+            try:
+                capture.engine.admit(**admission_of(fresh))
+            except CaptureError as error:  # a filter libpcap will not set: keep the old one
+                log.error("reload: %s: %s; its old modes and users stay", capture.interface, error)
         self.config = fresh
         self.judge.config = fresh
         self.replay.raise_window(fresh.knock.window)
