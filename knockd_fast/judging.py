@@ -147,56 +147,133 @@ def captured_at(record: np.void) -> float:
     return int(record["sec"]) + int(record["usec"]) / 1e6
 
 
-class Backlog:
-    """Completions waiting to be judged, oldest first, at most ``limit`` of them.
+# Completions are queued per source prefix and the prefixes served in turn: a flood from
+# one network (one host, or spoofed addresses in its /24) delays the others by one
+# completion per turn, not by its own length. Prefixes as wide as one site's addresses.
+FAIR_PREFIX_V4 = 24
+FAIR_PREFIX_V6 = 48
+_PREFIX_MASK = {
+    4: np.array([0xFF] * (12 + FAIR_PREFIX_V4 // 8) + [0] * (4 - FAIR_PREFIX_V4 // 8), np.uint8),
+    6: np.array([0xFF] * (FAIR_PREFIX_V6 // 8) + [0] * (16 - FAIR_PREFIX_V6 // 8), np.uint8),
+}
 
-    Past the limit new completions are dropped (counted in ``dropped``, and a warning at
+
+def source_prefixes(records: np.ndarray) -> list[bytes]:
+    """Each record's source prefix (IPv4 /24, IPv6 /48) as a 16-byte key, vectorised."""
+    masked = np.where(
+        (records["family"] == 4)[:, None], records["source"] & _PREFIX_MASK[4],
+        records["source"] & _PREFIX_MASK[6],
+    )  # fmt: skip
+    flat = masked.astype(np.uint8).tobytes()
+    return [flat[i : i + 16] for i in range(0, len(flat), 16)]
+
+
+class Backlog:
+    """Completions waiting to be judged, at most ``limit``, fair between source prefixes.
+
+    Each source prefix (``FAIR_PREFIX_V4``/``_V6``) has its own queue, oldest first, and
+    ``take`` serves the prefixes in turn, one completion each. When the backlog is full a
+    new completion pushes out the newest of the longest queue, unless its own queue would
+    then be a longest one (then it is the one dropped), so a flood from few networks never
+    costs another network's knock its place. Drops are counted in ``dropped`` (and a warning at
     most once a minute): memory stays bounded whoever floods us with whole bogus knocks.
+    Spoofed sources spread over every prefix make it no fairer than first come, first
+    served: docs/admin.md says what bounds that case.
     """
 
     def __init__(self, limit: int, clock: Callable[[], float] = time.time):
         self.limit = limit
         self.dropped = 0
         self._clock = clock
-        self._parts: collections.deque[tuple[str | None, np.ndarray]] = collections.deque()
+        self._queues: dict[bytes, collections.deque[tuple[str | None, np.void]]] = {}
+        # The prefixes with a queue, in serving order: each once, an emptied queue included
+        # until its turn comes (then it is removed).
+        self._turns: collections.deque[bytes] = collections.deque()
+        # Queue length -> the prefixes with a queue that long (insertion-ordered), and the
+        # longest length: the longest queue in O(1), since lengths move by one.
+        self._by_length: collections.defaultdict[int, dict[bytes, None]] = (
+            collections.defaultdict(dict)
+        )
+        self._longest = 0
         self._size = 0
         self._last_complaint = -math.inf
 
     def __len__(self) -> int:
         return self._size
 
+    def prefixes(self) -> int:
+        """Source prefixes with completions waiting."""
+        return sum(1 for queue in self._queues.values() if queue)
+
     def add(self, interface: str | None, records: np.ndarray) -> None:
-        room = self.limit - self._size
-        if len(records) > room:
-            self.dropped += len(records) - room
-            if self._clock() - self._last_complaint >= COMPLAIN_SECONDS:
-                self._last_complaint = self._clock()
-                log.warning(
-                    "judging backlog full (%d completions): dropped %d so far; someone "
-                    "is sending whole knocks faster than they can be checked",
-                    self.limit,
-                    self.dropped,
-                )
-            records = records[:room]
-        if len(records):
-            self._parts.append((interface, records))
-            self._size += len(records)
+        if not len(records):
+            return
+        queues = self._queues
+        dropped = self.dropped
+        for key, record in zip(source_prefixes(records), records, strict=True):
+            queue = queues.get(key)
+            length = len(queue) if queue is not None else 0
+            if self._size >= self.limit:
+                # Its own queue would be a longest one: it is the one dropped. So with every
+                # queue one long (sources spoofed over every prefix) this is drop-newest,
+                # which keeps half of the arrivals at twice capacity.
+                if length + 1 >= self._longest:
+                    self.dropped += 1
+                    continue
+                victim = next(reversed(self._by_length[self._longest]))
+                queues[victim].pop()
+                self._resize(victim, self._longest, -1)
+                self._size -= 1
+                self.dropped += 1
+            if queue is None:
+                queue = queues[key] = collections.deque()
+                self._turns.append(key)
+            queue.append((interface, record))
+            self._resize(key, length, +1)
+            self._size += 1
+        if self.dropped > dropped and self._clock() - self._last_complaint >= COMPLAIN_SECONDS:
+            self._last_complaint = self._clock()
+            log.warning(
+                "judging backlog full (%d completions from %d networks): dropped %d so far, "
+                "from the networks sending the most; someone is sending whole knocks faster "
+                "than they can be checked",
+                self.limit,
+                self.prefixes(),
+                self.dropped,
+            )
+
+    def _resize(self, key: bytes, length: int, change: int) -> None:
+        """Move ``key`` from queue length ``length`` to ``length + change``."""
+        if length:
+            del self._by_length[length][key]
+        if length + change:
+            self._by_length[length + change][key] = None
+        if length + change > self._longest:
+            self._longest = length + change
+        elif length == self._longest and not self._by_length[length]:
+            self._longest = length - 1  # lengths move by one: that one is not empty (or 0)
 
     def take(self, limit: int | None) -> Iterator[tuple[str | None, np.void]]:
-        """Up to ``limit`` completions (all: None), oldest first, each with its interface;
-        each is out of the backlog once taken."""
+        """Up to ``limit`` completions (all: None), one per source prefix in turn, each
+        prefix's oldest first, each with its interface; each is out of the backlog once
+        taken."""
         taken = 0
-        while self._parts and (limit is None or taken < limit):
-            interface, records = self._parts[0]
-            count = len(records) if limit is None else min(len(records), limit - taken)
-            if count == len(records):
-                self._parts.popleft()
+        queues, turns = self._queues, self._turns
+        while turns and (limit is None or taken < limit):
+            key = turns.popleft()
+            queue = queues[key]
+            if not queue:  # emptied by the drops of a full backlog
+                del queues[key]
+                continue
+            item = queue.popleft()
+            self._resize(key, len(queue) + 1, -1)
+            self._size -= 1
+            if queue:
+                turns.append(key)
             else:
-                self._parts[0] = (interface, records[count:])
-            self._size -= count
-            taken += count
-            for record in records[:count]:
-                yield interface, record
+                del queues[key]
+            taken += 1
+            yield item
 
 
 def replay_capture(config: Config, path: str, sinks: Sequence[DecisionSink]) -> dict[str, int]:
