@@ -52,6 +52,16 @@ def setup(tmp_path: Path):
     return tmp_path, load_config(tmp_path / "config.toml")
 
 
+def raised_caps(tmp_path: Path, grants: int = 1000, knocks: int = 1000):
+    """The fixture's config with alice's caps raised (its [[users]] table comes last), for
+    tests of bursts by one user that are not about the caps."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        path.read_text() + f"max_grants = {grants}\nmax_knocks_per_minute = {knocks}\n"
+    )
+    return load_config(path)
+
+
 def spa_capture(path: Path, knockers: list[ipaddress.IPv4Address]) -> dict[str, bytes]:
     """One SPA datagram per knocker (each is one completion; a knocker listed twice sends
     the same message twice: a replay); returns each source's SIV."""
@@ -142,7 +152,8 @@ def read_and_judge(door: Doorman, capture: Capture, *limits: int | None) -> list
 
 
 def test_a_burst_is_read_at_once_and_judged_in_slices_committed_before_granted(setup) -> None:
-    tmp_path, config = setup
+    tmp_path, _ = setup
+    config = raised_caps(tmp_path)
     knockers = sources(3 * JUDGE_SLICE + 5)
     sivs = spa_capture(tmp_path / "burst.pcap", knockers)
     firewall = CommittedFirst(config.state_dir / DB_NAME, sivs)
