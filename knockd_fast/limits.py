@@ -6,9 +6,11 @@ A user may hold at most ``max_grants`` live grants and have at most
 addresses, and their firewall changes held up everyone else's.
 
 The view is the judge's own, kept from the changes it hands to the firewall, the grants
-read back at start and the grants' expiry; it never asks the firewall. It can only count
-too much, never too little: a grant another user's longer open took over, or a change the
-firewall failed, stays in the count until its expiry. Pure: every call is given its time.
+read back at start and the grants' expiry; it never asks the firewall. It errs towards
+counting too much: a grant another user's longer open took over, or one the firewall
+failed to add, stays in the count until its expiry. Only a close that a full firewall
+queue dropped leaves a grant in the firewall that is no longer counted, until its expiry.
+Pure: every call is given its time.
 """
 
 from __future__ import annotations
@@ -128,12 +130,6 @@ class Limits:
             if user is None:
                 del self._accounts[name]
         return revoked
-
-    def held(self, name: str) -> int:
-        """How many grants this view counts for user ``name`` (expired ones included until
-        a cap check or ``live_grants`` forgets them)."""
-        account = self._accounts.get(name)
-        return len(account.grants) if account else 0
 
 
 def _forget_seconds(account: _Account, before: int) -> None:

@@ -42,7 +42,7 @@ SWEEP_SECONDS = 1.0  # how often expired grants are removed
 # Changes waiting for the firewall thread, after coalescing. The caps bound them already:
 # distinct keys opened are at most the sum of the users' max_grants (16 each by default),
 # and each user adds at most max_knocks_per_minute changes a minute. This bound holds when
-# the firewall stalls for long (a lock held for minutes): about 20 MB at most.
+# the firewall stalls for long (a lock held for minutes): about 25 MB at most.
 MAX_PENDING_CHANGES = 65_536
 COMPLAIN_SECONDS = 60  # at most one "queue full" warning per minute
 
@@ -96,7 +96,7 @@ class ChangeQueue:
                     self._positions.setdefault(change.grant.key, []).append(len(pending))
                     pending.append(change)
                 else:
-                    self.dropped[_kind(change)] += 1
+                    self.dropped[change.action] += 1
                     full += 1
             self._ready.notify()
         if full and self._clock() - self._last_complaint >= COMPLAIN_SECONDS:
@@ -126,23 +126,19 @@ class ChangeQueue:
             self._ready.notify()
 
 
-def _kind(change: GrantChange) -> Action:
-    return Action.CLOSE if change.action == Action.CLOSE else Action.OPEN
-
-
 def _absorb(pending: list[GrantChange], positions: list[int], change: GrantChange) -> bool:
     """Fold ``change`` into its key's pending changes (at ``positions`` of ``pending``) if
     the firewall ends the same as with ``change`` applied after them; whether it did."""
-    if _kind(change) == Action.OPEN:
+    if change.action == Action.OPEN:
         last = pending[positions[-1]]
-        if _kind(last) != Action.OPEN:
+        if last.action != Action.OPEN:
             return False
         if change.grant.expires > last.grant.expires:
             pending[positions[-1]] = change
         return True
     for position in reversed(positions):  # the run of closes at the end
         earlier = pending[position]
-        if _kind(earlier) != Action.CLOSE:
+        if earlier.action != Action.CLOSE:
             return False
         if earlier.grant.user == change.grant.user:
             return True
