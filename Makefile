@@ -104,7 +104,8 @@ fuzz-atheris: $(STAMP)
 # pure-Python twin over deterministic capture files, cached in bench/results/ (about 1.3 GB).
 # Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
 BENCH_RUN   := $(IN_VENV) $(VPY) bench/run.py
-.PHONY: bench bench-quick bench-tools bench-grants bench-firewall bench-live bench-poison
+.PHONY: bench bench-quick bench-tools bench-grants bench-firewall bench-live bench-poison \
+        bench-backlog
 
 bench-tools: $(STAMP)
 	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q --group bench
@@ -125,6 +126,11 @@ bench-firewall: $(STAMP)
 # both knock.group_by settings (offline, the Cython engine and the verdict); about 3 minutes.
 bench-poison: bench-tools
 	$(BENCH_RUN:run.py=poison.py) $(POISON_ARGS)
+
+# Garbage completions at 2x and 4x the judging capacity: share of genuine knocks accepted,
+# fair backlog vs first come first served (the real judge, virtual time); about 4 minutes.
+bench-backlog: $(STAMP)
+	$(BENCH_RUN:run.py=backlog.py) $(BACKLOG_ARGS)
 
 # Live, side by side with Debian's knockd: tcpreplay onto a veth between two namespaces
 # (bench/README.md, "Live"); about 20 minutes. LIVE_ARGS="--ks 100,1000 --rates top" to narrow.

@@ -88,6 +88,8 @@ def main() -> int:
         '[capture]\ninterface = "IFACE"\n[grants]\ndefault_timeout = 600\n'
         f'[state]\ndirectory = "{work / "state"}"\n'
         '[[users]]\nid = 1\nname = "bench"\nkey_file = "bench.key"\nallow = ["2222/tcp"]\n'
+        # One user knocks for every source of the burst: its caps must not count.
+        "max_grants = 65536\nmax_knocks_per_minute = 60000\n"
     )
     # The knocks are sealed before the daemon starts: give it a replay cache with its
     # history (an empty one), or it refuses them as sealed before it started.

@@ -86,7 +86,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (CaptureError, FirewallError) as error:
         raise StartError(str(error)) from None
     replay = ReplayCache.for_state_dir(config.state_dir, time.time(), config.knock.window)
-    doorman = Doorman(config, captures, firewall, replay, sinks=[LogSink(as_json=args.json)])
+    doorman = Doorman(
+        config, captures, firewall, replay, sinks=[LogSink(as_json=args.json)], grants=kept
+    )
     log.info(
         "knockd-fast %s on %s protecting %s; %d users; grants kept %d, expired %d",
         __version__,

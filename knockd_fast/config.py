@@ -48,6 +48,16 @@ MAX_TABLE_SIZE = 1 << 24
 # expires before its last packet (1e-300 made every knock expire).
 MIN_KNOCK_TIMEOUT = 0.1
 MAX_INT31 = 2**31 - 1
+# Per-user caps ([limits], and a user's own): a person opens a few ports (ssh, https, a VPN)
+# from a few places (home, phone, laptop, on IPv4 and IPv6): 3 x 4 = 12 grants fit in 16;
+# they knock a few times a minute at most: 30 accepted messages a minute leaves room for a
+# script that reconnects every 2 s. A key that opened 3,000 grants for 3,000 spoofed
+# addresses stops at 16, and queues at most 30 firewall changes a minute.
+DEFAULT_MAX_GRANTS = 16
+DEFAULT_MAX_KNOCKS_PER_MINUTE = 30
+MAX_GRANTS = 65536  # the upper bounds catch typos: no person needs more
+MAX_KNOCKS_PER_MINUTE = 60_000
+_LIMIT_KEYS = ("max_grants", "max_knocks_per_minute")  # in [limits] and in [[users]]
 IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
 DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
 _ADDRESS_BITS = {4: 32, 6: 128}
@@ -111,6 +121,14 @@ class GrantSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """``[limits]``: the caps of every user whose ``[[users]]`` entry does not set its own."""
+
+    max_grants: int = DEFAULT_MAX_GRANTS  # live grants a user holds at once
+    max_knocks_per_minute: int = DEFAULT_MAX_KNOCKS_PER_MINUTE  # accepted messages, any 60 s
+
+
+@dataclass(frozen=True)
 class User:
     """One ``[[users]]`` entry.
 
@@ -118,6 +136,7 @@ class User:
     of ``repr`` so that a logged ``User`` never shows a secret.
     ``source_prefix`` maps an address family (4, 6) to the prefix length that claimed
     and real source must share; ``None`` means no check at all (``source = "any"``).
+    The caps are the user's own or ``[limits]``'s, resolved when the file is read.
     """
 
     id: int
@@ -126,6 +145,8 @@ class User:
     key_file: Path
     allow: frozenset[tuple[int, str]]
     source_prefix: dict[int, int] | None
+    max_grants: int = DEFAULT_MAX_GRANTS
+    max_knocks_per_minute: int = DEFAULT_MAX_KNOCKS_PER_MINUTE
 
     def allows(self, port: int, proto: object) -> bool:
         """Whether ``port/proto`` is allowed; ``proto`` is "tcp"/"udp" or a ``Proto``."""
@@ -151,6 +172,7 @@ class Config:
     grants: GrantSettings
     state_dir: Path
     users: Mapping[int, User]  # by id; read-only (types.MappingProxyType)
+    limits: LimitSettings = LimitSettings()  # the defaults; each User holds its own caps
 
 
 # --- loading --------------------------------------------------------------------------
@@ -315,17 +337,20 @@ class _Reader:
     # -- sections --
 
     def config(self, data: _Section, path: Path, load_keys: bool) -> Config:
-        self.no_unknown(data, "", ("knock", "capture", "grants", "state", "users"))
+        self.no_unknown(data, "", ("knock", "capture", "grants", "limits", "state", "users"))
         knock = self.knock(self.table(data, "knock", "knock"))
         capture = self.capture(self.table(data, "capture", "capture"))
         grants = self.grants(self.table(data, "grants", "grants"))
+        limits_section = self.table(data, "limits", "limits")
+        self.no_unknown(limits_section, "limits", _LIMIT_KEYS)
+        limits = self.limits(limits_section, "limits", LimitSettings())
         state = self.table(data, "state", "state")
         self.no_unknown(state, "state", ("directory",))
         state_dir = self.path(self.string(state, "state", "directory", DEFAULT_STATE_DIR))
         unsafe = insecure_path(state_dir)
         if unsafe:  # the replay cache lives there: whoever can write it can reopen replays
             raise self.error("state.directory", unsafe)
-        users = self.users(data.get("users", _REQUIRED), load_keys)
+        users = self.users(data.get("users", _REQUIRED), load_keys, limits)
         return Config(
             path=path,
             knock=knock,
@@ -333,6 +358,7 @@ class _Reader:
             grants=grants,
             state_dir=state_dir,
             users=types.MappingProxyType(users),
+            limits=limits,
         )
 
     def knock(self, section: _Section) -> KnockSettings:
@@ -449,7 +475,22 @@ class _Reader:
         hooks = self.subset(section, p, "hooks", ["INPUT"], HOOKS)
         return GrantSettings(default_timeout, max_timeout, backend, chain, hooks)
 
-    def users(self, value: Any, load_keys: bool) -> dict[int, User]:
+    def limits(self, section: _Section, p: str, defaults: LimitSettings) -> LimitSettings:
+        """The caps in ``section`` (``[limits]``, or a ``[[users]]`` entry), each one left
+        out taken from ``defaults``."""
+        return LimitSettings(
+            max_grants=self.integer(section, p, "max_grants", defaults.max_grants, 1, MAX_GRANTS),
+            max_knocks_per_minute=self.integer(
+                section,
+                p,
+                "max_knocks_per_minute",
+                defaults.max_knocks_per_minute,
+                1,
+                MAX_KNOCKS_PER_MINUTE,
+            ),
+        )
+
+    def users(self, value: Any, load_keys: bool, limits: LimitSettings) -> dict[int, User]:
         if value is _REQUIRED:
             raise self.error("users", "no [[users]] entries; the daemon would accept nobody")
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
@@ -459,7 +500,7 @@ class _Reader:
         users: dict[int, User] = {}
         names: dict[str, int] = {}
         for index, section in enumerate(value):
-            user = self.user(section, f"users[{index}]", load_keys)
+            user = self.user(section, f"users[{index}]", load_keys, limits)
             if user.id in users:
                 raise self.error(
                     f"users[{index}].id",
@@ -474,8 +515,12 @@ class _Reader:
             names[user.name] = user.id
         return users
 
-    def user(self, section: _Section, p: str, load_keys: bool) -> User:
-        self.no_unknown(section, p, ("id", "name", "key_file", "allow", "source"))
+    def user(self, section: _Section, p: str, load_keys: bool, limits: LimitSettings) -> User:
+        self.no_unknown(
+            section,
+            p,
+            ("id", "name", "key_file", "allow", "source", *_LIMIT_KEYS),
+        )
         user_id = self.integer(section, p, "id", _REQUIRED, 0, MAX_USER_ID)
         name = self.string(section, p, "name", _REQUIRED)
         if not name.isprintable():
@@ -492,6 +537,7 @@ class _Reader:
                 raise self.error(item_key, str(error)) from None
             allow.add((port, str(proto)))
         source_prefix = self.source(section.get("source", "exact"), f"{p}.source")
+        own = self.limits(section, p, limits)
         key = b""
         if load_keys:
             try:
@@ -501,7 +547,16 @@ class _Reader:
             unsafe = insecure_path(key_file)
             if unsafe:
                 raise self.error(f"{p}.key_file", unsafe)
-        return User(user_id, name, key, key_file, frozenset(allow), source_prefix)
+        return User(
+            user_id,
+            name,
+            key,
+            key_file,
+            frozenset(allow),
+            source_prefix,
+            own.max_grants,
+            own.max_knocks_per_minute,
+        )
 
     def source(self, value: Any, key: str) -> dict[int, int] | None:
         if value == "any":

@@ -25,10 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from knock_client.protocol import Action
+
 from .capture_spec import BLOCK_TIMEOUT_MS, CaptureError
 from .config import CaptureSettings, Config, ConfigError, GrantSettings, IPAddress, load_config
-from .firewall.base import Firewall
-from .firewall.worker import FirewallWorker
+from .firewall.base import Firewall, Grant, GrantChange
+from .firewall.worker import FirewallWorker, describe
 from .judging import MIN_BACKLOG, Backlog, Judge
 from .logs import flush_logs
 from .replay import ReplayCache
@@ -89,7 +91,9 @@ class Doorman:
     firewall worker, the replay cache.
 
     Every engine's completions go through the same ``Judge``. Each interface is lost and
-    reopened on its own: the others go on capturing meanwhile.
+    reopened on its own: the others go on capturing meanwhile. ``grants`` are the live
+    grants read back from the firewall at start: they count against their users' caps,
+    and those the configuration no longer entitles are closed.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class Doorman:
         sinks: Sequence[DecisionSink] = (),
         clock: Callable[[], float] = time.time,
         worker: FirewallWorker | None = None,
+        grants: Sequence[Grant] = (),
     ):
         self.config = config
         self.capture_settings = config.capture  # [capture] changes apply at the next start
@@ -110,11 +115,12 @@ class Doorman:
         self.sinks = list(sinks)
         self.clock = clock
         self.worker = worker or FirewallWorker(firewall, clock)
-        self.judge = Judge(config, replay)
+        self.judge = Judge(config, replay, grants)
         self.backlog = Backlog(max(MIN_BACKLOG, config.capture.table_size), clock)
         self.decided: collections.Counter[tuple[str, str]] = collections.Counter()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self.close_unentitled("start")
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
@@ -177,6 +183,8 @@ class Doorman:
             firewall_applied=self.worker.applied,
             firewall_failed=self.worker.failed,
             firewall_retried=self.worker.retried,
+            firewall_absorbed=self.worker.queue.absorbed,
+            firewall_dropped=sum(self.worker.queue.dropped.values()),
             replay_entries=len(self.replay),
             replay_degraded=self.replay.degraded,
         )
@@ -292,4 +300,13 @@ class Doorman:
         self.config = fresh
         self.judge.config = fresh
         self.replay.raise_window(fresh.knock.window)
+        self.close_unentitled("reload")
         log.info("reloaded %s: %d users", fresh.path, len(fresh.users))
+
+    def close_unentitled(self, when: str) -> None:
+        """Close, through the worker, the live grants of users the configuration no longer
+        has, and those for ports their users may no longer open; ``when`` heads the log."""
+        revoked = self.judge.limits.revoke(self.config.users, self.clock())
+        for grant, why in revoked:
+            log.info("%s: closing %s (%s)", when, describe(grant, expiry=False), why)
+        self.worker.submit([GrantChange(Action.CLOSE, grant) for grant, _ in revoked])

@@ -1,11 +1,12 @@
 """Completions -> decisions and grant changes, live and offline alike.
 
 ``Judge.decide`` turns one completion record into a ``Decision`` (``verdict.judge`` does
-the checks) and, for an accepted knock, remembers it against replays and says what the
-firewall must do. Live, completions wait in a bounded ``Backlog`` and are judged in slices
-(``Judge.judge_slice``): each slice is one replay-cache transaction, and its changes are
-handed on only once that transaction is committed. Offline, ``replay_capture`` runs the
-same judge over a capture file at packet time, with a dry-run firewall.
+the checks, ``limits`` the per-user caps) and, for an accepted knock, remembers it against
+replays and says what the firewall must do. Live, completions wait in a bounded
+``Backlog`` and are judged in slices (``Judge.judge_slice``): each slice is one
+replay-cache transaction, and its changes are handed on only once that transaction is
+committed. Offline, ``replay_capture`` runs the same judge over a capture file at packet
+time, with a dry-run firewall.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .capture_spec import KIND_SPA, key_address
 from .config import Config
 from .decisions import Decision
 from .firewall.base import Grant, GrantChange
+from .limits import Limits
 from .replay import ReplayCache
 from .sinks import DecisionSink
 from .verdict import grant_duration, judge, replay_expiry
@@ -43,9 +45,12 @@ COMPLAIN_SECONDS = 60  # at most one "backlog full" warning per minute
 class Judge:
     """Completions -> decisions and grant changes; the same for live runs and replays."""
 
-    def __init__(self, config: Config, replay: ReplayCache):
+    def __init__(self, config: Config, replay: ReplayCache, grants: Sequence[Grant] = ()):
         self.config = config  # replaced on SIGHUP (new users and keys)
         self.replay = replay
+        # Each user's live grants and recent messages, for the caps; ``grants`` are those
+        # read back from the firewall at start.
+        self.limits = Limits(grants)
 
     def decide(
         self,
@@ -56,7 +61,8 @@ class Judge:
     ) -> tuple[Decision, GrantChange | None]:
         """Judge one completion at ``now`` (its capture time); ``interface`` (the capture it
         came from) is only logged; a grant lasts from ``granted_at`` (default ``now``). An
-        accepted message is remembered in the replay cache before this returns."""
+        accepted message is remembered in the replay cache, and counted against its user's
+        caps, before this returns."""
         source = key_address(bytes(record["source"]))
         destination = key_address(bytes(record["destination"]))
         settings = self.config.knock
@@ -110,10 +116,27 @@ class Judge:
             return dataclasses.replace(
                 decision, verdict="rejected", reason="malformed", detail=f"no grant: {error}"
             ), None
+        change = GrantChange(knock.action, grant)
+        # The caps last, so that only authentic, fresh, unreplayed and allowed messages
+        # count: a replay costs its user nothing. A refused message is not remembered, as no
+        # rejected one is: a key holder past its caps grows neither the replay cache nor the
+        # firewall queue, and a replay of a refused message is judged again (refused while
+        # at the cap, else accepted once, for the address it names, then remembered).
+        refusal = self.limits.refusal(verdict.user, change, now)
+        if refusal is not None:
+            if self.limits.first_warning(verdict.user.name, now):
+                log.warning(
+                    "limit: %s; knocks past it are refused (this warning at most once a minute)",
+                    refusal,
+                )
+            return dataclasses.replace(
+                decision, verdict="rejected", reason="limit", detail=refusal
+            ), None
         # Kept for the longest window ever in force (a window raised later extends it).
         window = max(settings.window, self.replay.window)
         self.replay.remember(verdict.user.id, verdict.siv, replay_expiry(knock, now, window))
-        return decision, GrantChange(knock.action, grant)
+        self.limits.record(change, now)
+        return decision, change
 
     def judge_slice(
         self, backlog: Backlog, limit: int | None, clock: Callable[[], float]

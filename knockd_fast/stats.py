@@ -31,6 +31,8 @@ class DoormanStats:
     firewall_applied: int  # grant changes carried out
     firewall_failed: int  # changes and sweeps given up on after every attempt
     firewall_retried: int  # attempts after a failure
+    firewall_absorbed: int  # changes coalesced into one pending for the same grant
+    firewall_dropped: int  # changes refused because the firewall queue was full
     replay_entries: int  # messages remembered against replays
     replay_degraded: str | None  # why the replay cache went on in memory only, or None
 

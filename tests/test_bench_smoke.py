@@ -135,3 +135,21 @@ def test_poison_benchmark_runs_and_writes_its_curve(tmp_path: Path) -> None:
     }
     # Unattacked knocks are accepted; three blind packets cannot touch one grouped by port.
     assert all(r["accepted"] == 3 for r in rows if r["k"] == 0 or r["group_by"] == "address+port")
+
+
+def test_backlog_benchmark_runs_and_fairness_shows(tmp_path: Path) -> None:
+    """The simulation at a small scale (virtual time: no timing involved): at twice the
+    judging capacity, from one host, the fair backlog accepts every genuine knock and the
+    first-come one loses some; spoofed from everywhere, both keep about half."""
+    backlog = _load("knockd_fast_bench_backlog", "backlog.py")
+    rows = {
+        (policy, sources): backlog.simulate(
+            tmp_path, policy, sources, rate=2.0, seconds=2.0, per_second=2_000.0, limit=512
+        )
+        for policy in backlog.POLICIES
+        for sources in ("one host", "everywhere")
+    }
+    assert all(row["genuine"] == 41 for row in rows.values())  # 20 a second, both ends
+    assert rows["fair", "one host"]["accepted"] == 41
+    assert rows["fifo", "one host"]["accepted"] < 30
+    assert 8 < rows["fair", "everywhere"]["accepted"] < 32

@@ -12,7 +12,7 @@ import pytest
 
 from knock_client.keys import write_key_file
 from knock_client.protocol import KnockLayout, Proto
-from knockd_fast.config import ConfigError, User, load_config
+from knockd_fast.config import ConfigError, LimitSettings, User, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "config-example.toml"
@@ -83,6 +83,8 @@ def test_every_default(conf) -> None:
     assert alice.key_file == conf.dir / "alice.key"
     assert alice.allow == frozenset({(22, "tcp")})
     assert alice.source_prefix == {4: 32, 6: 128}
+    assert config.limits == LimitSettings(max_grants=16, max_knocks_per_minute=30)
+    assert (alice.max_grants, alice.max_knocks_per_minute) == (16, 30)
 
 
 def test_example_config_has_the_defaults(tmp_path: Path) -> None:
@@ -103,6 +105,9 @@ def test_example_config_has_the_defaults(tmp_path: Path) -> None:
     assert config.users[8].source_prefix == {4: 24, 6: 56}
     assert config.users[8].key_file == Path("/etc/knockd-fast/keys/bob.key")
     assert config.users[7].key == b""
+    assert config.limits == LimitSettings(16, 30)
+    assert (config.users[7].max_grants, config.users[7].max_knocks_per_minute) == (16, 30)
+    assert (config.users[8].max_grants, config.users[8].max_knocks_per_minute) == (4, 30)
 
 
 def test_every_key_set(conf) -> None:
@@ -127,6 +132,9 @@ max_timeout = 60
 backend = "dry-run"
 chain = "kf_2"
 hooks = ["FORWARD", "INPUT"]
+[limits]
+max_grants = 1
+max_knocks_per_minute = 60000
 [state]
 directory = "state"
 [[users]]
@@ -141,6 +149,8 @@ name = "bob"
 key_file = "BOB"
 allow = []
 source = 56
+max_grants = 65536
+max_knocks_per_minute = 1
 """.replace("BOB", str(conf.dir / "bob.key")),
         capture="",
     )
@@ -162,6 +172,18 @@ source = 56
     assert alice.source_prefix is None
     assert bob.key == conf.keys["bob"] and bob.allow == frozenset()
     assert bob.source_prefix == {4: 32, 6: 56}
+    assert config.limits == LimitSettings(max_grants=1, max_knocks_per_minute=60000)
+    assert (alice.max_grants, alice.max_knocks_per_minute) == (1, 60000)  # [limits]'s
+    assert (bob.max_grants, bob.max_knocks_per_minute) == (65536, 1)  # its own
+
+
+def test_a_user_sets_one_cap_and_takes_the_other_from_limits(conf) -> None:
+    config = load_config(
+        conf("[limits]\nmax_knocks_per_minute = 5\n" + MINIMAL_USER + BOB + "max_grants = 2\n")
+    )
+    alice, bob = config.users[7], config.users[8]
+    assert (alice.max_grants, alice.max_knocks_per_minute) == (16, 5)
+    assert (bob.max_grants, bob.max_knocks_per_minute) == (2, 5)
 
 
 def test_source_table_form_and_missing_family_stays_exact(conf) -> None:
@@ -304,6 +326,19 @@ def test_not_utf8(conf) -> None:
         ("[grants]\nhooks = ['OUTPUT']\n", "grants.hooks[0]", "'OUTPUT' is not one of"),
         ("[grants]\nhooks = []\n", "grants.hooks", "at least one"),
         ("[state]\ndirectory = 1\n", "state.directory", "expected a string"),
+        ("[limits]\nmax_grant = 1\n", "limits.max_grant", "unknown key (known: max_grants, "),
+        ("limits = 16\n", "limits", "expected a table"),
+        ("[limits]\nmax_grants = 0\n", "limits.max_grants", "0 is outside 1..65536"),
+        ("[limits]\nmax_grants = 65537\n", "limits.max_grants", "outside 1..65536"),
+        ("[limits]\nmax_grants = '16'\n", "limits.max_grants", "expected an integer, got str"),
+        ("[limits]\nmax_grants = 1.5\n", "limits.max_grants", "expected an integer, got float"),
+        ("[limits]\nmax_knocks_per_minute = 0\n", "limits.max_knocks_per_minute", "outside 1"),
+        (
+            "[limits]\nmax_knocks_per_minute = 60001\n",
+            "limits.max_knocks_per_minute",
+            "60001 is outside 1..60000",
+        ),
+        ("[limits]\nmax_knocks_per_minute = true\n", "limits.max_knocks_per_minute", "boolean"),
     ],
 )
 def test_field_errors(conf, text: str, key: str | None, words: str | None) -> None:
@@ -470,6 +505,21 @@ def test_no_users(conf) -> None:
             "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = [22]",
             "users[1].allow[0]",
             "expected a string, got integer",
+        ),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = []\nmax_grants = 0",
+            "users[1].max_grants",
+            "0 is outside 1..65536",
+        ),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = []\nmax_knocks_per_minute = -1",
+            "users[1].max_knocks_per_minute",
+            "-1 is outside 1..60000",
+        ),
+        (
+            "id = 8\nname = 'bob'\nkey_file = 'bob.key'\nallow = []\nmax_grant = 3",
+            "users[1].max_grant",
+            "unknown key",
         ),
     ],
 )

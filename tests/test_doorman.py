@@ -26,6 +26,7 @@ from knockd_fast._capture import engine_for
 from knockd_fast.capture_spec import LINKTYPE_ETHERNET
 from knockd_fast.config import load_config
 from knockd_fast.daemon import JUDGE_SLICE, Capture, Doorman
+from knockd_fast.firewall.base import Grant
 from knockd_fast.firewall.dryrun import DryRunFirewall
 from knockd_fast.firewall.worker import FirewallWorker
 from knockd_fast.judging import MIN_BACKLOG
@@ -50,6 +51,16 @@ def setup(tmp_path: Path):
         '[[users]]\nid = 7\nname = "alice"\nkey_file = "alice.key"\nallow = ["22/tcp"]\n'
     )
     return tmp_path, load_config(tmp_path / "config.toml")
+
+
+def raised_caps(tmp_path: Path, grants: int = 1000, knocks: int = 1000):
+    """The fixture's config with alice's caps raised (its [[users]] table comes last), for
+    tests of bursts by one user that are not about the caps."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        path.read_text() + f"max_grants = {grants}\nmax_knocks_per_minute = {knocks}\n"
+    )
+    return load_config(path)
 
 
 def spa_capture(path: Path, knockers: list[ipaddress.IPv4Address]) -> dict[str, bytes]:
@@ -142,7 +153,8 @@ def read_and_judge(door: Doorman, capture: Capture, *limits: int | None) -> list
 
 
 def test_a_burst_is_read_at_once_and_judged_in_slices_committed_before_granted(setup) -> None:
-    tmp_path, config = setup
+    tmp_path, _ = setup
+    config = raised_caps(tmp_path)
     knockers = sources(3 * JUDGE_SLICE + 5)
     sivs = spa_capture(tmp_path / "burst.pcap", knockers)
     firewall = CommittedFirst(config.state_dir / DB_NAME, sivs)
@@ -218,6 +230,7 @@ def test_stats_is_one_snapshot_of_every_counter(setup) -> None:
         5,
         0,
     )
+    assert (stats.firewall_absorbed, stats.firewall_dropped) == (0, 0)
     assert (stats.replay_entries, stats.replay_degraded) == (5, None)
     assert stats.stop_line().startswith("packets=7 knock_packets=0 spa_packets=7 completions=7 ")
     assert stats.stop_line().endswith(" pcap_ifdropped=0 backlog_dropped=0")
@@ -383,3 +396,173 @@ def test_a_reload_tells_the_engines_which_users_and_modes_to_admit(setup) -> Non
     counters = capture.engine.stats()
     assert (counters["refused_mode"], counters["refused_user"]) == (2, 2)
     assert recorder.slices == [] and counters["completions"] == 0
+
+
+# --- per-user caps, and grants a new configuration no longer entitles -------------------
+
+KEY_BOB = bytes(range(64, 128))
+
+
+def two_users(tmp_path: Path, alice_allow: str = '["22/tcp", "443/tcp"]', bob: bool = True):
+    """The fixture's config with alice allowed ``alice_allow``, and bob (id 8, 22/tcp and
+    443/tcp) unless ``bob`` is False; written again on each call (a reload reads it)."""
+    if not (tmp_path / "bob.key").exists():
+        write_key_file(tmp_path / "bob.key", KEY_BOB)
+    text = (
+        '[capture]\ninterface = "eth0"\n'
+        f'[state]\ndirectory = "{tmp_path / "state"}"\n'
+        '[[users]]\nid = 7\nname = "alice"\nkey_file = "alice.key"\n'
+        f"allow = {alice_allow}\n"
+    )
+    if bob:
+        text += '[[users]]\nid = 8\nname = "bob"\nkey_file = "bob.key"\n'
+        text += 'allow = ["22/tcp", "443/tcp"]\n'
+    (tmp_path / "config.toml").write_text(text)
+    return load_config(tmp_path / "config.toml")
+
+
+def sealed(user_id: int, source: ipaddress.IPv4Address, port: int = 22, salt: int = 0) -> bytes:
+    knock = Knock(Action.OPEN, Proto.TCP, port, NOW, source, user_id, salt)
+    return seal(knock, KEY if user_id == 7 else KEY_BOB)
+
+
+def write_spa(path: Path, knocks: list[tuple[ipaddress.IPv4Address, bytes]]) -> Path:
+    """One SPA datagram per (source, message), all captured at NOW."""
+    with CaptureWriter(path, LINKTYPE_ETHERNET) as writer:
+        for n, (source, message) in enumerate(knocks):
+            datagram = frames.udp(40000, DEFAULT_SPA_PORT, message)
+            writer.write(NOW, n, frames.ethernet(frames.ipv4(source, SERVER, 17, datagram)))
+    return path
+
+
+class HandOver(InlineWorker):
+    """The inline worker, keeping every change handed over to it."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.handed: list = []
+
+    def submit(self, changes) -> None:  # noqa: ANN001
+        self.handed += changes
+        super().submit(changes)
+
+
+def judged_doorman(config, capture_file: Path | None, grants=()) -> Doorman:  # noqa: ANN001
+    """A doorman with the dry run and a ``HandOver`` worker that has judged all of
+    ``capture_file`` (None: nothing); ``grants`` as read back at start."""
+    firewall = DryRunFirewall(history=0)
+    for grant in grants:
+        firewall.open(grant)
+    clock = lambda: NOW + 1.5  # noqa: E731
+    captures = []
+    if capture_file is not None:
+        engine = engine_for(config, [SERVER])
+        engine.open_file(str(capture_file))
+        captures = [Capture("eth0", engine)]
+    door = Doorman(
+        config,
+        captures,
+        firewall,
+        ReplayCache(None),
+        clock=clock,
+        worker=HandOver(firewall, clock),
+        grants=grants,
+    )
+    for capture in captures:
+        while door.read(capture):
+            door.judge_backlog(None)
+    return door
+
+
+def grants_of(door: Doorman) -> list[tuple[str, int, str]]:
+    return [(str(g.source), g.port, g.user) for g in door.firewall.grants()]
+
+
+def test_three_thousand_opens_from_one_key_stop_at_its_cap_and_another_user_still_opens(
+    setup, caplog
+) -> None:
+    """The issue's attack: one key opens grants for 3,000 claimed-and-spoofed addresses.
+    16 are opened and handed to the firewall; the rest are refused as limit without a
+    firewall change, and bob's knock sent after them is handed over too."""
+    tmp_path, _ = setup
+    config = two_users(tmp_path)
+    flood = [(source, sealed(7, source, salt=n)) for n, source in enumerate(sources(3000))]
+    bob = ipaddress.IPv4Address("203.0.113.9")
+    write_spa(tmp_path / "flood.pcap", [*flood, (bob, sealed(8, bob))])
+    with caplog.at_level(logging.WARNING, logger="knockd_fast"):
+        door = judged_doorman(config, tmp_path / "flood.pcap")
+    assert door.decided == {("accepted", "ok"): 17, ("rejected", "limit"): 2984}
+    handed = door.worker.handed
+    # Bob's network waits one turn of the backlog, not behind the flood: among the first.
+    assert len(handed) == 17 and "bob" in [change.grant.user for change in handed[:13]]
+    held = grants_of(door)
+    assert sum(user == "alice" for _, _, user in held) == 16
+    assert ("203.0.113.9", 22, "bob") in held
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("limit:")]
+    assert warnings == [
+        "limit: max_grants 16 reached for 'alice': 16 live grants; knocks past it are "
+        "refused (this warning at most once a minute)"
+    ]
+
+
+def test_a_reload_that_removes_a_user_closes_its_grants_through_the_worker(
+    setup, caplog
+) -> None:
+    tmp_path, _ = setup
+    config = two_users(tmp_path)
+    a, b, c = sources(3)
+    knocks = [(a, sealed(7, a)), (b, sealed(7, b, port=443)), (c, sealed(8, c, port=443))]
+    door = judged_doorman(config, write_spa(tmp_path / "three.pcap", knocks))
+    assert len(door.firewall.grants()) == 3
+    two_users(tmp_path, bob=False)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        door.reload()
+    assert grants_of(door) == [(str(a), 22, "alice"), (str(b), 443, "alice")]
+    said = [r.getMessage() for r in caplog.records if r.name == "knockd_fast"]
+    assert said == [
+        "reload: closing 443/tcp for 198.18.0.2 to 192.0.2.1 (user bob) (user removed)",
+        "firewall (dry run): closed 443/tcp for 198.18.0.2 to 192.0.2.1 (user bob)",
+        f"reloaded {config.path}: 1 users",
+    ]
+    assert door.judge.limits.live_grants("bob", NOW) == []
+
+
+def test_a_reload_that_removes_a_port_closes_those_grants_only(setup, caplog) -> None:
+    tmp_path, _ = setup
+    config = two_users(tmp_path)
+    a, b, c = sources(3)
+    knocks = [(a, sealed(7, a)), (b, sealed(7, b, port=443)), (c, sealed(8, c, port=443))]
+    door = judged_doorman(config, write_spa(tmp_path / "three.pcap", knocks))
+    two_users(tmp_path, alice_allow='["22/tcp"]')
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        door.reload()
+    assert grants_of(door) == [(str(a), 22, "alice"), (str(c), 443, "bob")]
+    assert (
+        "reload: closing 443/tcp for 198.18.0.1 to 192.0.2.1 (user alice) "
+        "(port no longer allowed)"
+    ) in caplog.text
+    door.reload()  # nothing more to close
+    assert len(door.worker.handed) == 4
+
+
+def test_grants_read_back_at_start_count_and_those_no_longer_entitled_are_closed(
+    setup, caplog
+) -> None:
+    tmp_path, _ = setup
+    config = two_users(tmp_path, alice_allow='["22/tcp"]', bob=False)
+    a, b, c = sources(3)
+    held = [
+        Grant(a, "tcp", 22, SERVER, NOW + 300, "alice"),
+        Grant(b, "tcp", 443, SERVER, NOW + 300, "alice"),  # no longer allowed
+        Grant(c, "tcp", 22, SERVER, NOW + 300, "carol"),  # no longer a user
+    ]
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        door = judged_doorman(config, None, grants=held)
+    assert grants_of(door) == [(str(a), 22, "alice")]
+    assert "start: closing 443/tcp for 198.18.0.1 to 192.0.2.1 (user alice) (port no " in (
+        caplog.text
+    )
+    assert "start: closing 22/tcp for 198.18.0.2 to 192.0.2.1 (user carol) (user removed)" in (
+        caplog.text
+    )
+    assert door.judge.limits.live_grants("alice", NOW) == [held[0]]

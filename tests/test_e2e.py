@@ -519,6 +519,22 @@ def test_sighup_reloads_users_and_keeps_running_on_a_broken_file(e2e):
 
 
 @live
+def test_sighup_that_takes_a_port_away_closes_its_grant_in_the_kernel(e2e):
+    h = e2e(ports=(PORT, PORT_B), users=[User(7, "alice", ["2222/tcp", "2223/tcp"])])
+    open_and_wait(h, SERVER_V4, PORT)
+    open_and_wait(h, SERVER_V4, PORT_B)
+    h.user().allow = ["2222/tcp"]
+    h.write_config()
+    h.send_signal(signal.SIGHUP)
+    h.wait_log(r"^reload: closing 2223/tcp for \S+ to \S+ \(user alice\) \(port no longer allowed")
+    h.wait_log(r"^firewall: closed 2223/tcp ")
+    assert not h.can_connect(SERVER_V4, PORT_B)
+    assert h.can_connect(SERVER_V4, PORT), "the reload closed a grant still allowed"
+    assert len(h.grant_rules()) == 1
+    h.stop()
+
+
+@live
 def test_interface_down_and_up_keeps_grants_and_capture(e2e):
     h = e2e()
     open_and_wait(h, SERVER_V4, PORT)

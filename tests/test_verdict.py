@@ -252,7 +252,8 @@ def test_every_reason_is_reachable() -> None:
         run([sealed(port=24)]).reason,
         run([sealed()]).reason,
     }
-    assert reached == set(REJECTION_REASONS) | {"ok"}
+    # "limit" is the judge's, after the verdict (tests/test_limits.py).
+    assert reached == set(REJECTION_REASONS) - {"limit"} | {"ok"}
 
 
 # --- precedence ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The firewall worker's retry, repair and give-up paths, against a failing backend double.
+"""The firewall worker's retry, repair and give-up paths, against a failing backend double;
+its queue's coalescing and bound.
 
 No root and no sleeping: the clock and the pause between attempts are injected, and the
 double is the dry run with failures scheduled per operation. Every message checked here is
@@ -8,14 +9,22 @@ one an admin reads in the log when the firewall misbehaves.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from ipaddress import ip_address
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from knock_client.protocol import Action
 from knockd_fast.firewall import DryRunFirewall, FirewallBusy, FirewallError, Grant, GrantChange
-from knockd_fast.firewall.worker import FIREWALL_LOCK_WAIT, FIREWALL_RETRIES, FirewallWorker
+from knockd_fast.firewall.worker import (
+    FIREWALL_LOCK_WAIT,
+    FIREWALL_RETRIES,
+    ChangeQueue,
+    FirewallWorker,
+)
 
 NOW = 1_800_000_000
 ALICE = Grant(ip_address("192.0.2.2"), "tcp", 22, ip_address("192.0.2.1"), NOW + 300, "alice")
@@ -242,3 +251,144 @@ def test_an_open_that_would_shorten_a_grant_keeps_it_and_says_so(worker_for, cap
     )
     assert said[2] == f"firewall (dry run): no grant to close for {WHAT}"
     assert fw.grants() == [longer]
+
+
+# --- the queue: coalesced per key, bounded, never blocking ------------------------------
+
+
+def grant(user: str = "alice", expires: int = NOW + 300, port: int = 22) -> Grant:
+    return Grant(ALICE.source, "tcp", port, ALICE.destination, expires, user)
+
+
+def closing(grant_: Grant = ALICE) -> GrantChange:
+    return GrantChange(Action.CLOSE, grant_)
+
+
+def test_opens_of_one_grant_coalesce_into_the_longest_in_its_place() -> None:
+    queue = ChangeQueue()
+    other = opening(grant(port=443))
+    queue.put([opening(grant(expires=NOW + 300)), other, opening(grant(expires=NOW + 900))])
+    queue.put([opening(grant(expires=NOW + 600)), opening(grant("bob", expires=NOW + 900))])
+    taken, closed = queue.take(0)
+    # The tie keeps alice's: the firewall would keep the grant it holds until then.
+    assert taken == [opening(grant(expires=NOW + 900)), other] and not closed
+    assert queue.absorbed == 3 and len(queue) == 0
+
+
+def test_repeated_closes_by_one_user_coalesce_and_an_open_between_keeps_its_place() -> None:
+    queue = ChangeQueue()
+    bob = closing(grant("bob"))
+    queue.put([closing(), bob, closing(), bob])
+    queue.put([opening(), closing()])
+    taken, _ = queue.take(0)
+    assert taken == [closing(), bob, opening(), closing()]
+    assert queue.absorbed == 2
+
+
+def test_an_open_then_a_close_by_the_same_user_are_both_applied() -> None:
+    """Why an open followed by its user's close is not collapsed into the close: the open
+    takes over bob's shorter grant, so alice's close removes it; the close alone would not."""
+    fw = DryRunFirewall(history=0)
+    fw.open(grant("bob", expires=NOW + 60))
+    queue = ChangeQueue()
+    queue.put([opening(grant(expires=NOW + 600)), closing()])
+    taken, _ = queue.take(0)
+    assert len(taken) == 2
+    worker = FirewallWorker(fw, clock=lambda: NOW, sleep=lambda _: None)
+    for change in taken:
+        worker.apply(change)
+    assert fw.grants() == []
+
+
+# Two users, two ports, four expiries: ties, takeovers and closes of another's grant are
+# common, and each example is short.
+USERS = ("alice", "bob")
+users = st.sampled_from(USERS)
+expiries = st.integers(NOW + 1, NOW + 4)
+ports = st.sampled_from([22, 443])
+change_strategy = st.builds(
+    GrantChange,
+    st.sampled_from([Action.OPEN, Action.CLOSE]),
+    st.builds(grant, users, expiries, ports),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    held=st.lists(st.builds(grant, users, expiries, ports), max_size=4),
+    changes=st.lists(change_strategy, max_size=16),
+    takes=st.sets(st.integers(0, 16), max_size=4),
+)
+def test_the_coalesced_queue_leaves_the_firewall_as_the_changes_one_by_one(
+    held, changes, takes
+) -> None:
+    """Whatever the firewall held before, and wherever the thread takes the pending changes,
+    applying what the queue hands out ends in the state of applying every change in order."""
+    one_by_one, coalesced = DryRunFirewall(history=0), DryRunFirewall(history=0)
+    for firewall in (one_by_one, coalesced):
+        for start in held:
+            firewall.open(start)
+    apply_all = FirewallWorker(one_by_one, clock=lambda: NOW, sleep=lambda _: None)
+    for change in changes:
+        apply_all.apply(change)
+    worker = FirewallWorker(coalesced, clock=lambda: NOW, sleep=lambda _: None)
+    handed_out: list[GrantChange] = []
+    for index, change in enumerate(changes):
+        if index in takes:
+            handed_out += worker.queue.take(0)[0]
+        worker.submit([change])
+    handed_out += worker.queue.take(0)[0]
+    for change in handed_out:
+        worker.apply(change)
+    assert coalesced.grants() == one_by_one.grants()
+    assert len(handed_out) + worker.queue.absorbed == len(changes)
+
+
+def test_a_full_queue_drops_new_changes_counts_them_and_warns_once_a_minute(caplog) -> None:
+    now = [float(NOW)]
+    queue = ChangeQueue(limit=3, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="knockd_fast"):
+        queue.put([opening(grant(port=port)) for port in (1, 2, 3, 4)])
+        queue.put([opening(grant(port=1, expires=NOW + 900))])  # absorbed: taken when full
+        queue.put([closing(grant(port=5)), opening(grant(port=6))])
+        now[0] += 60
+        queue.put([closing(grant(port=7))])
+    assert queue.dropped == {Action.OPEN: 2, Action.CLOSE: 2} and len(queue) == 3
+    warnings = [r.getMessage() for r in caplog.records if "firewall queue full" in r.getMessage()]
+    assert warnings == [
+        "firewall queue full (3 changes waiting): dropped 1 opens and 0 closes so far (a "
+        "dropped close leaves its grant until it expires); the firewall is not keeping up",
+        "firewall queue full (3 changes waiting): dropped 2 opens and 2 closes so far (a "
+        "dropped close leaves its grant until it expires); the firewall is not keeping up",
+    ]
+    taken, _ = queue.take(0)
+    assert [c.grant.port for c in taken] == [1, 2, 3] and taken[0].grant.expires == NOW + 900
+
+
+def test_submit_never_waits_for_a_firewall_call_in_progress() -> None:
+    """The thread is stuck inside the backend (as behind another process's xtables lock):
+    handing changes over still returns at once, and they are applied once it is free."""
+
+    class Stuck(Flaky):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def open(self, grant_: Grant) -> Grant:
+            self.entered.set()
+            assert self.release.wait(30), "never released"
+            return super().open(grant_)
+
+    fw = Stuck()
+    worker = FirewallWorker(fw, clock=lambda: NOW, sleep=lambda _: None)
+    worker.start()
+    try:
+        worker.submit([opening()])
+        assert fw.entered.wait(30)
+        for port in range(1000, 6000):  # all handed over while the thread is stuck
+            worker.submit([opening(grant(port=port))])
+        assert worker.pending() == 5000
+    finally:
+        fw.release.set()
+        worker.stop()
+    assert len(fw.grants()) == 5001 and worker.pending() == 0

@@ -63,6 +63,7 @@ REJECTION_REASONS = (
     "source_mismatch",
     "replay",
     "not_allowed",
+    "limit",  # a receiver's own caps on what one user may hold and send (§7, check 9)
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -1,15 +1,17 @@
 """The firewall thread: applies grant changes in order, retries failures, sweeps expiry.
 
 Firewall work runs on its own thread, so a burst of grants never holds up the capture: the
-kernel keeps queueing packets in the capture buffer while a backend commits. The clock and
-the pause between attempts are injected, so every retry, repair and give-up path runs in a
-unit test against a failing backend double, without root and without sleeping.
+kernel keeps queueing packets in the capture buffer while a backend commits. Changes wait
+in a ``ChangeQueue``: coalesced per grant key, bounded, and never blocking the loop that
+hands them over. The clock and the pause between attempts are injected, so every retry,
+repair and give-up path runs in a unit test against a failing backend double, without root
+and without sleeping.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +20,15 @@ from knock_client.protocol import Action
 
 from ..decisions import iso_time
 from ..logs import flush_logs
-from .base import Firewall, FirewallBusy, FirewallError, Grant, GrantChange, WaitsForLock
+from .base import (
+    Firewall,
+    FirewallBusy,
+    FirewallError,
+    Grant,
+    GrantChange,
+    GrantKey,
+    WaitsForLock,
+)
 
 log = logging.getLogger("knockd_fast")
 
@@ -29,6 +39,110 @@ FIREWALL_RETRIES = (0.1, 0.5, 2.0)  # seconds between attempts of one firewall c
 # never stalls the firewall thread (and the expiry sweep) for long per change.
 FIREWALL_LOCK_WAIT = 1.0
 SWEEP_SECONDS = 1.0  # how often expired grants are removed
+# Changes waiting for the firewall thread, after coalescing. The caps bound them already:
+# distinct keys opened are at most the sum of the users' max_grants (16 each by default),
+# and each user adds at most max_knocks_per_minute changes a minute. This bound holds when
+# the firewall stalls for long (a lock held for minutes): about 25 MB at most.
+MAX_PENDING_CHANGES = 65_536
+COMPLAIN_SECONDS = 60  # at most one "queue full" warning per minute
+
+
+class ChangeQueue:
+    """Grant changes waiting for the firewall thread, in the order they came: coalesced per
+    grant key, bounded.
+
+    A change that cannot alter what its key's pending changes leave in the firewall,
+    whatever that held before, is absorbed into them (counted in ``absorbed``):
+
+    - an open after an open of the same key: the later expiry is the one to apply (on a
+      tie the first, which the firewall would keep);
+    - a close after a run of closes of the same key that holds one by the same user: that
+      one already left nothing of the user's.
+
+    An open followed by a close by the same user is not collapsed into the close: the open
+    may take over another user's shorter grant, which the close then removes and the
+    close alone would leave standing. So the firewall ends as the changes applied one by
+    one would leave it (tests/test_worker.py holds it to that on random sequences).
+
+    Past ``limit`` pending changes a new one is dropped (counted by kind, a warning at most
+    once a minute); one that is absorbed is always taken. ``put`` never waits but for the
+    lock, which ``take`` holds only to swap the pending changes out.
+    """
+
+    def __init__(self, limit: int = MAX_PENDING_CHANGES, clock: Callable[[], float] = time.time):
+        self.limit = limit
+        self.absorbed = 0  # changes that needed no firewall call of their own
+        self.dropped = {Action.OPEN: 0, Action.CLOSE: 0}  # refused while full, by kind
+        self._clock = clock
+        self._pending: list[GrantChange] = []
+        self._positions: dict[GrantKey, list[int]] = {}  # each key's places in _pending
+        self._closed = False
+        self._ready = threading.Condition(threading.Lock())
+        self._last_complaint = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def put(self, changes: Sequence[GrantChange]) -> None:
+        """Queue ``changes``, in order."""
+        full = 0
+        with self._ready:
+            pending = self._pending
+            for change in changes:
+                positions = self._positions.get(change.grant.key)
+                if positions and _absorb(pending, positions, change):
+                    self.absorbed += 1
+                elif len(pending) < self.limit:
+                    self._positions.setdefault(change.grant.key, []).append(len(pending))
+                    pending.append(change)
+                else:
+                    self.dropped[change.action] += 1
+                    full += 1
+            self._ready.notify()
+        if full and self._clock() - self._last_complaint >= COMPLAIN_SECONDS:
+            self._last_complaint = self._clock()
+            log.warning(
+                "firewall queue full (%d changes waiting): dropped %d opens and %d closes so "
+                "far (a dropped close leaves its grant until it expires); the firewall is "
+                "not keeping up",
+                self.limit,
+                self.dropped[Action.OPEN],
+                self.dropped[Action.CLOSE],
+            )
+
+    def take(self, timeout: float) -> tuple[list[GrantChange], bool]:
+        """Every pending change, oldest first (waiting up to ``timeout`` seconds for one),
+        and whether the queue is closed: then nothing more comes."""
+        with self._ready:
+            if not self._pending and not self._closed:
+                self._ready.wait(timeout)
+            taken, self._pending, self._positions = self._pending, [], {}
+            return taken, self._closed
+
+    def close(self) -> None:
+        """Nothing more comes: ``take`` returns at once from now on."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+
+def _absorb(pending: list[GrantChange], positions: list[int], change: GrantChange) -> bool:
+    """Fold ``change`` into its key's pending changes (at ``positions`` of ``pending``) if
+    the firewall ends the same as with ``change`` applied after them; whether it did."""
+    if change.action == Action.OPEN:
+        last = pending[positions[-1]]
+        if last.action != Action.OPEN:
+            return False
+        if change.grant.expires > last.grant.expires:
+            pending[positions[-1]] = change
+        return True
+    for position in reversed(positions):  # the run of closes at the end
+        earlier = pending[position]
+        if earlier.action != Action.CLOSE:
+            return False
+        if earlier.grant.user == change.grant.user:
+            return True
+    return False
 
 
 class FirewallWorker(threading.Thread):
@@ -49,6 +163,7 @@ class FirewallWorker(threading.Thread):
         lock_wait: float | None = FIREWALL_LOCK_WAIT,
         sleep: Callable[[float], None] = time.sleep,
         retries: Sequence[float] = FIREWALL_RETRIES,
+        queue_limit: int = MAX_PENDING_CHANGES,
     ):
         super().__init__(name="knockd-fast-firewall", daemon=True)
         self.firewall = firewall
@@ -59,42 +174,39 @@ class FirewallWorker(threading.Thread):
         self.retries = tuple(retries)
         # A backend that keeps nothing outside this process says so on every line.
         self.tag = "firewall" if firewall.persistent else "firewall (dry run)"
-        self.jobs: queue.Queue[list[GrantChange] | None] = queue.Queue()
+        self.queue = ChangeQueue(queue_limit, clock)
         self.applied = 0  # changes carried out (opens and closes, not sweeps)
         self.failed = 0  # changes and sweeps given up on, after every attempt
         self.retried = 0  # attempts after a failure
 
     def submit(self, changes: Sequence[GrantChange]) -> None:
-        """Several changes, applied in order; one hand-over for the lot."""
+        """Several changes, applied in order; one hand-over for the lot, never waiting."""
         if changes:
-            self.jobs.put(list(changes))
+            self.queue.put(changes)
 
     def stop(self) -> None:
         """Apply what was submitted, then end the thread."""
-        self.jobs.put(None)
+        self.queue.close()
         self.join()
 
     def pending(self) -> int:
-        """Jobs (batches of changes) handed over and not yet taken."""
-        return self.jobs.qsize()
+        """Changes handed over and not yet taken (after coalescing)."""
+        return len(self.queue)
 
     def run(self) -> None:
         next_sweep = self.clock() + SWEEP_SECONDS
         while True:
-            try:
-                job = self.jobs.get(timeout=max(0.0, next_sweep - self.clock()))
-            except queue.Empty:
-                pass
-            else:
-                if job is None:
-                    return
-                for change in job:
-                    self.apply(change)
+            changes, closed = self.queue.take(max(0.0, next_sweep - self.clock()))
+            for change in changes:
+                self.apply(change)
+            if changes:
                 flush_logs()
             if self.clock() >= next_sweep:
                 self.sweep()
                 next_sweep = self.clock() + SWEEP_SECONDS
                 flush_logs()
+            if closed:
+                return
 
     # -- one change or sweep, with its retries (the thread's work; callable directly) --
 
