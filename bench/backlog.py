@@ -43,7 +43,13 @@ from run import machine_info, write_json  # noqa: E402
 
 from knock_client.keys import write_key_file  # noqa: E402
 from knock_client.protocol import Action, Knock, Proto, seal  # noqa: E402
-from knockd_fast.capture_spec import COMPLETION_DTYPE, KIND_SPA, address_key  # noqa: E402
+from knockd_fast.capture_spec import (  # noqa: E402
+    COMPLETION_DTYPE,
+    KIND_KNOCK,
+    KIND_SPA,
+    MAX_ALTERNATIVES,
+    address_key,
+)
 from knockd_fast.config import load_config  # noqa: E402
 from knockd_fast.daemon import JUDGE_SLICE  # noqa: E402
 from knockd_fast.judging import MIN_BACKLOG, Backlog, Judge  # noqa: E402
@@ -128,16 +134,32 @@ def genuine(serial: int, when: float) -> tuple[np.ndarray, str]:
     return record, str(source)
 
 
-def capacity(directory: Path, t0: float) -> float:
-    """Garbage completions the judge rejects per CPU second, on this machine."""
+def with_alternatives(records: np.ndarray) -> np.ndarray:
+    """The same garbage as knock completions with 8 alternatives in 4 segments: 81
+    combinations, of which the judge tries MAX_CANDIDATES."""
+    records = records.copy()
+    records["kind"], records["n_alternatives"] = KIND_KNOCK, MAX_ALTERNATIVES
+    records["alt_segment"] = [10, 10, 11, 11, 12, 12, 13, 13]
+    records["alt_digit"] = [1, 2, 3, 4, 5, 6, 7, 8]
+    return records
+
+
+def judging_cost(directory: Path, records: np.ndarray, t0: float) -> float:
+    """CPU seconds per completion judged (slices of JUDGE_SLICE, as the daemon does)."""
     judge = judge_for(directory)
-    rng = np.random.default_rng(0)
-    backlog = Backlog(MIN_BACKLOG)
-    backlog.add("eth0", garbage(rng, 20_000, "everywhere", t0))
+    backlog = Backlog(len(records))
+    backlog.add("eth0", records)
     started = time.process_time()
     while len(backlog):
         judge.judge_slice(backlog, JUDGE_SLICE, lambda: t0)
-    return 20_000 / (time.process_time() - started)
+    return (time.process_time() - started) / len(records)
+
+
+def capacity(directory: Path, t0: float) -> float:
+    """Garbage completions the judge rejects per CPU second, on this machine."""
+    return 1 / judging_cost(
+        directory, garbage(np.random.default_rng(0), 20_000, "everywhere", t0), t0
+    )
 
 
 def simulate(
@@ -228,8 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     rates = args.rates or ([2.0] if args.quick else [2.0, 4.0])
     with tempfile.TemporaryDirectory(prefix="kf-backlog-") as directory:
         window = judge_for(Path(directory)).config.knock.window
-        per_second = capacity(Path(directory), time.time())
-        print(f"judging capacity: {per_second:,.0f} garbage completions per CPU second")
+        t0 = time.time()
+        junk = garbage(np.random.default_rng(0), 20_000, "everywhere", t0)
+        costs = {
+            "garbage_us": judging_cost(Path(directory), junk, t0) * 1e6,
+            "garbage_max_candidates_us": judging_cost(
+                Path(directory), with_alternatives(junk[:5_000]), t0
+            )
+            * 1e6,
+        }
+        per_second = 1e6 / costs["garbage_us"]
+        print(
+            f"judging: {costs['garbage_us']:.1f} µs per garbage completion (capacity "
+            f"{per_second:,.0f}/s), {costs['garbage_max_candidates_us']:.1f} µs with the "
+            "most candidates"
+        )
         rows = [
             simulate(Path(directory), policy, sources, rate, seconds, per_second)
             for rate in rates
@@ -242,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "virtual_seconds": seconds,
             "judging_capacity_per_second": round(per_second),
+            "judging_cost_us": {name: round(value, 2) for name, value in costs.items()},
             "judge_slice": JUDGE_SLICE,
             "backlog_limit": MIN_BACKLOG,
             "genuine_per_second": GENUINE_PER_SECOND,
