@@ -392,3 +392,97 @@ def test_submit_never_waits_for_a_firewall_call_in_progress() -> None:
         fw.release.set()
         worker.stop()
     assert len(fw.grants()) == 5001 and worker.pending() == 0
+
+
+# --- batches and repair -------------------------------------------------------------------
+
+
+class Batching(Flaky):
+    """The dry run's transactional ``apply_batch``, with its calls counted and failures
+    scheduled as ``fail("apply_batch", ...)``."""
+
+    def apply_batch(self, changes):  # noqa: ANN001, ANN201
+        self._maybe_fail("apply_batch")
+        return super().apply_batch(changes)
+
+
+def grant_for(n: int, user: str = "alice") -> Grant:
+    return Grant(ip_address("198.51.100.0") + n, "tcp", 22, ip_address("192.0.2.1"), NOW + 60, user)
+
+
+def test_waiting_changes_go_to_the_firewall_as_one_transaction(worker_for, caplog) -> None:
+    fw = Batching()
+    worker, _ = worker_for(fw)
+    changes = [opening(grant_for(n)) for n in range(5)] + [
+        GrantChange(Action.CLOSE, grant_for(0)),
+        GrantChange(Action.CLOSE, grant_for(1, "bob")),  # not bob's: nothing to close
+    ]
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply_all(changes)
+    assert fw.calls.count("apply_batch") == 1 and worker.applied == 7
+    said = messages(caplog)
+    assert len(said) == 7 and said[0].startswith("firewall (dry run): opened 22/tcp for 198.51.")
+    assert said[5].startswith("firewall (dry run): closed 22/tcp for 198.51.100.0 ")
+    assert said[6].startswith("firewall (dry run): no grant to close for 22/tcp for 198.51.100.1")
+    assert [str(g.source) for g in fw.grants()] == [f"198.51.100.{n}" for n in range(1, 5)]
+
+
+def test_a_failed_transaction_changes_nothing_and_the_changes_go_one_by_one(
+    worker_for, caplog
+) -> None:
+    fw = Batching()
+    fw.fail("open", FirewallError("dry-run: boom"))  # in the batch: it is rolled back
+    worker, pauses = worker_for(fw)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply_all([opening(grant_for(n)) for n in range(3)])
+    said = messages(caplog)
+    assert said[0] == (
+        "firewall: a batch of 3 changes failed (dry-run: boom); applying them one by one"
+    )
+    assert len(fw.grants()) == 3 and worker.applied == 3 and pauses == []
+    assert fw.calls.count("open") == 4  # the failed one in the batch, then each on its own
+
+
+def test_a_bug_in_a_batch_is_logged_and_no_change_is_lost(worker_for, caplog) -> None:
+    fw = Batching()
+    fw.fail("apply_batch", KeyError("bug"))
+    worker, _ = worker_for(fw)
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.apply_all([opening(grant_for(n)) for n in range(2)])
+    assert "firewall: unexpected error in a batch of 2 changes" in messages(caplog)
+    assert len(fw.grants()) == 2
+
+
+class Vanishing(Flaky):
+    """A backend whose table someone flushes: ``repair`` re-creates it and its grants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed = False
+
+    def repair(self):  # noqa: ANN201
+        self._maybe_fail("repair")
+        if not self.flushed:
+            return None
+        self.flushed = False
+        return self.grants()
+
+
+def test_a_sweep_repairs_what_someone_removed_and_says_so(worker_for, caplog) -> None:
+    fw = Vanishing()
+    worker, pauses = worker_for(fw)
+    worker.apply(opening())
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.sweep()  # all in place: nothing said
+        fw.flushed = True
+        worker.sweep()
+        fw.fail("repair", FirewallError("dry-run: table busy"))
+        fw.flushed = True
+        worker.sweep()  # fails, retried after a pause
+    said = messages(caplog)
+    assert said[0] == (
+        "firewall (dry run): what the grants live in was gone (a flushed ruleset, destroyed "
+        "sets, a firewall reload?): re-created it and re-added 1 live grants"
+    )
+    assert said[1].startswith("firewall: repair failed (dry-run: table busy); retrying in 0.1 s")
+    assert said[-1] == said[0] and pauses == [0.1]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol, runtime_checkable
@@ -242,3 +243,39 @@ class WaitsForLock(Protocol):
     """
 
     lock_wait: float  # seconds one operation waits for the lock before ``FirewallBusy``
+
+
+ChangeOutcome = Grant | bool
+"""What one change did: the grant in force after an open (as ``Firewall.open`` returns it),
+or whether a close removed a grant (as ``Firewall.close`` returns it)."""
+
+
+@runtime_checkable
+class AppliesBatches(Protocol):
+    """A backend that carries out many changes as one kernel transaction.
+
+    The firewall thread hands it everything waiting (at most ``MAX_BATCH`` at a time) in one
+    call: one commit per judging slice instead of one per grant.
+    """
+
+    def apply_batch(self, changes: Sequence[GrantChange]) -> list[ChangeOutcome]:
+        """Carry out ``changes`` in order, with the semantics of ``open`` and ``close`` one
+        by one, as one transaction; the outcome of each, in order. All or nothing: after a
+        ``FirewallError`` the kernel holds what it held before (the thread then retries the
+        changes one by one)."""
+
+
+@runtime_checkable
+class SelfHealing(Protocol):
+    """A backend that can tell, cheaply, whether what ``setup`` made is still in place.
+
+    Someone may flush the ruleset, destroy our sets or reload firewalld: the firewall thread
+    asks every sweep (each second) and logs what was repaired.
+    """
+
+    def repair(self) -> list[Grant] | None:
+        """None when everything ``setup`` made is in place; otherwise re-create it, re-add
+        the live grants this backend knows of (those not expired) and return them."""
+
+
+MAX_BATCH = 4096  # changes in one transaction: bounds the time one commit holds the kernel

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from knock_client.protocol import Action
 from knockd_fast.firewall.base import (
+    ChangeOutcome,
     FirewallError,
     Grant,
+    GrantChange,
     GrantKey,
     check_families,
     format_key,
@@ -95,6 +99,20 @@ class DryRunFirewall:
         del self._grants[key]
         self._say(f"remove grant {held}")
         return True
+
+    def apply_batch(self, changes: Sequence[GrantChange]) -> list[ChangeOutcome]:
+        """The changes one by one, all or nothing (as a kernel transaction would be)."""
+        before = dict(self._grants)
+        try:
+            return [
+                self.close(change.grant.key, change.grant.user)
+                if change.action == Action.CLOSE
+                else self.open(change.grant)
+                for change in changes
+            ]
+        except FirewallError:
+            self._grants = before
+            raise
 
     def reconcile(self, now: int) -> tuple[list[Grant], list[Grant]]:
         removed = self.expire(now)

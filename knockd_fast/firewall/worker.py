@@ -21,12 +21,16 @@ from knock_client.protocol import Action
 from ..decisions import iso_time
 from ..logs import flush_logs
 from .base import (
+    MAX_BATCH,
+    AppliesBatches,
+    ChangeOutcome,
     Firewall,
     FirewallBusy,
     FirewallError,
     Grant,
     GrantChange,
     GrantKey,
+    SelfHealing,
     WaitsForLock,
 )
 
@@ -197,8 +201,7 @@ class FirewallWorker(threading.Thread):
         next_sweep = self.clock() + SWEEP_SECONDS
         while True:
             changes, closed = self.queue.take(max(0.0, next_sweep - self.clock()))
-            for change in changes:
-                self.apply(change)
+            self.apply_all(changes)
             if changes:
                 flush_logs()
             if self.clock() >= next_sweep:
@@ -210,6 +213,35 @@ class FirewallWorker(threading.Thread):
 
     # -- one change or sweep, with its retries (the thread's work; callable directly) --
 
+    def apply_all(self, changes: Sequence[GrantChange]) -> None:
+        """Carry out ``changes`` in order: in transactions of at most ``MAX_BATCH`` where
+        the backend applies batches, else one by one."""
+        if len(changes) > 1 and isinstance(self.firewall, AppliesBatches):
+            for start in range(0, len(changes), MAX_BATCH):
+                self._batch(self.firewall, changes[start : start + MAX_BATCH])
+        else:
+            for change in changes:
+                self.apply(change)
+
+    def _batch(self, firewall: AppliesBatches, changes: Sequence[GrantChange]) -> None:
+        try:
+            outcomes = firewall.apply_batch(changes)
+        except FirewallError as error:  # nothing was changed: one by one, with retries
+            log.warning(
+                "firewall: a batch of %d changes failed (%s); applying them one by one",
+                len(changes),
+                error,
+            )
+        except Exception:  # a bug must not lose the changes: one by one
+            log.exception("firewall: unexpected error in a batch of %d changes", len(changes))
+        else:
+            for change, outcome in zip(changes, outcomes, strict=True):
+                self._report(change, outcome)
+            self.applied += len(changes)
+            return
+        for change in changes:
+            self.apply(change)
+
     def apply(self, change: GrantChange) -> None:
         """Open or close one grant now, retrying as the class says."""
         if change.action == Action.CLOSE:
@@ -218,20 +250,39 @@ class FirewallWorker(threading.Thread):
             self._attempts("open", change.grant, self._open)
 
     def sweep(self) -> None:
-        """Remove the grants whose expiry has come."""
+        """Repair what the grants live in if someone removed it; remove the grants whose
+        expiry has come."""
+        if isinstance(self.firewall, SelfHealing):
+            self._attempts("repair", None, lambda _: self._repair(self.firewall))
         self._attempts("expire", None, lambda _: self._expire())
 
     def _open(self, grant: Grant) -> None:
-        in_force = self.firewall.open(grant)
-        if in_force.expires <= grant.expires:
-            log.info("%s: opened %s", self.tag, describe(grant))
-        else:  # held longer already: an open never shortens a grant
-            log.info("%s: kept %s", self.tag, describe(in_force))
+        self._report(GrantChange(Action.OPEN, grant), self.firewall.open(grant))
 
     def _close(self, grant: Grant) -> None:
         found = self.firewall.close(grant.key, grant.user)
-        verb = "closed" if found else "no grant to close for"
-        log.info("%s: %s %s", self.tag, verb, describe(grant, expiry=False))
+        self._report(GrantChange(Action.CLOSE, grant), found)
+
+    def _report(self, change: GrantChange, outcome: ChangeOutcome) -> None:
+        """The log line of one change carried out."""
+        grant = change.grant
+        if change.action == Action.CLOSE:
+            verb = "closed" if outcome else "no grant to close for"
+            log.info("%s: %s %s", self.tag, verb, describe(grant, expiry=False))
+        elif isinstance(outcome, Grant) and outcome.expires > grant.expires:
+            log.info("%s: kept %s", self.tag, describe(outcome))  # an open never shortens
+        else:
+            log.info("%s: opened %s", self.tag, describe(grant))
+
+    def _repair(self, firewall: SelfHealing) -> None:
+        restored = firewall.repair()
+        if restored is not None:
+            log.warning(
+                "%s: what the grants live in was gone (a flushed ruleset, destroyed sets, a "
+                "firewall reload?): re-created it and re-added %d live grants",
+                self.tag,
+                len(restored),
+            )
 
     def _expire(self) -> None:
         for gone in self.firewall.expire(int(self.clock())):
