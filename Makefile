@@ -118,9 +118,11 @@ bench: bench-tools
 bench-grants: $(STAMP)
 	$(BENCH_RUN:run.py=grant_burst.py) --sources 500 --waves 2
 
-# The iptables backend's latency per grant with 10, 1,000 and 10,000 live grants.
-bench-firewall: $(STAMP)
-	$(BENCH_RUN:run.py=firewall_latency.py)
+# Every firewall backend's open/extend/close latency (p50, p99) with 10 to 100,000 live
+# grants and its grants/s in one transaction, each in a namespace of its own.
+# FIREWALL_ARGS="--backends nftables --sizes 10 1000" to narrow.
+bench-firewall: bench-tools
+	$(BENCH_RUN:run.py=firewall_latency.py) $(FIREWALL_ARGS)
 
 # Blind digit poisoning: attack packets per knock -> share of genuine knocks accepted, for
 # both knock.group_by settings (offline, the Cython engine and the verdict); about 3 minutes.

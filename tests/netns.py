@@ -53,6 +53,13 @@ def run_in(ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedP
     return subprocess.run(["ip", "netns", "exec", ns, *argv], **kwargs)
 
 
+def in_named_namespace() -> bool:
+    """Whether this process runs in a namespace made by ``ip netns add`` (not the host's):
+    what a script that changes the firewall checks before it does."""
+    found = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True)
+    return found.returncode == 0 and bool(found.stdout.strip())
+
+
 def ip(*args: str, batch: str | None = None) -> None:
     """``ip ARGS`` (with ``batch`` on its stdin); a one-line RuntimeError if it fails."""
     done = subprocess.run(["ip", *args], input=batch, capture_output=True, text=True)
