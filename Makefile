@@ -115,8 +115,13 @@ bench: bench-tools
 	$(BENCH_RUN) sweep
 
 # Live: a burst of accepted knocks between two namespaces; firewall commits vs capture.
+# GRANT_BACKENDS="nftables" to narrow; GRANT_ARGS="--sources 5000 --waves 4" for longer.
+GRANT_BACKENDS ?= iptables
+GRANT_ARGS     ?= --sources 500 --waves 2
 bench-grants: $(STAMP)
-	$(BENCH_RUN:run.py=grant_burst.py) --sources 500 --waves 2
+	for backend in $(GRANT_BACKENDS); do \
+	  $(BENCH_RUN:run.py=grant_burst.py) $(GRANT_ARGS) --backend $$backend || exit 1; \
+	done
 
 # Every firewall backend's open/extend/close latency (p50, p99) with 10 to 100,000 live
 # grants and its grants/s in one transaction, each in a namespace of its own.

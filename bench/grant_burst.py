@@ -1,11 +1,12 @@
 """A burst of grants against the live daemon: do firewall commits hold up the capture?
 
-    python bench/grant_burst.py [--sources 500] [--waves 2]
+    python bench/grant_burst.py [--sources 500] [--waves 2] [--backend iptables]
 
 Builds two namespaces (server 198.18.0.1, clients 198.18.1.0/24 and up, documentation
 ranges), runs `knockd-fast run` in the server one, and sends one SPA knock from each of
-N client addresses as fast as a socket sends, in W waves; each accepted knock is an
-iptables commit, and libiptc's whole-table commits grow with the table. Reports the
+N client addresses as fast as a socket sends, in W waves; each accepted knock is a grant
+change for the firewall thread, which hands the backend everything waiting at once (one
+transaction where the backend applies batches). Reports the
 daemon's own counters at stop (packets, completions, pcap received / dropped), the
 accepted decisions, the time until the last grant was in place, and writes
 bench/results/grant-burst-<time>.json. A measurement, never a test: it asserts nothing.
@@ -76,6 +77,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sources", type=int, default=500)
     parser.add_argument("--waves", type=int, default=2)
+    parser.add_argument("--backend", default="iptables", help="grants.backend")
     args = parser.parse_args()
 
     from knock_client.keys import generate_key, write_key_file
@@ -85,7 +87,8 @@ def main() -> int:
     key = generate_key()
     write_key_file(work / "bench.key", key)
     (work / "config.toml").write_text(
-        '[capture]\ninterface = "IFACE"\n[grants]\ndefault_timeout = 600\n'
+        '[capture]\ninterface = "IFACE"\n'
+        f'[grants]\ndefault_timeout = 600\nbackend = "{args.backend}"\n'
         f'[state]\ndirectory = "{work / "state"}"\n'
         '[[users]]\nid = 1\nname = "bench"\nkey_file = "bench.key"\nallow = ["2222/tcp"]\n'
         # One user knocks for every source of the burst: its caps must not count.
@@ -154,6 +157,7 @@ def main() -> int:
     counters = dict(item.split("=") for item in stop.group(1).split()) if stop else {}
     decisions = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     result = {
+        "backend": args.backend,
         "sources": args.sources,
         "waves": args.waves,
         "knocks_sent": expected,
@@ -181,7 +185,8 @@ def main() -> int:
         "machine": {"nproc": os.cpu_count()},
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"grant-burst-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = RESULTS / f"grant-burst-{args.backend}-{stamp}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {out}", file=sys.stderr)
