@@ -4,9 +4,9 @@
 
 Builds two namespaces (server 198.18.0.1, clients 198.18.1.0/24 and up, documentation
 ranges), runs `knockd-fast run` in the server one, and sends one SPA knock from each of
-N client addresses as fast as a socket sends, in W waves; each accepted knock is a grant
-change for the firewall thread, which hands the backend everything waiting at once (one
-transaction where the backend applies batches). Reports the
+N client addresses as fast as a socket sends, in W waves (N new addresses each); each
+accepted knock is a grant change for the firewall thread, which hands the backend
+everything waiting at once (one transaction where the backend applies batches). Reports the
 daemon's own counters at stop (packets, completions, pcap received / dropped), the
 accepted decisions, the time until the last grant was in place, and writes
 bench/results/grant-burst-<time>.json. A measurement, never a test: it asserts nothing.
@@ -99,7 +99,9 @@ def main() -> int:
     from knockd_fast.replay import ReplayCache
 
     ReplayCache.for_state_dir(work / "state").close()
-    with hosts(args.sources) as (server, client, server_if, sources):
+    # Every wave from addresses of its own: the firewall queue would coalesce a second open
+    # of one grant into the first, and each knock here is meant to be a change of its own.
+    with hosts(args.sources * args.waves) as (server, client, server_if, sources):
         config = work / "config.toml"
         config.write_text(config.read_text().replace("IFACE", server_if))
         now = int(time.time())
@@ -120,7 +122,7 @@ def main() -> int:
                         key,
                     ).hex(),
                 )
-                for n, source in enumerate(sources)
+                for n, source in enumerate(sources[wave * args.sources : (wave + 1) * args.sources])
             ]
             for wave in range(args.waves)
         ]
@@ -142,8 +144,6 @@ def main() -> int:
         started, started_wall = time.monotonic(), time.time()
         sh("ip", "netns", "exec", client, sys.executable, "-c", SENDER, str(plan))
         sent = time.monotonic()
-        # The first wave opens N grants; later waves replay-check and extend nothing new
-        # (same sources, new salts): each is another accepted knock and another commit.
         expected = args.sources * args.waves
         while log_path.read_text().count("firewall: opened") < expected:
             if time.monotonic() - started > 600:
