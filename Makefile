@@ -10,7 +10,7 @@ IN_VENV := env PATH="$(CURDIR)/$(VENV)/bin:$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV
 
 # Debian packages: compiler, libpcap headers (found via pkg-config), and the tools the
 # end-to-end tests drive (ip netns/veth, iptables, tcpdump). pyenv's python3 brings venv.
-DEB_PACKAGES := build-essential pkg-config libpcap-dev iptables iproute2 tcpdump
+DEB_PACKAGES := build-essential pkg-config libpcap-dev iptables iproute2 tcpdump nftables libnftables1
 # Remaking the venv is keyed on these: a change reinstalls and rebuilds the extension.
 STAMP        := $(VENV)/.stamp
 STAMP_DEPS   := pyproject.toml setup.py client/pyproject.toml \

@@ -34,6 +34,14 @@ from knock_client.protocol import (
 
 from .capture_spec import GROUP_BY, GROUP_BY_ADDRESS_AND_PORT, MAX_DESTINATIONS
 from .firewall import registry
+from .firewall.nftables import (
+    DEFAULT_PRIORITY,
+    DEFAULT_TABLE,
+    MAX_COMMENT_BYTES,
+    check_priority,
+    check_table,
+    comment_fits,
+)
 from .firewall.xtables import DEFAULT_CHAIN, HOOKS, check_chain
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -57,6 +65,7 @@ DEFAULT_MAX_GRANTS = 16
 DEFAULT_MAX_KNOCKS_PER_MINUTE = 30
 MAX_GRANTS = 65536  # the upper bounds catch typos: no person needs more
 MAX_KNOCKS_PER_MINUTE = 60_000
+_NFT_KEYS = ("protect", "nft_table", "nft_priority", "nft_sets_only")  # backend nftables only
 _LIMIT_KEYS = ("max_grants", "max_knocks_per_minute")  # in [limits] and in [[users]]
 IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
 DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
@@ -118,6 +127,11 @@ class GrantSettings:
     backend: str
     chain: str
     hooks: tuple[str, ...]
+    # The nftables backend's own (docs/admin.md, "The nftables backend").
+    protect: tuple[tuple[int, str], ...] = ()  # (port, proto) our chains drop unless granted
+    nft_table: str = DEFAULT_TABLE  # table inet NAME
+    nft_priority: int = DEFAULT_PRIORITY  # of our base chains
+    nft_sets_only: bool = False  # only the sets; the admin's own rules reference them
 
 
 @dataclass(frozen=True)
@@ -351,6 +365,15 @@ class _Reader:
         if unsafe:  # the replay cache lives there: whoever can write it can reopen replays
             raise self.error("state.directory", unsafe)
         users = self.users(data.get("users", _REQUIRED), load_keys, limits)
+        if grants.backend == "nftables":
+            for index, user in enumerate(users.values()):
+                if not comment_fits(user.name):
+                    raise self.error(
+                        f"users[{index}].name",
+                        f"{user.name[:40]!r}... is too long for the nftables backend: its "
+                        f"element comment (user name percent-encoded, and the expiry) holds "
+                        f"{MAX_COMMENT_BYTES} bytes",
+                    )
         return Config(
             path=path,
             knock=knock,
@@ -458,7 +481,18 @@ class _Reader:
 
     def grants(self, section: _Section) -> GrantSettings:
         p = "grants"
-        self.no_unknown(section, p, ("default_timeout", "max_timeout", "backend", "chain", "hooks"))
+        self.no_unknown(
+            section,
+            p,
+            (
+                "default_timeout",
+                "max_timeout",
+                "backend",
+                "chain",
+                "hooks",
+                *_NFT_KEYS,
+            ),
+        )
         default_timeout = self.integer(section, p, "default_timeout", 300, 1, MAX_INT31)
         max_timeout = self.integer(section, p, "max_timeout", 3600, 1, MAX_INT31)
         if max_timeout < default_timeout:
@@ -473,7 +507,61 @@ class _Reader:
         except ValueError as error:
             raise self.error(f"{p}.chain", str(error)) from None
         hooks = self.subset(section, p, "hooks", ["INPUT"], HOOKS)
-        return GrantSettings(default_timeout, max_timeout, backend, chain, hooks)
+        protect: list[tuple[int, str]] = []
+        for item_key, item in self.string_list(section, p, "protect", []):
+            try:
+                port, proto = parse_port_spec(item)
+            except UsageError as error:
+                raise self.error(item_key, str(error)) from None
+            if (port, str(proto)) in protect:
+                raise self.error(item_key, f"{item!r} is listed twice")
+            protect.append((port, str(proto)))
+        nft_table = self.string(section, p, "nft_table", DEFAULT_TABLE)
+        try:
+            check_table(nft_table)
+        except ValueError as error:
+            raise self.error(f"{p}.nft_table", str(error)) from None
+        nft_priority = self.integer(
+            section, p, "nft_priority", DEFAULT_PRIORITY, -MAX_INT31, MAX_INT31
+        )
+        try:
+            check_priority(nft_priority)
+        except ValueError as error:
+            raise self.error(f"{p}.nft_priority", str(error)) from None
+        sets_only = section.get("nft_sets_only", False)
+        if not isinstance(sets_only, bool):
+            raise self.error(
+                f"{p}.nft_sets_only", f"expected true or false, got {_describe(sets_only)}"
+            )
+        nft_keys = [k for k in _NFT_KEYS if k in section]
+        if backend != "nftables" and nft_keys:
+            raise self.error(
+                f"{p}.{nft_keys[0]}", f'only for backend "nftables" (backend is {backend!r})'
+            )
+        if backend == "nftables":
+            if sets_only and protect:
+                raise self.error(
+                    f"{p}.protect",
+                    "nft_sets_only = true makes no chains: protect the ports in your own ruleset",
+                )
+            if not sets_only and not protect:
+                raise self.error(
+                    f"{p}.protect",
+                    "empty: with backend nftables list the ports our chain drops unless granted "
+                    "(an accept in our chain cannot override a drop in another base chain), or "
+                    "set nft_sets_only = true and reference our sets from your own ruleset",
+                )
+        return GrantSettings(
+            default_timeout,
+            max_timeout,
+            backend,
+            chain,
+            hooks,
+            protect=tuple(protect),
+            nft_table=nft_table,
+            nft_priority=nft_priority,
+            nft_sets_only=sets_only,
+        )
 
     def limits(self, section: _Section, p: str, defaults: LimitSettings) -> LimitSettings:
         """The caps in ``section`` (``[limits]``, or a ``[[users]]`` entry), each one left

@@ -602,6 +602,7 @@ def doorman(
     start: bool = True,
     second_link: bool = False,
     capture: str | Sequence[str] = (),
+    backend: str = "iptables",
     **settings: Any,
 ) -> Iterator[Harness]:
     """Two hosts, a configured daemon, closed ports with listeners; yields the ``Harness``.
@@ -611,8 +612,17 @@ def doorman(
     default_timeout, max_timeout, modes). With ``start=False`` nothing runs yet. With
     ``second_link`` a third namespace hangs off a second server interface, and the daemon
     captures on both. ``capture`` (e.g. ``"any"``) is the ``capture.interface`` to configure
-    instead of the links' interfaces.
+    instead of the links' interfaces. ``backend="nftables"`` configures that backend with
+    ``grants.protect`` = the ports (the daemon's own chain drops them unless granted), and
+    adds no iptables DROP rules.
     """
+    if backend != "iptables":
+        extra = {table: dict(keys) for table, keys in (settings.pop("extra", None) or {}).items()}
+        grants = extra.setdefault("grants", {})
+        grants.setdefault("backend", backend)
+        if backend == "nftables":
+            grants.setdefault("protect", [f"{port}/tcp" for port in ports])
+        settings["extra"] = extra
     directory = Path(directory)
     (directory / "home").mkdir(parents=True, exist_ok=True)
     users = list(users or [User(7, "alice", [f"{port}/tcp" for port in ports])])
@@ -654,7 +664,8 @@ def doorman(
         harness._helpers.append(_spawn_listener(server, ports))
         if start:
             harness.start()
-            close_ports(harness)
+            if backend == "iptables":
+                close_ports(harness)
         yield harness
 
 

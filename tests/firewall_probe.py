@@ -3,11 +3,13 @@
     ip netns exec NS python tests/firewall_probe.py run < spec.json
     ip netns exec NS python tests/firewall_probe.py bench --sizes 10 1000 10000
 
-``run`` reads {"backend", "chain", "hooks", "families", "lock_wait", "ops"} as JSON on
+``run`` reads {"backend", "chain", "hooks", "families", "lock_wait", "ops"} (and for
+"nftables": "table", "protect" [[port, proto], ...], "sets_only", "priority") as JSON on
 stdin, applies the ops in order to one firewall object (so its in-memory view lives
 across them) and prints one JSON line: a list with {"ok": result} or {"error": text}
 per op. Ops: ["setup"], ["teardown"], ["grants"], ["open", grant], ["close", key],
-["reconcile", now], ["expire", now], ["sh", argv] to run a command in between
+["reconcile", now], ["expire", now], ["repair"], ["batch", [[action, grant], ...]],
+["sleep", seconds], ["sh", argv] to run a command in between
 (e.g. ``iptables-legacy -D ...`` by hand), and ["race", argv, op] to run a command in
 the middle of an op (between its re-read and its commit). Grants and keys are JSON.
 
@@ -32,7 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from knockd_fast.firewall import DryRunFirewall, FirewallError, Grant  # noqa: E402
+from knock_client.protocol import Action  # noqa: E402
+from knockd_fast.firewall import DryRunFirewall, FirewallError, Grant, GrantChange  # noqa: E402
 
 
 def grant_to_json(grant: Grant) -> dict[str, Any]:
@@ -90,6 +93,17 @@ def run_ops(fw: Any, ops: list[list[Any]]) -> list[dict[str, Any]]:
                 value = {"kept": _listing(kept), "removed": _listing(removed)}
             elif op == "expire":
                 value = _listing(fw.expire(args[0]))
+            elif op == "repair":  # the grants re-added, or None when all was in place
+                restored = fw.repair()
+                value = None if restored is None else _listing(restored)
+            elif op == "batch":  # [[action, grant], ...]: "open" or "close" (grant or key)
+                changes = [_change(*item) for item in args[0]]
+                value = [
+                    grant_to_json(out) if isinstance(out, Grant) else out
+                    for out in fw.apply_batch(changes)
+                ]
+            elif op == "sleep":
+                time.sleep(args[0])
             elif op == "sh":
                 done = subprocess.run(args[0], capture_output=True, text=True)
                 value = {"rc": done.returncode, "out": done.stdout, "err": done.stderr}
@@ -102,6 +116,13 @@ def run_ops(fw: Any, ops: list[list[Any]]) -> list[dict[str, Any]]:
         else:
             results.append({"ok": value})
     return results
+
+
+def _change(action: str, data: dict[str, Any]) -> GrantChange:
+    if action == "open":
+        return GrantChange(Action.OPEN, grant_from_json(data))
+    full = {"expires": 0, "user": "", **data}
+    return GrantChange(Action.CLOSE, grant_from_json(full))
 
 
 def _race(fw: Any, argv: list[str], inner: list[Any]) -> dict[str, Any]:
@@ -142,6 +163,17 @@ def make_firewall(spec: dict[str, Any]) -> Any:
         return DryRunFirewall(**options)
     if not _in_named_netns():
         raise SystemExit("firewall_probe: refusing to run in the host's network namespace")
+    if spec.get("backend") == "nftables":
+        from knockd_fast.firewall.nftables import NftablesFirewall
+
+        return NftablesFirewall(
+            spec.get("table", "knockd_fast"),
+            options["hooks"],
+            families=options["families"],
+            protect=[tuple(item) for item in spec.get("protect", [])],
+            sets_only=spec.get("sets_only", False),
+            priority=spec.get("priority", -10),
+        )
     from knockd_fast.firewall.iptables import IptablesFirewall
 
     return IptablesFirewall(**options, lock_wait=spec.get("lock_wait", 5.0))

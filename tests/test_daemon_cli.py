@@ -53,12 +53,12 @@ def test_check_config_loads_no_engine_no_replay_cache_no_libiptc(config: Path) -
 
 
 def test_check_config_names_the_backends_the_registry_knows(config: Path) -> None:
-    config.write_text(config.read_text().replace('"dry-run"', '"nftables"'))
+    config.write_text(config.read_text().replace('"dry-run"', '"pf"'))
     done, report = cli("check-config", "-c", str(config))
     assert report["code"] == 2
     assert done.stderr.splitlines()[0] == (
-        f"knockd-fast: error: {config}: grants.backend: 'nftables' is not one of "
-        "'iptables', 'dry-run'"
+        f"knockd-fast: error: {config}: grants.backend: 'pf' is not one of "
+        "'iptables', 'nftables', 'dry-run'"
     )
 
 

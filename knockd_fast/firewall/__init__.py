@@ -2,7 +2,8 @@
 
 ``base`` holds the seam (``Grant``, ``GrantChange``, the ``Firewall`` protocol and its
 capabilities), ``registry`` the backend names, ``worker`` the thread that applies changes;
-one module per backend: ``iptables`` (python-iptables, legacy xtables) and ``dryrun``
+one module per backend: ``iptables`` (python-iptables, legacy xtables), ``nftables``
+(timeout sets through libnftables) and ``dryrun``
 (memory only). The iptables backend is imported on first use, so the dry run and the tests
 of it need no libiptc.
 """
