@@ -59,6 +59,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"interface{'s' if len(config.capture.interfaces) > 1 else ''} {config.capture.label}, "
         f"backend {config.grants.backend}"
     )
+    from .firewall.coexistence import mismatch
+
+    warning = mismatch(config.grants.backend, config.grants.nft_table)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -77,6 +82,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "live capture needs the Cython extension (this install has only "
             "the pure-Python engine, which reads capture files)"
         )
+    from .firewall.coexistence import mismatch
+
+    warning = mismatch(config.grants.backend, config.grants.nft_table)
+    if warning:
+        log.warning("%s", warning)
     try:
         destinations = protected_destinations(config)
         captures = open_captures(config, destinations)

@@ -24,6 +24,11 @@ BACKENDS: Mapping[str, str] = MappingProxyType(
     }
 )
 NAMES = tuple(BACKENDS)
+# Which netfilter front end each backend writes: python-iptables writes the legacy xtables;
+# nf_tables is what `nft` and Debian's own `iptables` (iptables-nft) write. None: nothing.
+KINDS: Mapping[str, str | None] = MappingProxyType(
+    {"iptables": "legacy xtables", "nftables": "nf_tables", "dry-run": None}
+)
 
 
 def backend_class(name: str) -> FirewallClass:
