@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import stat
 import tomllib
 import types
@@ -61,6 +62,12 @@ _LIMIT_KEYS = ("max_grants", "max_knocks_per_minute")  # in [limits] and in [[us
 IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
 DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
 _ADDRESS_BITS = {4: 32, 6: 128}
+# The ipset backend's sets: ipset's own default size; its names hold 31 bytes, the backend
+# adds "-v6-any" (7) to the common name.
+DEFAULT_IPSET_NAME = "knockd-fast"
+DEFAULT_IPSET_MAXELEM = 65_536
+MAX_IPSET_MAXELEM = 2**31 - 1
+_IPSET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,24}")
 
 
 MAX_NAME_LENGTH = 64
@@ -118,6 +125,10 @@ class GrantSettings:
     backend: str
     chain: str
     hooks: tuple[str, ...]
+    # The ipset backend's: its sets' common name (N-v4, N-v4-any, N-v6, N-v6-any) and the
+    # most entries (grants) one set holds.
+    ipset_name: str = DEFAULT_IPSET_NAME
+    ipset_maxelem: int = DEFAULT_IPSET_MAXELEM
 
 
 @dataclass(frozen=True)
@@ -458,7 +469,8 @@ class _Reader:
 
     def grants(self, section: _Section) -> GrantSettings:
         p = "grants"
-        self.no_unknown(section, p, ("default_timeout", "max_timeout", "backend", "chain", "hooks"))
+        known = ("default_timeout", "max_timeout", "backend", "chain", "hooks")
+        self.no_unknown(section, p, (*known, "ipset_name", "ipset_maxelem"))
         default_timeout = self.integer(section, p, "default_timeout", 300, 1, MAX_INT31)
         max_timeout = self.integer(section, p, "max_timeout", 3600, 1, MAX_INT31)
         if max_timeout < default_timeout:
@@ -473,7 +485,19 @@ class _Reader:
         except ValueError as error:
             raise self.error(f"{p}.chain", str(error)) from None
         hooks = self.subset(section, p, "hooks", ["INPUT"], HOOKS)
-        return GrantSettings(default_timeout, max_timeout, backend, chain, hooks)
+        ipset_name = self.string(section, p, "ipset_name", DEFAULT_IPSET_NAME)
+        if not _IPSET_NAME.fullmatch(ipset_name):
+            raise self.error(
+                f"{p}.ipset_name",
+                f"{ipset_name!r}: 1..24 characters of A-Z a-z 0-9 _ . - (the set names add "
+                "-v4, -v6-any..., and ipset allows 31)",
+            )
+        maxelem = self.integer(
+            section, p, "ipset_maxelem", DEFAULT_IPSET_MAXELEM, 1, MAX_IPSET_MAXELEM
+        )
+        return GrantSettings(
+            default_timeout, max_timeout, backend, chain, hooks, ipset_name, maxelem
+        )
 
     def limits(self, section: _Section, p: str, defaults: LimitSettings) -> LimitSettings:
         """The caps in ``section`` (``[limits]``, or a ``[[users]]`` entry), each one left

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 BACKENDS: Mapping[str, str] = MappingProxyType(
     {
         "iptables": "knockd_fast.firewall.iptables:IptablesFirewall",
+        "ipset": "knockd_fast.firewall.ipset:IpsetFirewall",
         "dry-run": "knockd_fast.firewall.dryrun:DryRunFirewall",
     }
 )
