@@ -3,11 +3,13 @@
     ip netns exec NS python tests/firewall_probe.py run < spec.json
     ip netns exec NS python tests/firewall_probe.py bench --sizes 10 1000 10000
 
-``run`` reads {"backend", "chain", "hooks", "families", "lock_wait", "ops"} as JSON on
+``run`` reads {"backend", "chain", "hooks", "families", "lock_wait", "ops"} (and, for the
+ipset backend, "set_name" and "maxelem") as JSON on
 stdin, applies the ops in order to one firewall object (so its in-memory view lives
 across them) and prints one JSON line: a list with {"ok": result} or {"error": text}
 per op. Ops: ["setup"], ["teardown"], ["grants"], ["open", grant], ["close", key],
-["reconcile", now], ["expire", now], ["sh", argv] to run a command in between
+["reconcile", now], ["expire", now], ["batch", [[action, grant], ...]] (apply_batch),
+["repair"], ["sleep", seconds], ["sh", argv] to run a command in between
 (e.g. ``iptables-legacy -D ...`` by hand), and ["race", argv, op] to run a command in
 the middle of an op (between its re-read and its commit). Grants and keys are JSON.
 
@@ -32,7 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from knockd_fast.firewall import DryRunFirewall, FirewallError, Grant  # noqa: E402
+from knock_client.protocol import Action  # noqa: E402
+from knockd_fast.firewall import DryRunFirewall, FirewallError, Grant, GrantChange  # noqa: E402
 
 
 def grant_to_json(grant: Grant) -> dict[str, Any]:
@@ -90,6 +93,19 @@ def run_ops(fw: Any, ops: list[list[Any]]) -> list[dict[str, Any]]:
                 value = {"kept": _listing(kept), "removed": _listing(removed)}
             elif op == "expire":
                 value = _listing(fw.expire(args[0]))
+            elif op == "batch":  # [[action, grant], ...] -> the outcomes, as open/close give them
+                changes = [GrantChange(Action[a.upper()], grant_from_json(g)) for a, g in args[0]]
+                value = [
+                    grant_to_json(o) if isinstance(o, Grant) else o
+                    for o in fw.apply_batch(changes)
+                ]
+            elif op == "repair":
+                restored = fw.repair()
+                value = None if restored is None else _listing(restored)
+            elif op == "commits":  # libiptc commits so far (both families)
+                value = COMMITS[0]
+            elif op == "sleep":
+                time.sleep(args[0])
             elif op == "sh":
                 done = subprocess.run(args[0], capture_output=True, text=True)
                 value = {"rc": done.returncode, "out": done.stdout, "err": done.stderr}
@@ -126,6 +142,25 @@ def _race(fw: Any, argv: list[str], inner: list[Any]) -> dict[str, Any]:
     return {"inner": result, "rc": done[0].returncode, "err": done[0].stderr.strip()}
 
 
+COMMITS = [0]
+
+
+def _count_commits() -> None:
+    """Count libiptc commits (the op "commits"): python-iptables' Table(6).commit wrapped."""
+    import iptc
+
+    for cls in (iptc.Table, iptc.Table6):
+        if "commit" not in cls.__dict__:  # Table6 inherits Table's
+            continue
+        original = cls.commit
+
+        def commit(self: Any, original: Any = original) -> Any:
+            COMMITS[0] += 1
+            return original(self)
+
+        cls.commit = commit
+
+
 def _in_named_netns() -> bool:
     """Whether this process runs in a namespace made by ``ip netns add`` (not the host's)."""
     found = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True)
@@ -142,6 +177,12 @@ def make_firewall(spec: dict[str, Any]) -> Any:
         return DryRunFirewall(**options)
     if not _in_named_netns():
         raise SystemExit("firewall_probe: refusing to run in the host's network namespace")
+    _count_commits()
+    if spec.get("backend") == "ipset":
+        from knockd_fast.firewall.ipset import IpsetFirewall
+
+        extra = {k: spec[k] for k in ("set_name", "maxelem") if k in spec}
+        return IpsetFirewall(**options, **extra, lock_wait=spec.get("lock_wait", 5.0))
     from knockd_fast.firewall.iptables import IptablesFirewall
 
     return IptablesFirewall(**options, lock_wait=spec.get("lock_wait", 5.0))
