@@ -9,8 +9,9 @@ VPY    := $(VENV)/bin/python
 IN_VENV := env PATH="$(CURDIR)/$(VENV)/bin:$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)"
 
 # Debian packages: compiler, libpcap headers (found via pkg-config), and the tools the
-# end-to-end tests drive (ip netns/veth, iptables, tcpdump). pyenv's python3 brings venv.
-DEB_PACKAGES := build-essential pkg-config libpcap-dev iptables iproute2 tcpdump
+# end-to-end tests drive (ip netns/veth, iptables, tcpdump, ipset: the CLI, for the tests to
+# inspect and sabotage the ipset backend's sets). pyenv's python3 brings venv.
+DEB_PACKAGES := build-essential pkg-config libpcap-dev iptables iproute2 tcpdump ipset
 # Remaking the venv is keyed on these: a change reinstalls and rebuilds the extension.
 STAMP        := $(VENV)/.stamp
 STAMP_DEPS   := pyproject.toml setup.py client/pyproject.toml \

@@ -58,7 +58,7 @@ def test_check_config_names_the_backends_the_registry_knows(config: Path) -> Non
     assert report["code"] == 2
     assert done.stderr.splitlines()[0] == (
         f"knockd-fast: error: {config}: grants.backend: 'nftables' is not one of "
-        "'iptables', 'dry-run'"
+        "'iptables', 'ipset', 'dry-run'"
     )
 
 
