@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import stat
 import tomllib
 import types
@@ -66,10 +67,17 @@ DEFAULT_MAX_KNOCKS_PER_MINUTE = 30
 MAX_GRANTS = 65536  # the upper bounds catch typos: no person needs more
 MAX_KNOCKS_PER_MINUTE = 60_000
 _NFT_KEYS = ("protect", "nft_table", "nft_priority", "nft_sets_only")  # backend nftables only
+_IPSET_KEYS = ("ipset_name", "ipset_maxelem")  # backend ipset only
 _LIMIT_KEYS = ("max_grants", "max_knocks_per_minute")  # in [limits] and in [[users]]
 IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
 DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
 _ADDRESS_BITS = {4: 32, 6: 128}
+# The ipset backend's sets: ipset's own default size; its names hold 31 bytes, the backend
+# adds "-v6-any" (7) to the common name.
+DEFAULT_IPSET_NAME = "knockd-fast"
+DEFAULT_IPSET_MAXELEM = 65_536
+MAX_IPSET_MAXELEM = 2**31 - 1
+_IPSET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,24}")
 
 
 MAX_NAME_LENGTH = 64
@@ -132,6 +140,10 @@ class GrantSettings:
     nft_table: str = DEFAULT_TABLE  # table inet NAME
     nft_priority: int = DEFAULT_PRIORITY  # of our base chains
     nft_sets_only: bool = False  # only the sets; the admin's own rules reference them
+    # The ipset backend's: its sets' common name (N-v4, N-v4-any, N-v6, N-v6-any) and the
+    # most entries (grants) one set holds.
+    ipset_name: str = DEFAULT_IPSET_NAME
+    ipset_maxelem: int = DEFAULT_IPSET_MAXELEM
 
 
 @dataclass(frozen=True)
@@ -491,6 +503,7 @@ class _Reader:
                 "chain",
                 "hooks",
                 *_NFT_KEYS,
+                *_IPSET_KEYS,
             ),
         )
         default_timeout = self.integer(section, p, "default_timeout", 300, 1, MAX_INT31)
@@ -551,6 +564,21 @@ class _Reader:
                     "(an accept in our chain cannot override a drop in another base chain), or "
                     "set nft_sets_only = true and reference our sets from your own ruleset",
                 )
+        ipset_keys = [k for k in _IPSET_KEYS if k in section]
+        if backend != "ipset" and ipset_keys:
+            raise self.error(
+                f"{p}.{ipset_keys[0]}", f'only for backend "ipset" (backend is {backend!r})'
+            )
+        ipset_name = self.string(section, p, "ipset_name", DEFAULT_IPSET_NAME)
+        if not _IPSET_NAME.fullmatch(ipset_name):
+            raise self.error(
+                f"{p}.ipset_name",
+                f"{ipset_name!r}: 1..24 characters of A-Z a-z 0-9 _ . - (the set names add "
+                "-v4, -v6-any..., and ipset allows 31)",
+            )
+        maxelem = self.integer(
+            section, p, "ipset_maxelem", DEFAULT_IPSET_MAXELEM, 1, MAX_IPSET_MAXELEM
+        )
         return GrantSettings(
             default_timeout,
             max_timeout,
@@ -561,6 +589,8 @@ class _Reader:
             nft_table=nft_table,
             nft_priority=nft_priority,
             nft_sets_only=sets_only,
+            ipset_name=ipset_name,
+            ipset_maxelem=maxelem,
         )
 
     def limits(self, section: _Section, p: str, defaults: LimitSettings) -> LimitSettings:

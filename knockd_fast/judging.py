@@ -214,8 +214,8 @@ class Backlog:
         self._turns: collections.deque[bytes] = collections.deque()
         # Queue length -> the prefixes with a queue that long (insertion-ordered), and the
         # longest length: the longest queue in O(1), since lengths move by one.
-        self._by_length: collections.defaultdict[int, dict[bytes, None]] = (
-            collections.defaultdict(dict)
+        self._by_length: collections.defaultdict[int, dict[bytes, None]] = collections.defaultdict(
+            dict
         )
         self._longest = 0
         self._size = 0

@@ -104,9 +104,7 @@ class ReplayCache:
 
     # --- the cache ----------------------------------------------------------------------
 
-    def seen(
-        self, user_id: int, siv: bytes, now: float, sent_at: int | None = None
-    ) -> bool | str:
+    def seen(self, user_id: int, siv: bytes, now: float, sent_at: int | None = None) -> bool | str:
         """Whether this message counts as seen at ``now``: True while its entry is live; a
         string saying why if (``sent_at``, its unwrapped timestamp) it was sealed before a
         cache that started without its history; else False."""
@@ -195,9 +193,7 @@ class ReplayCache:
         if self._db is not None and expired:
             try:
                 with self._db:
-                    self._db.executemany(
-                        "DELETE FROM seen WHERE user_id = ? AND siv = ?", expired
-                    )
+                    self._db.executemany("DELETE FROM seen WHERE user_id = ? AND siv = ?", expired)
             except sqlite3.Error as error:
                 self._degrade(f"cannot write: {error}")
         return len(expired)

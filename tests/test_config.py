@@ -98,6 +98,7 @@ def test_example_config_has_the_defaults(tmp_path: Path) -> None:
     assert config.grants.default_timeout == 300 and config.grants.max_timeout == 3600
     assert (config.grants.backend, config.grants.chain) == ("iptables", "KNOCKD-FAST")
     assert config.grants.hooks == ("INPUT",)
+    assert (config.grants.ipset_name, config.grants.ipset_maxelem) == ("knockd-fast", 65536)
     assert config.state_dir == Path("/var/lib/knockd-fast")
     assert config.users[7].key_file == EXAMPLE.parent / "keys" / "alice.key"
     assert config.users[7].allow == {(22, "tcp"), (443, "tcp"), (51820, "udp")}
@@ -325,6 +326,11 @@ def test_not_utf8(conf) -> None:
         ("[grants]\nchain = 'ACCEPT'\n", "grants.chain", "is a built-in chain"),
         ("[grants]\nhooks = ['OUTPUT']\n", "grants.hooks[0]", "'OUTPUT' is not one of"),
         ("[grants]\nhooks = []\n", "grants.hooks", "at least one"),
+        ("[grants]\nbackend = 'ipset'\nipset_maxelem = 1\n", None, None),
+        ("[grants]\nipset_maxelem = 0\n", "grants.ipset_maxelem", "0 is outside 1.."),
+        ("[grants]\nipset_name = ''\n", "grants.ipset_name", "must not be empty"),
+        ("[grants]\nipset_name = '" + "n" * 25 + "'\n", "grants.ipset_name", "1..24"),
+        ("[grants]\nipset_name = 'a b'\n", "grants.ipset_name", "1..24 characters"),
         ("[state]\ndirectory = 1\n", "state.directory", "expected a string"),
         ("[limits]\nmax_grant = 1\n", "limits.max_grant", "unknown key (known: max_grants, "),
         ("limits = 16\n", "limits", "expected a table"),

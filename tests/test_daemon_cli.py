@@ -58,7 +58,7 @@ def test_check_config_names_the_backends_the_registry_knows(config: Path) -> Non
     assert report["code"] == 2
     assert done.stderr.splitlines()[0] == (
         f"knockd-fast: error: {config}: grants.backend: 'pf' is not one of "
-        "'iptables', 'nftables', 'dry-run'"
+        "'iptables', 'ipset', 'nftables', 'dry-run'"
     )
 
 

@@ -38,43 +38,41 @@ Rules are found by parsing libiptc's raw entries here (much faster than building
 
 from __future__ import annotations
 
-import contextlib
-import ctypes as ct
-import fcntl
 import logging
-import os
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import TYPE_CHECKING, Any
 
 import iptc
-from iptc.ip4tc import IPTCError, ipt_entry, ipt_ip
-from iptc.ip6tc import ip6t_entry, ip6t_ip6
-from iptc.xtables import XTablesError, xt_align
 
+from knock_client.protocol import Action
 from knockd_fast.firewall.base import (
-    FirewallBusy,
-    FirewallError,
+    ChangeOutcome,
     Grant,
+    GrantChange,
     GrantKey,
-    check_families,
     format_comment,
     format_key,
     parse_comment,
     sort_key,
 )
-from knockd_fast.firewall.xtables import DEFAULT_CHAIN, HOOKS, check_chain, check_hooks
+from knockd_fast.firewall.libiptc import (
+    FAMILIES,
+    Family,
+    XtablesBackend,
+    delete_at,
+    entries,
+    target_of,
+    target_offset,
+)
 
 if TYPE_CHECKING:
     from knockd_fast.config import GrantSettings
 
 log = logging.getLogger("knockd_fast.firewall")
 
-DEFAULT_LOCK_PATH = "/run/xtables.lock"
 _MATCH_HEADER = struct.Struct("=H29sB")  # struct xt_entry_match: size, name, revision
 _TCP = struct.Struct("=4H4B")  # struct xt_tcp: spts[2], dpts[2], option, flg_mask, flg_cmp, inv
 _UDP = struct.Struct("=4HB")  # struct xt_udp: spts[2], dpts[2], invflags
@@ -85,83 +83,9 @@ _PROTO_NUMBERS = {"tcp": 6, "udp": 17}
 _PROTO_NAMES = {6: "tcp", 17: "udp"}
 
 
-@dataclass(frozen=True)
-class _Family:
-    """Where the fields of one family's ``ipt_entry`` / ``ip6t_entry`` are."""
-
-    version: int
-    table_cls: Any
-    rule_cls: Any
-    bits: int
-    addr_len: int
-    src: int
-    dst: int
-    smsk: int
-    dmsk: int
-    ifaces: int  # start of iniface, outiface and their masks
-    proto: int
-    flags: int
-    invflags: int
-    tos: int | None
-    proto_flags: int  # the value of `flags` in a rule with `-p tcp|udp` and nothing else
-    target_offset: int  # where the entry's own target_offset field is
-    entry_size: int
-
-    def table(self) -> Any:
-        return self.table_cls(self.table_cls.FILTER, autocommit=False)
-
-
-def _family(version: int) -> _Family:
-    if version == 4:
-        ip, off, rule_cls, table_cls = ipt_ip, ipt_entry.ip.offset, iptc.Rule, iptc.Table
-        entry, addr_len, tos, proto_flags = ipt_entry, 4, None, 0
-    else:
-        ip, off, rule_cls, table_cls = ip6t_ip6, ip6t_entry.ipv6.offset, iptc.Rule6, iptc.Table6
-        entry, addr_len, proto_flags = ip6t_entry, 16, ip6t_ip6.IP6T_F_PROTO
-        tos = off + ip.tos.offset
-    return _Family(
-        version=version,
-        table_cls=table_cls,
-        rule_cls=rule_cls,
-        bits=addr_len * 8,
-        addr_len=addr_len,
-        src=off + ip.src.offset,
-        dst=off + ip.dst.offset,
-        smsk=off + ip.smsk.offset,
-        dmsk=off + ip.dmsk.offset,
-        ifaces=off + ip.iniface.offset,
-        proto=off + ip.proto.offset,
-        flags=off + ip.flags.offset,
-        invflags=off + ip.invflags.offset,
-        tos=tos,
-        proto_flags=proto_flags,
-        target_offset=entry.target_offset.offset,
-        entry_size=xt_align(ct.sizeof(entry)),
-    )
-
-
-_FAMILIES = {4: _family(4), 6: _family(6)}
-
-
-class _Cause(Exception):
-    """A failure whose text is the cause part of a FirewallError."""
-
-
-class _Busy(_Cause):
-    """The xtables lock stayed held by another process for the whole wait."""
-
-
-def _cause(error: BaseException) -> str:
-    text = str(error)
-    # python-iptables formats libiptc's message as bytes: "...: b'Bad rule (...)'"
-    for quote in ("'", '"'):
-        text = text.replace(f"b{quote}", "").replace(quote, "")
-    return " ".join(text.split()) or type(error).__name__
-
-
-def _parse(fam: _Family, raw: bytes, target: str | None) -> Grant | str:
+def _parse(fam: Family, raw: bytes, target: str | None) -> Grant | str:
     """The grant an entry of our chain holds, or why it is not one of ours."""
-    target_offset = _target_offset(fam, raw)
+    end = target_offset(fam, raw)
     if target != "ACCEPT":
         return f"target {target or '?'} is not ACCEPT"
     n = fam.addr_len
@@ -187,11 +111,11 @@ def _parse(fam: _Family, raw: bytes, target: str | None) -> Grant | str:
         return "protocol is not tcp or udp"
     port = comment = date_stop = None
     offset = fam.entry_size
-    while offset < target_offset:
+    while offset < end:
         size, name_bytes, revision = _MATCH_HEADER.unpack_from(raw, offset)
         name = name_bytes.split(b"\0", 1)[0].decode("ascii", "replace")
         data = offset + _MATCH_HEADER.size
-        if size < _MATCH_HEADER.size or offset + size > target_offset:
+        if size < _MATCH_HEADER.size or offset + size > end:
             return "has a malformed match"
         if name == proto and revision == 0 and port is None:
             if proto == "tcp":
@@ -225,19 +149,6 @@ def _parse(fam: _Family, raw: bytes, target: str | None) -> Grant | str:
         return str(error)
 
 
-def _target_offset(fam: _Family, raw: bytes) -> int:
-    return struct.unpack_from("=H", raw, fam.target_offset)[0]
-
-
-def _is_jump(fam: _Family, raw: bytes, target: str | None, chain: str) -> bool:
-    """Whether an entry is an unconditional ``-j chain``."""
-    return (
-        target == chain
-        and _target_offset(fam, raw) == fam.entry_size
-        and not any(raw[: fam.invflags + 1])
-    )
-
-
 def _expires_by(raw: bytes, now: int) -> bool:
     """Cheap pre-filter: whether the entry has our comment with an expiry <= now."""
     start = raw.find(b" expires=")
@@ -247,104 +158,25 @@ def _expires_by(raw: bytes, now: int) -> bool:
     return digits.isdigit() and int(digits) <= now
 
 
-def _entries(table: Any, chain: str) -> Iterator[tuple[bytes, Any]]:
-    """(raw bytes, libiptc entry) of each rule of a chain, in order."""
-    entry = table.first_rule(chain)
-    while entry:
-        yield ct.string_at(ct.addressof(entry), entry.next_offset), entry
-        entry = table.next_rule(entry)
-
-
-def _target(table: Any, entry: Any) -> str | None:
-    """The target of an entry: ACCEPT, DROP, a chain name, LOG..."""
-    name = table.get_target(entry)
-    return name.decode() if name else None
-
-
-def _delete_at(table: Any, chain: str, index: int) -> None:
-    """Delete rule ``index`` (0-based) of ``chain`` in libiptc's copy of the table.
-
-    python-iptables binds ``iptc_delete_num_entry`` but has no method for it; deleting by
-    number is exact and avoids building an iptc ``Rule`` per deleted entry.
-    """
-    if table._iptc.iptc_delete_num_entry(chain.encode(), index, table._handle) != 1:
-        raise IPTCError(f"can't delete rule {index + 1} of chain {chain}: {table.strerror()}")
-
-
-class _XtablesLock:
-    """The lock ``iptables -w`` takes: flock on a file shared by all xtables tools."""
-
-    def __init__(self, path: str | os.PathLike[str], wait: float) -> None:
-        self.path = os.fspath(path)
-        self.wait = wait
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            deadline = time.monotonic() + self.wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise _Busy(
-                            f"xtables lock held by another process (waited {self.wait:g} s)"
-                        ) from None
-                    time.sleep(0.01)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-
-class IptablesFirewall:
+class IptablesFirewall(XtablesBackend):
     """Grants as ACCEPT rules in our own chain of the legacy xtables filter tables.
 
-    ``hooks``: the built-in chains that jump to ours first (INPUT for local services,
-    FORWARD for hosts behind this one). ``families``: 4, 6 or both. ``lock_path``: the
-    xtables lock file (None: ``$XTABLES_LOCKFILE`` or ``/run/xtables.lock``), waited for
-    at most ``lock_wait`` seconds (``WaitsForLock``: the daemon shortens it once started),
-    else ``FirewallBusy``. ``retries``: how often an operation is redone when the
-    kernel refuses the commit because the table changed meanwhile.
+    The chain, the jumps, the lock and its wait: ``libiptc.XtablesBackend`` (the arguments
+    are its). Its ``apply_batch`` (``AppliesBatches``) carries out many changes in one
+    libiptc commit per family; its ``repair`` (``SelfHealing``) re-creates the chain and
+    jumps and re-adds the grants it knows of when someone removed them.
     """
 
     name = "iptables"
     persistent = True
 
-    def __init__(
-        self,
-        chain: str = DEFAULT_CHAIN,
-        hooks: tuple[str, ...] = ("INPUT",),
-        *,
-        families: tuple[int, ...] = (4, 6),
-        lock_path: str | os.PathLike[str] | None = None,
-        lock_wait: float = 5.0,
-        retries: int = 3,
-    ) -> None:
-        self.chain = check_chain(chain)
-        self.hooks = check_hooks(hooks)
-        self.families = check_families(families)
-        if lock_path is None:
-            lock_path = os.environ.get("XTABLES_LOCKFILE") or DEFAULT_LOCK_PATH
-        self._lock = _XtablesLock(lock_path, lock_wait)
-        self._retries = retries
-        self._fams = [_FAMILIES[version] for version in self.families]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._view: dict[GrantKey, Grant] = {}
-        self._mutex = threading.RLock()
 
     @classmethod
     def from_settings(cls, settings: GrantSettings) -> IptablesFirewall:
         return cls(settings.chain, settings.hooks)
-
-    @property
-    def lock_wait(self) -> float:
-        """Seconds one operation waits for the xtables lock before ``FirewallBusy``."""
-        return self._lock.wait
-
-    @lock_wait.setter
-    def lock_wait(self, seconds: float) -> None:
-        self._lock.wait = float(seconds)
 
     # -- the interface ------------------------------------------------------------------
 
@@ -378,7 +210,7 @@ class IptablesFirewall:
         key = tuple(getattr(key, "key", key))  # a Grant is accepted for its key
         if key[0].version not in self.families:
             return False
-        fam = _FAMILIES[key[0].version]
+        fam = FAMILIES[key[0].version]
         with self._op(f"remove grant {format_key(key)}", lock=True):
             found = self._transaction(fam, lambda table: self._close(fam, table, key, user))
             if found:
@@ -434,32 +266,76 @@ class IptablesFirewall:
                 self._transaction(fam, lambda table, fam=fam: self._teardown(fam, table))
             self._view.clear()
 
+    def apply_batch(self, changes: Sequence[GrantChange]) -> list[ChangeOutcome]:
+        """``open`` and ``close`` one by one, as one libiptc commit per family (a table is
+        committed whole, so each family's changes are one kernel transaction).
+
+        The outcomes come from the rules read once, under the lock, before anything is
+        changed (each change sees those before it); then each family's table is edited
+        and committed once. If the second family's commit fails, the first family's rules
+        are put back as they were (a compensating commit) before the error is raised.
+        Rule order within the chain may differ from one-by-one (ACCEPT rules: it does not
+        matter); what the chain holds does not.
+        """
+        for change in changes:
+            if change.action == Action.OPEN:
+                self._family_of(change.grant.source, f"add grant {format_key(change.grant.key)}")
+        with self._op(f"apply a batch of {len(changes)} changes", lock=True):
+            wanted = [fam for fam in self._fams if any(_in(fam, c) for c in changes)]
+            plans: dict[int, tuple[list[ChangeOutcome | None], dict, dict]] = {}
+            outcomes: list[ChangeOutcome | None] = [None] * len(changes)
+            done: list[tuple[Family, dict]] = []
+            try:
+                for fam in wanted:
+                    mine = [(i, c) for i, c in enumerate(changes) if _in(fam, c)]
+                    before, after = self._transaction(
+                        fam, lambda table, fam=fam, mine=mine: self._batch(fam, table, mine, plans)
+                    )
+                    done.append((fam, before))
+                    for index, outcome in plans[fam.version][0]:
+                        outcomes[index] = outcome
+                    for key, grant in after.items():
+                        if grant is None:
+                            self._view.pop(key, None)
+                        else:
+                            self._view[key] = grant
+            except Exception:
+                for committed, before in done:
+                    self._undo(committed, before)
+                raise
+            # None left: closes of a family not enabled, which hold nothing
+            return [False if outcome is None else outcome for outcome in outcomes]
+
+    def repair(self) -> list[Grant] | None:
+        """Cheap check (each sweep): the chain and each hook's jump first, and the chain not
+        empty while grants are live. Else: ``setup`` and the live grants written back, in
+        one commit per family. Reads each family's table (proportional to its size)."""
+        with self._mutex:
+            now = time.time()
+            live = {k: g for k, g in self._view.items() if g.expires > now}
+            with self._op("check the chain", lock=False):
+                intact = True
+                for fam in self._fams:
+                    table = fam.table()
+                    table.refresh()
+                    has = any(k[0].version == fam.version for k in live)
+                    if not self._in_place(fam, table) or (has and not table.first_rule(self.chain)):
+                        intact = False
+            if intact:
+                return None
+            self.setup()
+            with self._op("re-add the live grants", lock=True):
+                for fam in self._fams:
+                    mine = {k: g for k, g in live.items() if k[0].version == fam.version}
+                    if mine:
+                        self._transaction(
+                            fam, lambda table, fam=fam, mine=mine: self._write(fam, table, mine)
+                        )
+            return sorted(live.values(), key=sort_key)
+
     # -- one family's table: each returns (changed, result) --------------------------------
 
-    def _setup(self, fam: _Family, table: Any) -> tuple[bool, None]:
-        changed = False
-        if not table.is_chain(self.chain):
-            table.create_chain(self.chain)
-            changed = True
-        for hook in HOOKS:
-            jumps = [
-                index
-                for index, (raw, entry) in enumerate(_entries(table, hook))
-                if _is_jump(fam, raw, _target(table, entry), self.chain)
-            ]
-            wanted = hook in self.hooks
-            if jumps == ([0] if wanted else []):
-                continue
-            for index in reversed(jumps):
-                _delete_at(table, hook, index)
-            if wanted:
-                jump = fam.rule_cls()
-                jump.target = iptc.Target(jump, self.chain)
-                iptc.Chain(table, hook).insert_rule(jump, 0)
-            changed = True
-        return changed, None
-
-    def _open(self, fam: _Family, table: Any, grant: Grant) -> tuple[bool, Grant]:
+    def _open(self, fam: Family, table: Any, grant: Grant) -> tuple[bool, Grant]:
         self._need_chain(fam, table)
         same = self._find(fam, table, grant.key)
         held = max((g for _, g in same), key=lambda g: g.expires, default=None)
@@ -472,23 +348,21 @@ class IptablesFirewall:
         if same:  # extend: replace the rule where it is, drop any duplicates
             chain.replace_rule(rule, same[0][0])
             for index, _ in reversed(same[1:]):
-                _delete_at(table, self.chain, index)
+                delete_at(table, self.chain, index)
         else:
             chain.append_rule(rule)
         return True, in_force
 
-    def _close(
-        self, fam: _Family, table: Any, key: GrantKey, user: str | None
-    ) -> tuple[bool, bool]:
+    def _close(self, fam: Family, table: Any, key: GrantKey, user: str | None) -> tuple[bool, bool]:
         if not table.is_chain(self.chain):
             return False, False
         # Only the grant's own user may close it (None: whoever asks, e.g. an admin tool).
         same = [i for i, g in self._find(fam, table, key) if user is None or g.user == user]
         for index in reversed(same):
-            _delete_at(table, self.chain, index)
+            delete_at(table, self.chain, index)
         return bool(same), bool(same)
 
-    def _reconcile(self, fam: _Family, table: Any, now: int) -> tuple[bool, Any]:
+    def _reconcile(self, fam: Family, table: Any, now: int) -> tuple[bool, Any]:
         """Delete expired grants, rules that are no grant, and all but the latest of
         duplicate keys. Result: (live grants by key, removed grants, [(number, why)])."""
         if not table.is_chain(self.chain):
@@ -515,98 +389,119 @@ class IptablesFirewall:
             else:
                 live[item.key] = (index, item)
         for index in sorted(drop, reverse=True):
-            _delete_at(table, self.chain, index)
+            delete_at(table, self.chain, index)
         return bool(drop), ({key: grant for key, (_, grant) in live.items()}, gone, bad)
 
-    def _expire(self, fam: _Family, table: Any, now: int) -> tuple[bool, list[Grant]]:
+    def _expire(self, fam: Family, table: Any, now: int) -> tuple[bool, list[Grant]]:
         """Delete the expired grants; only rules whose comment says so are parsed."""
         if not table.is_chain(self.chain):
             return False, []
         found = self._scan(fam, table, lambda raw: _expires_by(raw, now))
         drop = [i for i, item in enumerate(found) if isinstance(item, Grant) and item.expired(now)]
         for index in reversed(drop):
-            _delete_at(table, self.chain, index)
+            delete_at(table, self.chain, index)
         return bool(drop), [found[index] for index in drop]
 
-    def _teardown(self, fam: _Family, table: Any) -> tuple[bool, None]:
-        if not table.is_chain(self.chain):
-            return False, None
-        for other in [c.name for c in table.chains if c.name != self.chain]:
-            hits = [
-                index
-                for index, (_, entry) in enumerate(_entries(table, other))
-                if _target(table, entry) == self.chain
-            ]
-            for index in reversed(hits):
-                _delete_at(table, other, index)
-        table.flush_entries(self.chain)
-        table.delete_chain(self.chain)
-        return True, None
+    def _batch(
+        self, fam: Family, table: Any, mine: list[tuple[int, GrantChange]], plans: dict
+    ) -> tuple[bool, tuple[dict, dict]]:
+        """Work out the outcome of each change from the rules in force, then write the
+        end state of each key touched. Result: (state before, state after) by key."""
+        self._need_chain(fam, table)
+        keys = {change.grant.key for _, change in mine}
+        held = self._held(fam, table, keys)
+        before = {key: held.get(key) for key in keys}
+        state = dict(before)
+        results: list[tuple[int, ChangeOutcome]] = []
+        for index, change in mine:
+            g, current = change.grant, state[change.grant.key]
+            if change.action == Action.CLOSE:
+                ours = current is not None and (g.user is None or current.user == g.user)
+                if ours:
+                    state[g.key] = None
+                results.append((index, ours))
+            elif current is None or current.expires < g.expires:
+                state[g.key] = g
+                results.append((index, g))
+            else:
+                results.append((index, current))
+        plans[fam.version] = (results, before, state)
+        changed, _ = self._write(fam, table, state)
+        return changed, (before, state)
 
-    # -- helpers ---------------------------------------------------------------------------
+    def _held(self, fam: Family, table: Any, keys: set[GrantKey]) -> dict[GrantKey, Grant]:
+        """The grant in force for each of ``keys`` (the latest of duplicates)."""
+        where = slice(fam.src, fam.src + fam.addr_len)
+        sources = {key[0].packed for key in keys}
+        found: dict[GrantKey, Grant] = {}
+        for item in self._scan(fam, table, lambda raw: raw[where] in sources):
+            if isinstance(item, Grant) and item.key in keys:
+                _keep_latest(found, item)
+        return found
 
-    @contextlib.contextmanager
-    def _op(self, what: str, lock: bool) -> Iterator[None]:
+    def _write(
+        self, fam: Family, table: Any, state: dict[GrantKey, Grant | None]
+    ) -> tuple[bool, None]:
+        """Make the rules of each key in ``state`` exactly its grant (or none): replace in
+        place where a rule is, then delete the rest (from the bottom), then append."""
+        self._need_chain(fam, table)
+        where = slice(fam.src, fam.src + fam.addr_len)
+        sources = {key[0].packed for key in state}
+        found: dict[GrantKey, list[tuple[int, Grant]]] = {}
+        for index, item in enumerate(self._scan(fam, table, lambda raw: raw[where] in sources)):
+            if isinstance(item, Grant) and item.key in state:
+                found.setdefault(item.key, []).append((index, item))
+        chain = iptc.Chain(table, self.chain)
+        drop: list[int] = []
+        append: list[Grant] = []
+        replaced = False
+        for key, grant in state.items():
+            rules = found.get(key, [])
+            if grant is None:
+                drop += [index for index, _ in rules]
+            elif not rules:
+                append.append(grant)
+            elif [g for _, g in rules] != [grant]:
+                chain.replace_rule(self._rule(fam, grant), rules[0][0])
+                drop += [index for index, _ in rules[1:]]
+                replaced = True
+        for index in sorted(drop, reverse=True):
+            delete_at(table, self.chain, index)
+        for grant in append:
+            chain.append_rule(self._rule(fam, grant))
+        return bool(replaced or drop or append), None
+
+    def _undo(self, fam: Family, before: dict[GrantKey, Grant | None]) -> None:
+        """Put the rules of the keys a committed batch touched back as they were."""
         try:
-            with self._mutex, self._lock.hold() if lock else contextlib.nullcontext():
-                yield
-        except _Busy as error:
-            raise FirewallBusy(f"iptables: {what}: {error}") from None
-        except _Cause as error:
-            raise FirewallError(f"iptables: {what}: {error}") from None
-        except (IPTCError, XTablesError, OSError) as error:
-            raise FirewallError(f"iptables: {what}: {_cause(error)}") from error
-
-    def _transaction(self, fam: _Family, apply: Callable[[Any], tuple[bool, Any]]) -> Any:
-        """Re-read the table, let ``apply`` edit libiptc's copy, commit once if it changed."""
-        for attempt in range(self._retries + 1):
-            table = fam.table()
-            table.refresh()
-            changed, result = apply(table)
-            if changed:
-                try:
-                    table.commit()
-                except IPTCError as error:
-                    if "temporarily unavailable" in str(error) and attempt < self._retries:
-                        log.debug("IPv%d table changed during our commit; redoing", fam.version)
-                        continue
-                    raise
-            return result
-        raise AssertionError("unreachable")
+            self._transaction(fam, lambda table: self._write(fam, table, before))
+        except Exception as error:  # the batch's own error is the one to raise
+            log.error("iptables: cannot undo a batch in the IPv%d table: %s", fam.version, error)
+            return
+        for key, grant in before.items():
+            if grant is None:
+                self._view.pop(key, None)
+            else:
+                self._view[key] = grant
 
     def _scan(
-        self, fam: _Family, table: Any, pick: Callable[[bytes], bool] | None = None
+        self, fam: Family, table: Any, pick: Callable[[bytes], bool] | None = None
     ) -> list[Grant | str | None]:
         """Each rule of our chain parsed (a Grant, or why not), or None where ``pick``
         says the raw entry is not worth parsing."""
         return [
-            _parse(fam, raw, _target(table, entry)) if pick is None or pick(raw) else None
-            for raw, entry in _entries(table, self.chain)
+            _parse(fam, raw, target_of(table, entry)) if pick is None or pick(raw) else None
+            for raw, entry in entries(table, self.chain)
         ]
 
-    def _find(self, fam: _Family, table: Any, key: GrantKey) -> list[tuple[int, Grant]]:
+    def _find(self, fam: Family, table: Any, key: GrantKey) -> list[tuple[int, Grant]]:
         """(index, grant) of the grants with ``key`` in our chain (parsing only same-source
         rules)."""
         where, packed = slice(fam.src, fam.src + fam.addr_len), key[0].packed
         found = self._scan(fam, table, lambda raw: raw[where] == packed)
         return [(index, item) for index, item in enumerate(found) if _has_key(item, key)]
 
-    def _need_chain(self, fam: _Family, table: Any) -> None:
-        if not table.is_chain(self.chain):
-            raise _Cause(
-                f"chain {self.chain} is missing from the IPv{fam.version} filter table "
-                "(setup() not called, or removed by hand)"
-            )
-
-    def _family_of(self, address: IPv4Address | IPv6Address, what: str) -> _Family:
-        if address.version not in self.families:
-            raise FirewallError(
-                f"iptables: {what}: IPv{address.version} is not enabled "
-                f"(families {', '.join(map(str, self.families))})"
-            )
-        return _FAMILIES[address.version]
-
-    def _rule(self, fam: _Family, grant: Grant) -> Any:
+    def _rule(self, fam: Family, grant: Grant) -> Any:
         rule = fam.rule_cls()
         rule.src = f"{grant.source}/{fam.bits}"
         if grant.destination is not None:
@@ -620,6 +515,10 @@ class IptablesFirewall:
         rule.target = iptc.Target(rule, "ACCEPT")
         rule.final_check()
         return rule
+
+
+def _in(fam: Family, change: GrantChange) -> bool:
+    return change.grant.source.version == fam.version
 
 
 def _has_key(item: Grant | str, key: GrantKey) -> bool:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 BACKENDS: Mapping[str, str] = MappingProxyType(
     {
         "iptables": "knockd_fast.firewall.iptables:IptablesFirewall",
+        "ipset": "knockd_fast.firewall.ipset:IpsetFirewall",
         "nftables": "knockd_fast.firewall.nftables:NftablesFirewall",
         "dry-run": "knockd_fast.firewall.dryrun:DryRunFirewall",
     }
@@ -27,7 +28,12 @@ NAMES = tuple(BACKENDS)
 # Which netfilter front end each backend writes: python-iptables writes the legacy xtables;
 # nf_tables is what `nft` and Debian's own `iptables` (iptables-nft) write. None: nothing.
 KINDS: Mapping[str, str | None] = MappingProxyType(
-    {"iptables": "legacy xtables", "nftables": "nf_tables", "dry-run": None}
+    {
+        "iptables": "legacy xtables",
+        "ipset": "legacy xtables",
+        "nftables": "nf_tables",
+        "dry-run": None,
+    }
 )
 
 
