@@ -667,8 +667,8 @@ def test_dry_run_disabled_family() -> None:
 def test_backend_arguments_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DryRunFirewall(**kwargs)
-    with pytest.raises(ValueError, match="unknown firewall backend 'nftables'"):
-        backend_class("nftables")
+    with pytest.raises(ValueError, match="unknown firewall backend 'pf'"):
+        backend_class("pf")
 
 
 A = ip_address("192.0.2.2")
