@@ -45,16 +45,21 @@ def percentile(samples: list[float], share: float) -> float:
 
 
 def build_firewall(backend: str):  # noqa: ANN201
-    """The backend the daemon would build from a config naming it (all other settings at
-    their defaults)."""
+    """The backend the daemon would build from a config naming it (the other settings at
+    their defaults, but what the largest size needs)."""
     from knock_client.keys import write_key_file
     from knockd_fast.config import load_config
     from knockd_fast.firewall import registry
 
+    # What each backend needs beyond the defaults to hold the largest size.
+    extra = {
+        "nftables": 'protect = ["22/tcp"]\n',
+        "ipset": f"ipset_maxelem = {2 * max(SIZES)}\n",
+    }.get(backend, "")
     directory = Path(tempfile.mkdtemp(prefix="kf-fwbench-"))
     write_key_file(directory / "bench.key", bytes(32))
     (directory / "config.toml").write_text(
-        f'[capture]\ninterface = "lo"\n[grants]\nbackend = "{backend}"\n'
+        f'[capture]\ninterface = "lo"\n[grants]\nbackend = "{backend}"\n{extra}'
         f'[state]\ndirectory = "{directory / "state"}"\n'
         '[[users]]\nid = 1\nname = "bench"\nkey_file = "bench.key"\nallow = ["22/tcp"]\n'
     )
