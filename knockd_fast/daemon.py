@@ -268,7 +268,10 @@ class Doorman:
         capture.lost_at = None
 
     def reload(self) -> None:
-        """SIGHUP: new users and keys (and grant/timing settings); a broken file changes nothing."""
+        """SIGHUP: new users and keys (and grant/timing settings); a broken file changes nothing.
+        The firewall thread reads the grants back from the kernel either way (an admin may
+        have changed them by hand)."""
+        self.worker.request_reread()
         try:
             fresh = load_config(self.config.path)
         except ConfigError as error:

@@ -486,3 +486,16 @@ def test_a_sweep_repairs_what_someone_removed_and_says_so(worker_for, caplog) ->
     )
     assert said[1].startswith("firewall: repair failed (dry-run: table busy); retrying in 0.1 s")
     assert said[-1] == said[0] and pauses == [0.1]
+
+
+def test_a_reread_request_reads_the_grants_back_on_the_thread(caplog) -> None:
+    """SIGHUP: the firewall thread re-reads the kernel's grants (its view is reset)."""
+    fw = Flaky()
+    worker = FirewallWorker(fw, clock=lambda: float(NOW), sleep=lambda _: None)
+    worker.apply(opening())
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        worker.start()
+        worker.request_reread()
+        worker.stop()
+    assert fw.calls.count("grants") == 1
+    assert "firewall (dry run): grants read back from the firewall: 1 live" in messages(caplog)

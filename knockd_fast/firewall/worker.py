@@ -179,6 +179,7 @@ class FirewallWorker(threading.Thread):
         # A backend that keeps nothing outside this process says so on every line.
         self.tag = "firewall" if firewall.persistent else "firewall (dry run)"
         self.queue = ChangeQueue(queue_limit, clock)
+        self._reread = threading.Event()  # SIGHUP: read the grants back from the kernel
         self.applied = 0  # changes carried out (opens and closes, not sweeps)
         self.failed = 0  # changes and sweeps given up on, after every attempt
         self.retried = 0  # attempts after a failure
@@ -193,6 +194,11 @@ class FirewallWorker(threading.Thread):
         self.queue.close()
         self.join()
 
+    def request_reread(self) -> None:
+        """Read the grants back from the kernel on the thread's next turn (within a second):
+        on SIGHUP, after an admin changed them by hand."""
+        self._reread.set()
+
     def pending(self) -> int:
         """Changes handed over and not yet taken (after coalescing)."""
         return len(self.queue)
@@ -202,6 +208,9 @@ class FirewallWorker(threading.Thread):
         while True:
             changes, closed = self.queue.take(max(0.0, next_sweep - self.clock()))
             self.apply_all(changes)
+            if self._reread.is_set():
+                self._reread.clear()
+                self._attempts("read back", None, lambda _: self._read_back())
             if changes:
                 flush_logs()
             if self.clock() >= next_sweep:
@@ -273,6 +282,11 @@ class FirewallWorker(threading.Thread):
             log.info("%s: kept %s", self.tag, describe(outcome))  # an open never shortens
         else:
             log.info("%s: opened %s", self.tag, describe(grant))
+
+    def _read_back(self) -> None:
+        live = self.firewall.grants()  # the backend's view is reset to what the kernel holds
+        log.info("%s: grants read back from the firewall: %d live", self.tag, len(live))
+        flush_logs()
 
     def _repair(self, firewall: SelfHealing) -> None:
         restored = firewall.repair()
