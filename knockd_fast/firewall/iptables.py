@@ -350,7 +350,7 @@ class IptablesFirewall(XtablesBackend):
             for index, _ in reversed(same[1:]):
                 delete_at(table, self.chain, index)
         else:
-            chain.append_rule(rule)
+            append_grant_rule(table, self.chain, rule)
         return True, in_force
 
     def _close(self, fam: Family, table: Any, key: GrantKey, user: str | None) -> tuple[bool, bool]:
@@ -468,7 +468,7 @@ class IptablesFirewall(XtablesBackend):
         for index in sorted(drop, reverse=True):
             delete_at(table, self.chain, index)
         for grant in append:
-            chain.append_rule(self._rule(fam, grant))
+            append_grant_rule(table, self.chain, self._rule(fam, grant))
         return bool(replaced or drop or append), None
 
     def _undo(self, fam: Family, before: dict[GrantKey, Grant | None]) -> None:
@@ -513,8 +513,16 @@ class IptablesFirewall(XtablesBackend):
             last = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(grant.expires - 1))
             rule.create_match("time").datestop = last  # UTC: xt_time's default
         rule.target = iptc.Target(rule, "ACCEPT")
-        rule.final_check()
         return rule
+
+
+def append_grant_rule(table: Any, chain: str, rule: Any) -> None:
+    """Append a rule built by ``_rule`` to ``chain`` without python-iptables' final_check():
+    it re-parses every option through shlex, 60 % of the 0.83 ms a rule costs (what a batch
+    of a thousand grants spends most on), and none of our matches (tcp/udp, comment, time)
+    has a final check that changes its entry; the kernel checks each entry at commit.
+    (``Chain.replace_rule``, for extensions, never calls it either.)"""
+    table.append_entry(chain, rule.rule)
 
 
 def _in(fam: Family, change: GrantChange) -> bool:
