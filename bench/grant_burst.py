@@ -86,9 +86,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kf-burst-"))
     key = generate_key()
     write_key_file(work / "bench.key", key)
+    # What each backend needs beyond the defaults: the port to drop, room for the burst.
+    backend_extra = {
+        "nftables": 'protect = ["2222/tcp"]\n',
+        "ipset": f"ipset_maxelem = {max(65536, 2 * args.sources * args.waves)}\n",
+    }.get(args.backend, "")
     (work / "config.toml").write_text(
         '[capture]\ninterface = "IFACE"\n'
-        f'[grants]\ndefault_timeout = 600\nbackend = "{args.backend}"\n'
+        f'[grants]\ndefault_timeout = 600\nbackend = "{args.backend}"\n{backend_extra}'
         f'[state]\ndirectory = "{work / "state"}"\n'
         '[[users]]\nid = 1\nname = "bench"\nkey_file = "bench.key"\nallow = ["2222/tcp"]\n'
         # One user knocks for every source of the burst: its caps must not count.
