@@ -62,6 +62,7 @@ from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, End
 
 from knockd_fast import __version__
 from knockd_fast.decisions import REPLAY_JSON_KEYS
+from knockd_fast.firewall.registry import KINDS
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -612,9 +613,11 @@ def doorman(
     default_timeout, max_timeout, modes). With ``start=False`` nothing runs yet. With
     ``second_link`` a third namespace hangs off a second server interface, and the daemon
     captures on both. ``capture`` (e.g. ``"any"``) is the ``capture.interface`` to configure
-    instead of the links' interfaces. ``backend="nftables"`` configures that backend with
-    ``grants.protect`` = the ports (the daemon's own chain drops them unless granted), and
-    adds no iptables DROP rules.
+    instead of the links' interfaces. ``backend`` is ``grants.backend``: the backends that
+    write the legacy xtables (``registry.KINDS``: iptables, ipset) get the DROP rules in
+    iptables-legacy, the family of their grants (GUIDE section 5); ``backend="nftables"``
+    configures ``grants.protect`` = the ports instead (the daemon's own chain drops them
+    unless granted) and adds no iptables DROP rules.
     """
     if backend != "iptables":
         extra = {table: dict(keys) for table, keys in (settings.pop("extra", None) or {}).items()}
@@ -664,7 +667,7 @@ def doorman(
         harness._helpers.append(_spawn_listener(server, ports))
         if start:
             harness.start()
-            if backend == "iptables":
+            if KINDS[backend] == "legacy xtables":
                 close_ports(harness)
         yield harness
 
