@@ -99,6 +99,8 @@ DEFAULT_SET_NAME = "knockd-fast"
 DEFAULT_MAXELEM = 65_536  # ipset's own default
 MAX_TIMEOUT = 2_147_483  # IPSET_MAX_TIMEOUT: (UINT_MAX >> 1) / MSEC_PER_SEC
 IPSET_ERR_EXIST = 4103  # add: already added; del: not added
+IPSET_ERR_HASH_FULL = 4352  # IPSET_ERR_TYPE_SPECIFIC: the hash types' first own code
+_TYPE_ERRORS = {IPSET_ERR_HASH_FULL: "Hash is full, cannot add more elements"}  # errcode.c
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17}
 _PROTO_NAMES = {6: "tcp", 17: "udp"}
@@ -116,9 +118,15 @@ class _Surprise(Exception):
     """The kernel held something the view did not expect (in a batch: abort it)."""
 
 
+def _kernel_error(code: int, cmd: int) -> NetlinkError:
+    """pyroute2's error (and its text) for an ipset error code; a set type's own codes it
+    has no text for (the one we meet: a full set)."""
+    return _IPSetError(code, msg=_TYPE_ERRORS.get(code), cmd=cmd)
+
+
 def _refused(code: int, cmd: int, what: str) -> NetlinkError:
     """The kernel's error for one message, with the change it was for (``_op`` says it)."""
-    error = _IPSetError(code, cmd=cmd)
+    error = _kernel_error(code, cmd)
     error.what = what  # type: ignore[attr-defined]
     return error
 
@@ -461,7 +469,7 @@ class IpsetFirewall(XtablesBackend):
             elif exclusive and code == IPSET_ERR_EXIST:
                 raise _Surprise(f"set {name} holds {format_key(grant.key)} already")
             elif failed is not None:
-                failed(_IPSetError(code, cmd=IPSET_CMD_ADD))
+                failed(_kernel_error(code, IPSET_CMD_ADD))
             else:
                 raise _refused(code, IPSET_CMD_ADD, f"add grant {format_key(grant.key)}")
 
@@ -485,7 +493,7 @@ class IpsetFirewall(XtablesBackend):
                 if then is not None:
                     then(code == 0)
             elif failed is not None:
-                failed(_IPSetError(code, cmd=IPSET_CMD_DEL))
+                failed(_kernel_error(code, IPSET_CMD_DEL))
             else:
                 raise _refused(code, IPSET_CMD_DEL, what)
 
