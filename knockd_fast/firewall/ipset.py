@@ -617,8 +617,15 @@ class IpsetFirewall(XtablesBackend):
     @contextlib.contextmanager
     def _op(self, what: str, lock: bool) -> Iterator[None]:
         try:
-            with super()._op(what, lock):
-                yield
+            with super()._op(what, lock):  # an OSError becomes a FirewallError there
+                try:
+                    yield
+                except OSError:  # our netlink socket's too (answers lost: ENOBUFS, timeout):
+                    sock = getattr(self._local, "netlink", None)
+                    if sock is not None:  # the next change starts on a fresh socket
+                        sock.close()
+                        self._local.netlink = None
+                    raise
         except NetlinkError as error:
             change = getattr(error, "what", None)  # the change a batch's error was for
             where = f"{what}: {change}" if change and change != what else what
