@@ -259,6 +259,81 @@ def test_a_batch_is_undone_when_a_change_fails(sp: SetProbe) -> None:
     assert not [m for m in sp.members("knockd-fast-v4-any") if m.startswith("192.0.2.3,")]
 
 
+def _many(count: int, seconds: int = 600) -> list[dict]:
+    """``count`` grants bound to 192.0.2.1, from 198.18.0.0/15, users and expiries varied."""
+    now = int(time.time())
+    return [
+        grant(f"198.18.{n // 256}.{n % 256}", 22, dest="192.0.2.1", user=f"u{n % 7}",
+              expires=now + seconds + n % 50)  # fmt: skip
+        for n in range(count)
+    ]
+
+
+def _by_source(lines: list[str]) -> dict[str, str]:
+    return {line.split(",", 1)[0]: line for line in lines}
+
+
+def test_a_batch_of_1000_lands_with_comments_and_timeouts(sp: SetProbe) -> None:
+    """1,000 opens in one batch (pipelined sends), then closes and extensions of them."""
+    opens = _many(1000)
+    closes = [["close", g] for g in opens[::2]]
+    longer = [{**g, "expires": g["expires"] + 900, "user": "carol"} for g in opens[1::4]]
+    results = sp.raw(
+        [
+            ["setup"],
+            ["batch", [["open", g] for g in opens]],
+            ["sh", ["ipset", "list", "knockd-fast-v4"]],
+            ["batch", closes + [["open", g] for g in longer]],
+            ["grants"],
+        ]
+    )
+    assert results[1]["ok"] == opens
+    members = _by_source(results[2]["ok"]["out"].split("Members:\n", 1)[1].strip().splitlines())
+    assert len(members) == 1000
+    for g in opens:
+        line = members[g["source"]]
+        assert line.startswith(f"{g['source']},tcp:22,192.0.2.1 timeout "), line
+        assert abs(timeout_of(line) - (g["expires"] - time.time())) <= 3, line
+        assert line.endswith(f'comment "knockd-fast user={g["user"]} expires={g["expires"]}"')
+    assert results[3]["ok"] == [True] * len(closes) + longer
+    kept = {g["source"]: g for g in opens[1::2]} | {g["source"]: g for g in longer}
+    assert results[4]["ok"] == sort_json(list(kept.values()))
+    members = _by_source(sp.members("knockd-fast-v4"))
+    assert sorted(members) == sorted(kept)
+    for g in longer:
+        assert members[g["source"]].endswith(f'user=carol expires={g["expires"]}"')
+
+
+def test_a_failing_message_mid_batch_is_reported_for_its_change(sp: SetProbe) -> None:
+    """The set holds 600 (maxelem): of 1,000 adds sent together the 601st fails, and so do
+    the ones after it; a close after them in the same send succeeds in the kernel. The
+    error names the 601st grant and everything is put back: the close too."""
+    held = soon(300, source="192.0.2.2", dest="192.0.2.1")
+    opens = _many(1000)
+    before = sp([["setup"], ["open", held], ["grants"]], maxelem=600, families=[4])[2]
+    changes = [["open", g] for g in opens] + [["close", held]]
+    results = sp.raw([["grants"], ["batch", changes], ["grants"]], maxelem=600, families=[4])
+    error = results[1]["error"]
+    change = "add grant 198.18.2.87 -> 192.0.2.1 22/tcp"  # #599: the set holds 1 + 599
+    assert error.startswith(f"ipset: apply a batch of 1001 changes: {change}: "), error
+    assert "Hash is full" in error, error
+    assert results[2]["ok"] == before
+    (line,) = sp.members("knockd-fast-v4")
+    assert line.endswith(f'comment "knockd-fast user=alice expires={held["expires"]}"'), line
+
+
+def test_an_entry_behind_the_views_back_mid_batch_undoes_the_ones_after_it(sp: SetProbe) -> None:
+    opens = _many(1000)
+    sp([["setup"]], families=[4])
+    sp.ipset("add", "knockd-fast-v4", "198.18.1.244,tcp:22,192.0.2.1", "comment", "x")  # #500
+    results = sp.raw([["batch", [["open", g] for g in opens]], ["grants"]], families=[4])
+    assert "holds 198.18.1.244 -> 192.0.2.1 22/tcp already" in results[0]["error"], results[0]
+    assert results[1]["ok"] == []
+    assert sp.members("knockd-fast-v4") == [
+        '198.18.1.244,tcp:22,192.0.2.1 timeout 0 comment "x"'
+    ]
+
+
 # -- batches against the dry run: random change sequences, both backends ----------------
 
 SOURCES = ["192.0.2.2", "192.0.2.3", "2001:db8::2"]

@@ -15,29 +15,34 @@ does it: ``libiptc.XtablesBackend``), written with python-iptables, exactly::
 The daemon always binds a grant to the destination its knock went to, so the ``-any`` set
 only holds grants made by other tools through this class (``destination=None``).
 
-A grant is one entry, added through pyroute2's ipset netlink API with the grant's
-remaining seconds as its timeout and ``format_comment(grant)`` (user and absolute expiry) as
-its comment, read back by ``grants()``. The kernel removes the entry at its timeout (it
-stops matching at once, even while the daemon is dead); ``expire`` deletes what is due and
-drops it from the view. The timeout is rounded up to whole seconds, so the entry ends
-within a second after the grant's expiry, never before; a grant longer than ipset's
-largest timeout (2,147,483 s, about 24 days) gets none and is removed by the sweep.
+A grant is one entry, added over netlink (``ipset_netlink``: our encoder of ipset's add,
+del and test on a raw socket; pyroute2's ``IPSet`` creates, lists and destroys the sets)
+with the grant's remaining seconds as its timeout and ``format_comment(grant)`` (user and
+absolute expiry) as its comment, read back by ``grants()``. The kernel removes the entry
+at its timeout (it stops matching at once, even while the daemon is dead); ``expire``
+deletes what is due and drops it from the view. The timeout is rounded up to whole
+seconds, so the entry ends within a second after the grant's expiry, never before; a grant
+longer than ipset's largest timeout (2,147,483 s, about 24 days) gets none and is removed
+by the sweep.
 
-Extending re-adds the entry with ``exclusive=False`` (NLM_F_EXCL off: the kernel replaces
-the entry's timeout, on every kernel from 6.1 up) and the comment again (pyroute2 sends no
-comment unless given one, and the kernel then clears it).
+Extending re-adds the entry with NLM_F_EXCL off (the kernel replaces the entry's timeout,
+on every kernel from 6.1 up) and the comment again (an add without one clears it).
 
-Changes cost one netlink round trip each and do not depend on how many grants are live.
-They decide from the backend's view of the sets (read at ``setup``, ``grants`` and
+A change costs one netlink round trip and does not depend on how many grants are live.
+Changes decide from the backend's view of the sets (read at ``setup``, ``grants`` and
 ``reconcile``), checked against the kernel where the view may be stale: an add of a key
 the view does not hold is exclusive (an entry already there makes the view re-read).
 
-Batches. ipset has no transactions over netlink: ``apply_batch`` applies the changes one by
-one, remembering what each replaced, and on any failure puts every entry it touched back as
-it was, in reverse order, before raising (a crash in the middle leaves the changes made so
-far, each a complete grant or none). A batch trusts the view: anything the view did not
-expect (an entry that is there or gone behind its back) aborts it, and the worker then goes
-one by one, where each change re-reads what it needs.
+Batches. ipset has no transactions over netlink: ``apply_batch`` decides the changes one by
+one from the view, as single changes would, and sends their messages together, many per
+``sendmsg`` (``_Pipe``; the kernel answers each, in order). It remembers what each change
+replaced, and on any failure puts every entry it touched back as it was, in reverse order,
+before raising, naming the change that failed (a crash in the middle leaves the changes
+made so far, each a complete grant or none). No two messages of one send touch the same
+entry, so the ones after a failed message, which the kernel still applies, are undone
+exactly as the ones before it. A batch trusts the view: anything the view did not expect
+(an entry that is there or gone behind its back) aborts it, and the worker then goes one
+by one, where each change re-reads what it needs.
 """
 
 from __future__ import annotations
@@ -48,13 +53,13 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
 import iptc
 from pyroute2 import IPSet
-from pyroute2.ipset import PortEntry
+from pyroute2.ipset import _IPSetError  # the texts of ipset's error codes (errcode.c)
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.ipset import IPSET_FLAG_LIST_HEADER
 
@@ -70,6 +75,18 @@ from knockd_fast.firewall.base import (
     parse_comment,
     sort_key,
 )
+from knockd_fast.firewall.ipset_netlink import (
+    IPSET_CMD_ADD,
+    IPSET_CMD_DEL,
+    IPSET_CMD_TEST,
+    NLM_F_EXCL,
+    IpsetSocket,
+    Request,
+    body,
+    entry_extensions,
+    entry_key,
+    set_prefix,
+)
 from knockd_fast.firewall.libiptc import Family, XtablesBackend
 from knockd_fast.firewall.xtables import DEFAULT_CHAIN
 
@@ -82,11 +99,14 @@ DEFAULT_SET_NAME = "knockd-fast"
 DEFAULT_MAXELEM = 65_536  # ipset's own default
 MAX_TIMEOUT = 2_147_483  # IPSET_MAX_TIMEOUT: (UINT_MAX >> 1) / MSEC_PER_SEC
 IPSET_ERR_EXIST = 4103  # add: already added; del: not added
+IPSET_ERR_HASH_FULL = 4352  # IPSET_ERR_TYPE_SPECIFIC: the hash types' first own code
+_TYPE_ERRORS = {IPSET_ERR_HASH_FULL: "Hash is full, cannot add more elements"}  # errcode.c
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17}
 _PROTO_NAMES = {6: "tcp", 17: "udp"}
 _BOUND, _ANY = "hash:ip,port,ip", "hash:ip,port"
 _ADDR = {4: "IPSET_ATTR_IPADDR_IPV4", 6: "IPSET_ATTR_IPADDR_IPV6"}
+Entry = tuple[str, bytes]  # (set name, the entry's key attributes: ipset_netlink.entry_key)
 
 
 def set_names(name: str, version: int) -> tuple[str, str]:
@@ -96,6 +116,69 @@ def set_names(name: str, version: int) -> tuple[str, str]:
 
 class _Surprise(Exception):
     """The kernel held something the view did not expect (in a batch: abort it)."""
+
+
+def _kernel_error(code: int, cmd: int) -> NetlinkError:
+    """pyroute2's error (and its text) for an ipset error code; a set type's own codes it
+    has no text for (the one we meet: a full set)."""
+    return _IPSetError(code, msg=_TYPE_ERRORS.get(code), cmd=cmd)
+
+
+def _refused(code: int, cmd: int, what: str) -> NetlinkError:
+    """The kernel's error for one message, with the change it was for (``_op`` says it)."""
+    error = _kernel_error(code, cmd)
+    error.what = what  # type: ignore[attr-defined]
+    return error
+
+
+class _Pipe:
+    """Requests on their way to the kernel, each with what to do with its answer.
+
+    ``put`` queues one; the queue goes out in one ``sendmsg`` when it is a chunk, when a
+    request names an entry already queued (so that in one send no two messages touch the
+    same entry: the kernel goes on after a failed message, and what it did after it is
+    then undone exactly), and at ``flush``. ``eager`` sends each at once (single changes:
+    their caller updates the view only after the kernel's answer). The answers run in
+    order; the first one that raises is raised after all of the send's have run (so that
+    every success is in the undo list), and nothing more is sent.
+    """
+
+    def __init__(self, sock: IpsetSocket, eager: bool = False) -> None:
+        self._sock = sock
+        self._eager = eager
+        self._queue: list[Request] = []
+        self._then: list[Callable[[int], None]] = []
+        self._entries: set[Entry] = set()
+
+    def put(self, entry: Entry, request: Request, then: Callable[[int], None]) -> None:
+        if entry in self._entries or len(self._queue) >= self._sock.chunk:
+            self.flush()
+        self._queue.append(request)
+        self._then.append(then)
+        self._entries.add(entry)
+        if self._eager:
+            self.flush()
+
+    def ask(self, entry: Entry, request: Request) -> int:
+        """Send ``request`` with what is queued, now; its answer's code."""
+        answer: list[int] = []
+        self.put(entry, request, answer.append)
+        self.flush()
+        return answer[0]
+
+    def flush(self) -> None:
+        if not self._queue:
+            return
+        queue, then = self._queue, self._then
+        self._queue, self._then, self._entries = [], [], set()
+        failure: BaseException | None = None
+        for code, answer in zip(self._sock.exchange(queue), then, strict=True):
+            try:
+                answer(code)
+            except (_Surprise, NetlinkError) as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
 
 class IpsetFirewall(XtablesBackend):
@@ -125,7 +208,8 @@ class IpsetFirewall(XtablesBackend):
         self.maxelem = maxelem
         self._clock = clock
         self._view: dict[GrantKey, Grant] = {}
-        self._local = threading.local()  # one netlink socket per thread
+        self._local = threading.local()  # netlink sockets: one of each per thread
+        self._prefixes: dict[str, bytes] = {}  # set name -> its requests' first attributes
 
     @classmethod
     def from_settings(cls, settings: GrantSettings) -> IpsetFirewall:
@@ -161,10 +245,10 @@ class IpsetFirewall(XtablesBackend):
         self._family_of(grant.source, what)
         with self._op(what, lock=False):
             try:
-                return self._open(grant, [])
+                return self._open(grant, [], self._pipe(eager=True))
             except _Surprise:  # an entry the view did not know of: read the family again
                 self._refresh(grant.family)
-                return self._open(grant, [])
+                return self._open(grant, [], self._pipe(eager=True))
 
     def close(self, key: GrantKey, user: str | None = None) -> bool:
         key = tuple(getattr(key, "key", key))  # a Grant is accepted for its key
@@ -172,13 +256,14 @@ class IpsetFirewall(XtablesBackend):
             return False
         with self._op(f"remove grant {format_key(key)}", lock=False):
             try:
-                return self._close(key, user, [])
+                return self._close(key, user, [], self._pipe(eager=True))[0]
             except _Surprise:
                 self._refresh(key[0].version)
-                return self._close(key, user, [])
+                return self._close(key, user, [], self._pipe(eager=True))[0]
 
     def apply_batch(self, changes: Sequence[GrantChange]) -> list[ChangeOutcome]:
-        """The changes one by one, undone in reverse on any failure (see the module)."""
+        """The changes decided one by one, their messages sent together, all undone in
+        reverse on any failure (see the module)."""
         for change in changes:
             if change.action == Action.OPEN:
                 self._family_of(change.grant.source, f"add grant {format_key(change.grant.key)}")
@@ -186,15 +271,20 @@ class IpsetFirewall(XtablesBackend):
             view = dict(self._view)
             undo: list[tuple[GrantKey, Grant | None]] = []
             try:
-                outcomes: list[ChangeOutcome] = []
+                pipe = self._pipe()
+                outcomes: list[Grant | list[bool]] = []
                 for change in changes:
                     g = change.grant
                     if change.action == Action.CLOSE:
-                        closes = g.family in self.families
-                        outcomes.append(closes and self._close(g.key, g.user, undo))
+                        if g.family not in self.families:
+                            outcomes.append([False])
+                            continue
+                        outcomes.append(self._close(g.key, g.user, undo, pipe))
                     else:
-                        outcomes.append(self._open(g, undo))
-                return outcomes
+                        outcomes.append(self._open(g, undo, pipe))
+                pipe.flush()
+                # a close's outcome is its cell, filled in by the kernel's answer
+                return [out if isinstance(out, Grant) else out[0] for out in outcomes]
             except (_Surprise, NetlinkError, OSError) as error:
                 self._undo(undo)
                 self._view = view
@@ -206,17 +296,20 @@ class IpsetFirewall(XtablesBackend):
         with self._op("reconcile", lock=False):
             kept: dict[GrantKey, Grant] = {}
             removed: list[Grant] = []
+            pipe = self._pipe()
             for fam in self._fams:
-                for item, (name, entry, etype) in self._read(fam):
+                # the whole listing first: no deletes in the middle of the kernel's dump
+                for item, (name, entry) in list(self._read(fam)):
                     if isinstance(item, Grant) and not item.expired(now):
                         kept[item.key] = item
                         continue
-                    self._del(name, entry, etype, fam.version)
+                    self._del(pipe, (name, entry))
                     if isinstance(item, Grant):
                         removed.append(item)
                     else:
                         log.warning("reconcile: removed an entry of set %s, not a grant: %s",
                                     name, item)  # fmt: skip
+            pipe.flush()
             self._view = kept
             return sorted(kept.values(), key=sort_key), sorted(removed, key=sort_key)
 
@@ -229,8 +322,11 @@ class IpsetFirewall(XtablesBackend):
             if not due:
                 return []
             with self._op("expire", lock=False):
+                pipe = self._pipe()
                 for grant in due:
-                    self._del(*self._entry(grant.key), grant.family)
+                    self._del(pipe, self._entry(grant.key))
+                pipe.flush()  # on a failure the view keeps them all: the next expire retries
+                for grant in due:
                     del self._view[grant.key]
             return sorted(due, key=sort_key)
 
@@ -246,8 +342,10 @@ class IpsetFirewall(XtablesBackend):
                     return None
             self.setup()
             with self._op("re-add the live grants", lock=False):
+                pipe = self._pipe()
                 for grant in live:
-                    self._add(grant, exclusive=False)
+                    self._add(pipe, grant, exclusive=False)
+                pipe.flush()
             return sorted(live, key=sort_key)
 
     def teardown(self) -> None:
@@ -259,64 +357,90 @@ class IpsetFirewall(XtablesBackend):
                         self._ipset().destroy(name)
             self._view.clear()
 
-    # -- the changes (``undo`` collects (key, what the kernel held before)) -------------
+    # -- the changes (``undo`` collects (key, what the kernel held before), in the order of
+    # the kernel's answers; ``pipe`` takes their messages) --------------------------------
 
-    def _open(self, grant: Grant, undo: list) -> Grant:
+    def _open(self, grant: Grant, undo: list, pipe: _Pipe) -> Grant:
         held = self._view.get(grant.key)
         if held is not None and held.expires >= grant.expires:
             # an open never shortens a grant (nor takes it from its user), if it is there
-            name, entry, etype = self._entry(grant.key)
-            if self._ipset().test(name, entry, family=_AF[grant.family], etype=etype):
+            if self._test(pipe, self._entry(grant.key)):
                 return held
             held = None  # removed behind our back: add it as new
             self._view.pop(grant.key, None)
-        self._add(grant, exclusive=held is None)
-        undo.append((grant.key, held))
+        self._add(pipe, grant, exclusive=held is None,
+                  then=lambda: undo.append((grant.key, held)))  # fmt: skip
         self._view[grant.key] = grant
         return grant
 
-    def _close(self, key: GrantKey, user: str | None, undo: list) -> bool:
+    def _close(self, key: GrantKey, user: str | None, undo: list, pipe: _Pipe) -> list[bool]:
+        """Whether the grant was closed, as a cell the kernel's answer fills in (in a
+        batch, when its send goes out)."""
         held = self._view.get(key)
-        name, entry, etype = self._entry(key)
+        entry = self._entry(key)
         if held is None:
-            if self._ipset().test(name, entry, family=_AF[key[0].version], etype=etype):
-                raise _Surprise(f"set {name} holds {format_key(key)}, unknown to the view")
-            return False
+            if self._test(pipe, entry):
+                raise _Surprise(f"set {entry[0]} holds {format_key(key)}, unknown to the view")
+            return [False]
         if user is not None and held.user != user:
-            return False  # only the grant's own user may close it
-        gone = self._del(name, entry, etype, key[0].version)
+            return [False]  # only the grant's own user may close it
         self._view.pop(key, None)
-        if not gone:
-            return False  # gone already (its timeout, or by hand)
-        undo.append((key, held))
-        return True
+        closed = [True]
+
+        def gone(deleted: bool) -> None:
+            closed[0] = deleted  # False: gone already (its timeout, or by hand)
+            if deleted:
+                undo.append((key, held))
+
+        self._del(pipe, entry, then=gone, what=f"remove grant {format_key(key)}")
+        return closed
 
     def _undo(self, undo: list[tuple[GrantKey, Grant | None]]) -> None:
+        pipe = self._pipe()
         for key, before in reversed(undo):
-            try:
-                if before is None:
-                    self._del(*self._entry(key), key[0].version)
-                else:
-                    self._add(before, exclusive=False)
-            except (NetlinkError, OSError) as error:
+
+            def failed(error: NetlinkError, key: GrantKey = key) -> None:
                 log.error("ipset: cannot undo a batch's change of %s: %s", format_key(key), error)
+
+            if before is None:
+                self._del(pipe, self._entry(key), failed=failed)
+            else:
+                self._add(pipe, before, exclusive=False, failed=failed)
+        try:
+            pipe.flush()
+        except OSError as error:
+            log.error("ipset: cannot undo a batch: %s", error)
 
     # -- the kernel ---------------------------------------------------------------------
 
     def _ipset(self) -> IPSet:
+        """pyroute2's ipset socket of this thread: create, list, destroy."""
         sock = getattr(self._local, "ipset", None)
         if sock is None:
             sock = self._local.ipset = IPSet()
         return sock
 
-    def _entry(self, key: GrantKey) -> tuple[str, tuple, str]:
-        """(set name, pyroute2 entry, etype) of a grant's key."""
+    def _pipe(self, eager: bool = False) -> _Pipe:
+        """A pipe on this thread's raw socket: add, del, test (``ipset_netlink``)."""
+        sock = getattr(self._local, "netlink", None)
+        if sock is None:
+            sock = self._local.netlink = IpsetSocket()
+        return _Pipe(sock, eager)
+
+    def _entry(self, key: GrantKey) -> Entry:
+        """(set name, the entry's key attributes) of a grant's key."""
         source, proto, port, destination = key
         bound, any_set = set_names(self.set_name, source.version)
-        port_entry = PortEntry(port, _PROTO_NUMBERS[proto])
-        if destination is None:
-            return any_set, (str(source), port_entry), "ip,port"
-        return bound, (str(source), port_entry, str(destination)), "ip,port,ip"
+        name = any_set if destination is None else bound
+        return name, entry_key(source, port, _PROTO_NUMBERS[proto], destination)
+
+    def _body(self, name: str, data: bytes) -> bytes:
+        """A request's attributes for set ``name`` (the set's part built once)."""
+        prefix = self._prefixes.get(name)
+        if prefix is None:
+            protocol = self._local.netlink.protocol
+            prefix = self._prefixes[name] = set_prefix(protocol, name)
+        return body(prefix, data)
 
     def _timeout(self, grant: Grant) -> int:
         """The entry's timeout: the grant's remaining seconds, rounded up (at least 1); 0
@@ -324,32 +448,64 @@ class IpsetFirewall(XtablesBackend):
         remaining = math.ceil(grant.expires - self._clock())
         return 0 if remaining > MAX_TIMEOUT else max(1, remaining)
 
-    def _add(self, grant: Grant, exclusive: bool) -> None:
-        name, entry, etype = self._entry(grant.key)
-        try:
-            self._ipset().add(
-                name,
-                entry,
-                family=_AF[grant.family],
-                etype=etype,
-                exclusive=exclusive,
-                timeout=self._timeout(grant),
-                comment=format_comment(grant),  # always: an add without one clears it
-            )
-        except NetlinkError as error:
-            if exclusive and error.code == IPSET_ERR_EXIST:
-                raise _Surprise(f"set {name} holds {format_key(grant.key)} already") from None
-            raise
+    def _add(
+        self,
+        pipe: _Pipe,
+        grant: Grant,
+        exclusive: bool,
+        then: Callable[[], None] | None = None,
+        failed: Callable[[NetlinkError], None] | None = None,
+    ) -> None:
+        """Add (or with ``exclusive`` off, replace) a grant's entry; ``then`` once done."""
+        name, key = entry = self._entry(grant.key)
+        # always the comment: an add without one clears it
+        data = key + entry_extensions(self._timeout(grant), format_comment(grant))
+        request = (IPSET_CMD_ADD, NLM_F_EXCL if exclusive else 0, self._body(name, data))
 
-    def _del(self, name: str, entry: tuple, etype: str, version: int) -> bool:
-        """Delete one entry; False if it was not there."""
-        try:
-            self._ipset().delete(name, entry, family=_AF[version], etype=etype)
-        except NetlinkError as error:
-            if error.code == IPSET_ERR_EXIST:
-                return False
-            raise
-        return True
+        def answer(code: int) -> None:
+            if code == 0:
+                if then is not None:
+                    then()
+            elif exclusive and code == IPSET_ERR_EXIST:
+                raise _Surprise(f"set {name} holds {format_key(grant.key)} already")
+            elif failed is not None:
+                failed(_kernel_error(code, IPSET_CMD_ADD))
+            else:
+                raise _refused(code, IPSET_CMD_ADD, f"add grant {format_key(grant.key)}")
+
+        pipe.put(entry, request, answer)
+
+    def _del(
+        self,
+        pipe: _Pipe,
+        entry: Entry,
+        then: Callable[[bool], None] | None = None,
+        failed: Callable[[NetlinkError], None] | None = None,
+        what: str = "remove an entry",
+    ) -> None:
+        """Delete one entry; ``then(False)`` if it was not there (NLM_F_EXCL: the kernel
+        says so instead of ignoring it)."""
+        name, key = entry
+        request = (IPSET_CMD_DEL, NLM_F_EXCL, self._body(name, key))
+
+        def answer(code: int) -> None:
+            if code in (0, IPSET_ERR_EXIST):
+                if then is not None:
+                    then(code == 0)
+            elif failed is not None:
+                failed(_kernel_error(code, IPSET_CMD_DEL))
+            else:
+                raise _refused(code, IPSET_CMD_DEL, what)
+
+        pipe.put(entry, request, answer)
+
+    def _test(self, pipe: _Pipe, entry: Entry) -> bool:
+        """Whether the set holds the entry (now: what ``pipe`` holds goes out first)."""
+        name, key = entry
+        code = pipe.ask(entry, (IPSET_CMD_TEST, 0, self._body(name, key)))
+        if code not in (0, IPSET_ERR_EXIST):
+            raise _refused(code, IPSET_CMD_TEST, f"test {name}")
+        return code == 0
 
     def _create(self, fam: Family, name: str, stype: str) -> None:
         header = self._header(name)
@@ -407,7 +563,7 @@ class IpsetFirewall(XtablesBackend):
                     return False
         return True
 
-    def _read(self, fam: Family) -> Iterator[tuple[Grant | str, tuple[str, tuple, str]]]:
+    def _read(self, fam: Family) -> Iterator[tuple[Grant | str, Entry]]:
         """Each entry of the family's sets: (its grant or why it is not one, its address)."""
         for name in set_names(self.set_name, fam.version):
             if self._header(name) is None:
@@ -419,7 +575,7 @@ class IpsetFirewall(XtablesBackend):
                 for data in adt.get_attrs("IPSET_ATTR_DATA"):
                     yield self._parse(fam, name, data)
 
-    def _parse(self, fam: Family, name: str, data: Any) -> tuple[Grant | str, tuple]:
+    def _parse(self, fam: Family, name: str, data: Any) -> tuple[Grant | str, Entry]:
         source = ip_address(data.get_attr("IPSET_ATTR_IP_FROM").get_attr(_ADDR[fam.version]))
         port = data.get_attr("IPSET_ATTR_PORT_FROM")
         proto_number = data.get_attr("IPSET_ATTR_PROTO")
@@ -427,11 +583,7 @@ class IpsetFirewall(XtablesBackend):
         destination = None
         if dest_attr is not None:
             destination = ip_address(dest_attr.get_attr(_ADDR[fam.version]))
-        port_entry = PortEntry(port, proto_number)
-        if destination is None:
-            where = (name, (str(source), port_entry), "ip,port")
-        else:
-            where = (name, (str(source), port_entry, str(destination)), "ip,port,ip")
+        where = (name, entry_key(source, port, proto_number, destination))
         proto = _PROTO_NAMES.get(proto_number)
         text = data.get_attr("IPSET_ATTR_COMMENT") or ""
         comment = parse_comment(text)
@@ -465,7 +617,16 @@ class IpsetFirewall(XtablesBackend):
     @contextlib.contextmanager
     def _op(self, what: str, lock: bool) -> Iterator[None]:
         try:
-            with super()._op(what, lock):
-                yield
+            with super()._op(what, lock):  # an OSError becomes a FirewallError there
+                try:
+                    yield
+                except OSError:  # our netlink socket's too (answers lost: ENOBUFS, timeout):
+                    sock = getattr(self._local, "netlink", None)
+                    if sock is not None:  # the next change starts on a fresh socket
+                        sock.close()
+                        self._local.netlink = None
+                    raise
         except NetlinkError as error:
-            raise FirewallError(f"ipset: {what}: {error}") from error
+            change = getattr(error, "what", None)  # the change a batch's error was for
+            where = f"{what}: {change}" if change and change != what else what
+            raise FirewallError(f"ipset: {where}: {error}") from error
