@@ -51,6 +51,11 @@ MAX_JUDGE_SLICE = 1024
 PRUNE_SECONDS = 60  # how often the replay cache forgets expired messages
 
 
+def slice_size(waiting: int) -> int:
+    """How many of ``waiting`` completions one turn judges."""
+    return min(MAX_JUDGE_SLICE, max(JUDGE_SLICE, waiting // 4))
+
+
 def open_capture(engine: Any, interface: str, settings: CaptureSettings) -> None:
     """Open the live handle (raises CaptureError); the engine's table and counters carry over."""
     engine.open_live(interface, buffer_bytes=settings.buffer_bytes)
@@ -148,7 +153,7 @@ class Doorman:
                     self._stop.wait(wait)
                 for capture in live:
                     self.read(capture)
-                self.judge_backlog(min(MAX_JUDGE_SLICE, max(JUDGE_SLICE, len(self.backlog) // 4)))
+                self.judge_backlog(slice_size(len(self.backlog)))
                 for capture in self.captures:
                     if capture.lost_at is not None and self.clock() >= capture.retry_at:
                         self._reopen(capture)

@@ -25,7 +25,7 @@ from knockd_fast import frames
 from knockd_fast._capture import engine_for
 from knockd_fast.capture_spec import LINKTYPE_ETHERNET
 from knockd_fast.config import load_config
-from knockd_fast.daemon import JUDGE_SLICE, Capture, Doorman
+from knockd_fast.daemon import JUDGE_SLICE, MAX_JUDGE_SLICE, Capture, Doorman, slice_size
 from knockd_fast.firewall.base import Grant
 from knockd_fast.firewall.dryrun import DryRunFirewall
 from knockd_fast.firewall.worker import FirewallWorker
@@ -57,9 +57,7 @@ def raised_caps(tmp_path: Path, grants: int = 1000, knocks: int = 1000):
     """The fixture's config with alice's caps raised (its [[users]] table comes last), for
     tests of bursts by one user that are not about the caps."""
     path = tmp_path / "config.toml"
-    path.write_text(
-        path.read_text() + f"max_grants = {grants}\nmax_knocks_per_minute = {knocks}\n"
-    )
+    path.write_text(path.read_text() + f"max_grants = {grants}\nmax_knocks_per_minute = {knocks}\n")
     return load_config(path)
 
 
@@ -505,9 +503,7 @@ def test_three_thousand_opens_from_one_key_stop_at_its_cap_and_another_user_stil
     ]
 
 
-def test_a_reload_that_removes_a_user_closes_its_grants_through_the_worker(
-    setup, caplog
-) -> None:
+def test_a_reload_that_removes_a_user_closes_its_grants_through_the_worker(setup, caplog) -> None:
     tmp_path, _ = setup
     config = two_users(tmp_path)
     a, b, c = sources(3)
@@ -538,8 +534,7 @@ def test_a_reload_that_removes_a_port_closes_those_grants_only(setup, caplog) ->
         door.reload()
     assert grants_of(door) == [(str(a), 22, "alice"), (str(c), 443, "bob")]
     assert (
-        "reload: closing 443/tcp for 198.18.0.1 to 192.0.2.1 (user alice) "
-        "(port no longer allowed)"
+        "reload: closing 443/tcp for 198.18.0.1 to 192.0.2.1 (user alice) (port no longer allowed)"
     ) in caplog.text
     door.reload()  # nothing more to close
     assert len(door.worker.handed) == 4
@@ -566,3 +561,17 @@ def test_grants_read_back_at_start_count_and_those_no_longer_entitled_are_closed
         caplog.text
     )
     assert door.judge.limits.live_grants("alice", NOW) == [held[0]]
+
+
+def test_a_burst_is_judged_in_larger_slices_up_to_a_bound() -> None:
+    """Each slice is one replay-cache transaction and one hand-over to the firewall: a long
+    backlog is judged in fewer, larger slices, never so large that reading the captures
+    waits long (MAX_JUDGE_SLICE at ~40 µs each is ~40 ms)."""
+    assert [slice_size(n) for n in (0, 1, 256, 1_000, 4_000, 65_536)] == [
+        JUDGE_SLICE,
+        JUDGE_SLICE,
+        JUDGE_SLICE,
+        250,
+        1_000,
+        MAX_JUDGE_SLICE,
+    ]
