@@ -557,18 +557,23 @@ def test_interface_deleted_and_recreated_resumes_capture_without_restart(e2e):
 def test_rules_removed_by_hand_never_crash_and_the_chain_is_restored(e2e):
     h = e2e()
     open_and_wait(h, SERVER_V4, PORT)
-    # An admin deletes our grant rule by hand: the close knock finds nothing to remove.
-    assert h.iptables("-D", "KNOCKD-FAST", "1").returncode == 0
+    # Someone empties our chain by hand (a flush): the daemon's next sweep puts the live
+    # grant back, and says so; the close knock then removes it for good.
+    mark = h.mark()
+    assert h.iptables("-F", "KNOCKD-FAST").returncode == 0
+    h.wait_log(r"^firewall: what the grants live in was gone .* re-added 1 live", since=mark)
+    assert h.can_connect(SERVER_V4, PORT)
     h.knock("close", SERVER_V4, f"{PORT}/tcp")
     assert h.wait_decision()["verdict"] == "accepted"
-    h.wait_log(rf"^firewall: no grant to close for {PORT}/tcp ")
-    # Someone removes the jump and our chain altogether: the next grant restores them.
+    h.wait_log(rf"^firewall: closed {PORT}/tcp ", since=mark)
+    # Someone removes the jump and our chain altogether: the sweep (or the next grant,
+    # whichever comes first) restores them, and nothing closed comes back.
+    mark = h.mark()
     for argv in (["-D", "INPUT", "-j", "KNOCKD-FAST"], ["-X", "KNOCKD-FAST"]):
         assert h.iptables(*argv).returncode == 0
+    h.wait_log(r"^firewall: (what the grants live in was gone|open failed)", since=mark)
     assert not h.can_connect(SERVER_V4, PORT)
-    mark = h.mark()
     open_and_wait(h, SERVER_V4, PORT)
-    h.wait_log(r"^firewall: open failed .*; retrying", since=mark)
     assert h.can_connect(SERVER_V4, PORT)
     assert "-A INPUT -j KNOCKD-FAST" in h.iptables_rules(4)
     assert h.running()

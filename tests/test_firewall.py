@@ -347,6 +347,24 @@ def test_chain_flushed_by_someone_else(probe: Probe) -> None:
 
 @netns_test
 @needs_legacy
+def test_repair_restores_a_flushed_chain_but_never_a_grant_its_user_closed(probe: Probe) -> None:
+    """Emptied by hand, the chain gets its live grants back at the next sweep; a grant
+    whose rule was gone and which its user then closed stays closed."""
+    g4, g6 = grant("192.0.2.2", 22), grant("2001:db8::2", 22)
+    flush = [["sh", [IPT[4], "-F", CHAIN]], ["sh", [IPT[6], "-F", CHAIN]]]
+    results = probe(
+        [["setup"], ["open", g4], ["open", g6], ["repair"], *flush, ["repair"], ["repair"]]
+        + [*flush, ["close", key(g4)], ["close", key(g6)], ["repair"], ["grants"]]
+    )
+    assert results[3] is None  # all in place
+    assert [g["source"] for g in results[6]] == ["192.0.2.2", "2001:db8::2"]  # re-added
+    assert results[7] is None
+    assert results[10:12] == [False, False]  # nothing of theirs in the kernel to remove
+    assert results[12] is None and results[13] == []  # and nothing comes back
+
+
+@netns_test
+@needs_legacy
 def test_teardown_leaves_nothing(probe: Probe) -> None:
     for family in (4, 6):
         probe.ipt(family, "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "DROP")

@@ -213,7 +213,10 @@ class IptablesFirewall(XtablesBackend):
         fam = FAMILIES[key[0].version]
         with self._op(f"remove grant {format_key(key)}", lock=True):
             found = self._transaction(fam, lambda table: self._close(fam, table, key, user))
-            if found:
+            held = self._view.get(key)
+            # Also when the rule was gone already: a grant closed by its user must not come
+            # back with the next repair.
+            if found or (held is not None and (user is None or held.user == user)):
                 self._view.pop(key, None)
             return found
 
