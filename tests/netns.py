@@ -253,6 +253,48 @@ def two_hosts() -> Iterator[tuple[str, str, str]]:
 # --- firewall tools and packet capture -------------------------------------------------
 
 
+_LISTENER = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen(16)
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+_CONNECT = (
+    "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1)"
+    ".close()"
+)
+
+
+@contextlib.contextmanager
+def tcp_listener(server_ns: str, client_ns: str, port: int) -> Iterator[Any]:
+    """A TCP listener on ``port`` of every address of ``server_ns`` (IPv4 and IPv6), ready
+    before this yields ``connects(address)``: whether a connection from ``client_ns`` to
+    that address gets through. The listener is killed on the way out."""
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, sys.executable, "-c", _LISTENER, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready, _, _ = select.select([listener.stdout], [], [], 10)
+        assert ready and listener.stdout.readline().strip() == "ready"
+
+        def connects(address: str) -> bool:
+            argv = [sys.executable, "-c", _CONNECT, address, str(port)]
+            return run_in(client_ns, argv, capture_output=True, timeout=10).returncode == 0
+
+        yield connects
+    finally:
+        listener.kill()
+        listener.communicate()
+
+
 def iptables_commands() -> tuple[str, str]:
     """(iptables, ip6tables): the legacy variants if installed, else the default ones."""
     for pair in (("iptables-legacy", "ip6tables-legacy"), ("iptables", "ip6tables")):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import select
 import shlex
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from firewall_probe import grant_to_json, run_ops
-from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, run_in
+from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, run_in, tcp_listener
 
 from knockd_fast.firewall import (
     DryRunFirewall,
@@ -572,20 +571,6 @@ def test_a_grant_is_never_shortened_nor_closed_by_another_user_iptables(probe: P
 
 # -- reachability: a real listener behind a real drop rule -------------------------------
 
-LISTENER = """
-import socket
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", 2222))
-s.listen(16)
-print("ready", flush=True)
-while True:
-    s.accept()[0].close()
-"""
-CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 2222), timeout=1).close()"
-
-
 @netns_test
 @needs_legacy
 @pytest.mark.parametrize(
@@ -599,29 +584,13 @@ def test_reachability(hosts, env, family: int, client: str, server: str, dest) -
     probe.ipt(family, "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "DROP")
     probe([["setup"]])  # the jump goes above the drop
     assert probe.rules(family, "INPUT")[0] == f"-A INPUT -j {CHAIN}"
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns, sys.executable, "-c", LISTENER],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        ready, _, _ = select.select([listener.stdout], [], [], 10)
-        assert ready and listener.stdout.readline().strip() == "ready"
-
-        def connects() -> bool:
-            argv = [sys.executable, "-c", CONNECT, server]
-            return run_in(client_ns, argv, capture_output=True, timeout=10).returncode == 0
-
-        assert not connects()
+    with tcp_listener(server_ns, client_ns, 2222) as connects:
+        assert not connects(server)
         g = grant(client, 2222, dest=dest)
         probe([["open", g]])
-        assert connects()
+        assert connects(server)
         assert probe([["close", key(g)]]) == [True]
-        assert not connects()
-    finally:
-        listener.kill()
-        listener.communicate()
+        assert not connects(server)
 
 
 # -- the dry run and the grant, no namespace --------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes.util
 import json
-import select
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, run_in
+from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, run_in, tcp_listener
 
 from knockd_fast.config import ConfigError, load_config
 from knockd_fast.firewall import backend_class
@@ -310,20 +309,6 @@ def test_sets_only_makes_sets_in_the_admins_table(probe: Probe) -> None:
 
 # -- real traffic between two namespaces --------------------------------------------------
 
-LISTENER = """
-import socket
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", 2222))
-s.listen(16)
-print("ready", flush=True)
-while True:
-    s.accept()[0].close()
-"""
-CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 2222), timeout=1).close()"
-
-
 @netns_test
 @needs_nft
 @pytest.mark.parametrize(
@@ -335,38 +320,22 @@ def test_protect_mode_with_real_connects(hosts, client: str, server: str, dest) 
     server_ns, client_ns, _ = hosts
     probe = Probe(server_ns, protect=[[2222, "tcp"]])
     probe([["setup"]])
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns, sys.executable, "-c", LISTENER],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        ready, _, _ = select.select([listener.stdout], [], [], 10)
-        assert ready and listener.stdout.readline().strip() == "ready"
-
-        def connects(to: str = server) -> bool:
-            argv = [sys.executable, "-c", CONNECT, to]
-            return run_in(client_ns, argv, capture_output=True, timeout=10).returncode == 0
-
-        assert not connects()
+    with tcp_listener(server_ns, client_ns, 2222) as connects:
+        assert not connects(server)
         g = grant(client, 2222, dest=dest)
         probe([["open", g]])
-        assert connects()
+        assert connects(server)
         if dest is not None:  # bound to its destination: another local address stays shut
             run_in(server_ns, ["ip", "addr", "add", "2001:db8::3/64", "dev", "lo", "nodad"])
             assert not connects("2001:db8::3")
         assert probe([["grants"], ["close", key(g), "alice"]])[1] is True
-        assert not connects()
+        assert not connects(server)
         # A short grant: the kernel closes the port at its expiry, without the backend.
         short = grant(client, 2222, dest=dest, expires=int(time.time()) + 3)
         probe([["open", short]])
-        assert connects()
+        assert connects(server)
         time.sleep(max(0.0, short["expires"] - time.time()) + 0.3)
-        assert not connects()
-    finally:
-        listener.kill()
-        listener.communicate()
+        assert not connects(server)
 
 
 # -- settings, no namespace ----------------------------------------------------------------
