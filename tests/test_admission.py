@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twins import engine_over_frames
 
 from knock_client.protocol import Action, Knock, KnockLayout, Proto, seal
 from knockd_fast import frames as fr
@@ -64,21 +65,9 @@ def digit_frame(segment: int, digit: int, sport: int = 43210) -> bytes:
 
 def run(engine_module, frames: list[bytes], bpf: bool = False, **options):  # noqa: ANN001, ANN201
     """(records, stats) of a fresh engine over ``frames``, 1 ms apart."""
-    with tempfile.TemporaryDirectory(prefix="knockd-admission-") as directory:
-        path = Path(directory) / "capture.pcap"
-        with CaptureWriter(path, LINKTYPE_ETHERNET) as writer:
-            for number, frame in enumerate(frames):
-                writer.write(T0, number * 1000, frame)
-        engine = engine_module.CaptureEngine(LAYOUT, destinations=[SERVER], **options)
-        engine.open_file(str(path), bpf=bpf)
-        parts = []
-        while True:
-            count = engine.dispatch()
-            parts.append(engine.drain())
-            if count == 0:
-                break
-        engine.close()
-    return np.concatenate(parts), engine.stats()
+    return engine_over_frames(
+        engine_module, LAYOUT, frames, T0, bpf=bpf, destinations=[SERVER], **options
+    )
 
 
 def messages(records: np.ndarray) -> list[bytes]:
@@ -204,16 +193,9 @@ def test_refusal_is_exactly_no_candidate_naming_a_user(
     ]
 
     def over(**options):  # noqa: ANN202
-        with tempfile.TemporaryDirectory(prefix="knockd-admission-") as directory:
-            path = Path(directory) / "capture.pcap"
-            with CaptureWriter(path, LINKTYPE_ETHERNET) as writer:
-                for number, frame in enumerate(frames):
-                    writer.write(T0, number * 1000, frame)
-            engine = engine_module.CaptureEngine(layout, destinations=[SERVER], **options)
-            engine.open_file(str(path))
-            while engine.dispatch():
-                pass
-            return engine.drain(), engine.stats()
+        return engine_over_frames(
+            engine_module, layout, frames, T0, destinations=[SERVER], **options
+        )
 
     plain, _ = over()
     admitted, stats = over(user_ids=USERS)

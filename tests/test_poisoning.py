@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import tempfile
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twins import engine_over_frames
 
 from knock_client.protocol import Action, Knock, KnockLayout, Proto, open_message, seal
 from knockd_fast import frames as fr
 from knockd_fast.candidates import candidate_messages
 from knockd_fast.capture_spec import GROUP_BY_ADDRESS, LINKTYPE_ETHERNET
-from knockd_fast.pcapfile import CaptureWriter
 
 LAYOUT = KnockLayout()
 VICTIM, SERVER = ipaddress.IPv4Address("192.0.2.10"), ipaddress.IPv4Address("198.51.100.20")
@@ -47,31 +45,13 @@ def port(segment: int, digit: int) -> int:
 
 def run(engine_module, frames: list[bytes], **options):  # noqa: ANN001, ANN201
     """(records, stats) of the engine over ``frames``, 1 ms apart."""
-    with tempfile.TemporaryDirectory(prefix="knockd-poison-") as directory:
-        path = Path(directory) / "attack.pcap"
-        with CaptureWriter(path, LINKTYPE_ETHERNET) as writer:
-            for number, frame in enumerate(frames):
-                writer.write(T0, number * 1000, frame)
-        engine = engine_module.CaptureEngine(LAYOUT, destinations=[SERVER], **options)
-        engine.open_file(str(path))
-        parts = []
-        while True:
-            count = engine.dispatch()
-            parts.append(engine.drain())
-            if count == 0:
-                break
-        engine.close()
-    import numpy as np
-
-    return np.concatenate(parts), engine.stats()
+    return engine_over_frames(engine_module, LAYOUT, frames, T0, destinations=[SERVER], **options)
 
 
 def recovered(records, message: bytes) -> bool:  # noqa: ANN001
     """Whether ``message`` is among the candidates of some completion (what the verifier
     would authenticate: at most MAX_CANDIDATES per completion)."""
-    return any(
-        message in list(candidate_messages(record, LAYOUT.digit_bits)) for record in records
-    )
+    return any(message in list(candidate_messages(record, LAYOUT.digit_bits)) for record in records)
 
 
 def triple_before(message: bytes, segment: int, ports: list[int]) -> list[bytes]:

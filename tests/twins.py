@@ -9,7 +9,11 @@ there: a silently missing extension fails ``test_build`` and every ``extension``
 from __future__ import annotations
 
 import importlib
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from knockd_fast import _capture
 
@@ -26,3 +30,35 @@ def module(name: str) -> ModuleType:
 def engines() -> dict[str, type]:
     """The engine class of each twin this run tests, by name."""
     return {name: module(name).CaptureEngine for name in TWIN_NAMES}
+
+
+def engine_over_frames(
+    engine_module: ModuleType,
+    layout: Any,
+    frames: Sequence[bytes],
+    start: int,
+    bpf: bool = False,
+    **options: Any,
+) -> tuple[Any, dict[str, int]]:
+    """(records, stats) of a fresh engine of ``engine_module`` (``layout``, ``options``)
+    over ``frames``, written as an Ethernet capture 1 ms apart from unix second ``start``."""
+    import numpy as np
+
+    from knockd_fast.capture_spec import LINKTYPE_ETHERNET
+    from knockd_fast.pcapfile import CaptureWriter
+
+    with tempfile.TemporaryDirectory(prefix="knockd-frames-") as directory:
+        path = Path(directory) / "frames.pcap"
+        with CaptureWriter(path, LINKTYPE_ETHERNET) as writer:
+            for number, frame in enumerate(frames):
+                writer.write(start, number * 1000, frame)
+        engine = engine_module.CaptureEngine(layout, **options)
+        engine.open_file(str(path), bpf=bpf)
+        parts = []
+        while True:
+            count = engine.dispatch()
+            parts.append(engine.drain())
+            if count == 0:
+                break
+        engine.close()
+    return np.concatenate(parts), engine.stats()
