@@ -136,13 +136,11 @@ def inside(backend: str, sizes: list[int], repeat: int) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (make bench-tools)", file=sys.stderr)
+    from run import pyplot
+
+    plt = pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for backend in sorted({r["backend"] for r in rows}):

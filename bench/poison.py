@@ -32,7 +32,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import machine_info, write_json  # noqa: E402
+from run import machine_info, pyplot, write_json  # noqa: E402
 
 from knock_client.protocol import Action, Knock, KnockLayout, Proto, seal  # noqa: E402
 from knockd_fast import frames  # noqa: E402
@@ -127,13 +127,9 @@ def accepted(path: Path, messages: list[bytes], group_by: str) -> tuple[int, dic
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (make bench-tools)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     styles = {"address+port": ("o-", "s-"), "address": ("o--", "s--")}

@@ -540,14 +540,24 @@ def bench_sweep(
     return result, json_path, png_path
 
 
-def plot_sweep(result: dict[str, object], path: Path) -> bool:
+def pyplot():  # noqa: ANN201
+    """matplotlib's pyplot on the file-only Agg backend, or None (said on stderr) when
+    matplotlib is not installed: the benchmarks then write their JSON without a plot."""
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed: no plot (make bench installs it)", file=sys.stderr)
-        return False
+        print("matplotlib is not installed: no plot (make bench-tools)", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(result: dict[str, object], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
 
     files = result["files"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
