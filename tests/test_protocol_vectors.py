@@ -20,6 +20,7 @@ from types import ModuleType
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from twins import engine_over_frames
 
 from knock_client.protocol import (
     REJECTION_REASONS,
@@ -41,7 +42,6 @@ from knockd_fast import frames as fr
 from knockd_fast.candidates import candidate_messages
 from knockd_fast.capture_spec import LINKTYPE_ETHERNET, key_address
 from knockd_fast.config import User
-from knockd_fast.pcapfile import CaptureWriter
 from knockd_fast.verdict import Verdict, judge
 
 PROTOCOL_DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -393,7 +393,6 @@ def bad_knock(request: pytest.FixtureRequest) -> NegativeVector:
 
 def _captured(
     engine_module: ModuleType,
-    path: Path,
     vector: NegativeVector,
     layout: KnockLayout,
     frames: list[bytes],
@@ -401,18 +400,8 @@ def _captured(
     """What knockd-fast makes of ``frames`` (sent at the vector's ``now``): the judge's
     (reason, accepted message or None), or ("malformed", None) when the engine counted a
     malformed packet and completed no message (section 8.1)."""
-    with CaptureWriter(path, LINKTYPE_ETHERNET) as writer:
-        for number, frame in enumerate(frames):
-            writer.write(vector.now, number, frame)
-    engine = engine_module.CaptureEngine(layout)
-    engine.open_file(str(path))
-    records = []
-    while engine.dispatch(-1):
-        records.extend(engine.drain())
-    records.extend(engine.drain())
-    stats = engine.stats()
-    engine.close()
-    if not records:
+    records, stats = engine_over_frames(engine_module, layout, frames, vector.now)
+    if not len(records):
         assert stats["malformed"] >= 1, f"nothing completed and nothing malformed: {stats}"
         return "malformed", None
     assert len(records) == 1, f"{len(records)} completions"
@@ -465,16 +454,14 @@ def test_negative_message_judged(bad_message: NegativeVector) -> None:
     assert FAULT_DETAILS[bad_message.fault] in verdict.detail
 
 
-def test_negative_message_as_spa(
-    bad_message: NegativeVector, engine_module: ModuleType, tmp_path: Path
-) -> None:
+def test_negative_message_as_spa(bad_message: NegativeVector, engine_module: ModuleType) -> None:
     layout = KnockLayout()
     source = str(bad_message.source)
     frame = fr.spa_frame(
         layout, bad_message.message, source, DESTINATIONS[bad_message.source.version],
         LINKTYPE_ETHERNET, sport=SOURCE_PORT,
     )  # fmt: skip
-    outcome = _captured(engine_module, tmp_path / "spa.pcap", bad_message, layout, [frame])
+    outcome = _captured(engine_module, bad_message, layout, [frame])
     assert outcome == (bad_message.reject, None)
 
 
@@ -490,11 +477,10 @@ def _syn_frames(vector: NegativeVector, ports: list[int]) -> list[bytes]:
 
 
 def test_negative_knock_through_the_capture(
-    bad_knock: NegativeVector, engine_module: ModuleType, tmp_path: Path
+    bad_knock: NegativeVector, engine_module: ModuleType
 ) -> None:
     frames = _syn_frames(bad_knock, bad_knock.ports)
-    path = tmp_path / "knock.pcap"
-    reason, accepted = _captured(engine_module, path, bad_knock, bad_knock.layout(), frames)
+    reason, accepted = _captured(engine_module, bad_knock, bad_knock.layout(), frames)
     if bad_knock.or_accept is not None:
         # knockd-fast keeps alternatives: it finds the genuine combination (section 8.1).
         assert (reason, accepted) == ("ok", bad_knock.or_accept)
