@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import netns  # noqa: E402  (this script's own folder: the namespace helper)
 
 from knock_client.protocol import Action  # noqa: E402
 from knockd_fast.firewall import DryRunFirewall, FirewallError, Grant, GrantChange  # noqa: E402
@@ -167,12 +168,6 @@ def _count_commits() -> None:
         cls.commit = commit
 
 
-def _in_named_netns() -> bool:
-    """Whether this process runs in a namespace made by ``ip netns add`` (not the host's)."""
-    found = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True)
-    return found.returncode == 0 and bool(found.stdout.strip())
-
-
 def make_firewall(spec: dict[str, Any]) -> Any:
     options = {
         "chain": spec.get("chain", "KNOCKD-FAST"),
@@ -181,7 +176,7 @@ def make_firewall(spec: dict[str, Any]) -> Any:
     }
     if spec.get("backend", "iptables") == "dry-run":
         return DryRunFirewall(**options)
-    if not _in_named_netns():
+    if not netns.in_named_namespace():
         raise SystemExit("firewall_probe: refusing to run in the host's network namespace")
     _count_commits()
     if spec.get("backend") == "ipset":
