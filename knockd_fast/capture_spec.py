@@ -239,15 +239,7 @@ def admission(
 
 
 def _user_id(value: object) -> int:
-    if _is_bool(value):
-        raise TypeError("a user id must be an integer, not bool")
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"a user id must be an integer, not {type(value).__name__}") from None
-    if not 0 <= number <= MAX_USER_ID:
-        raise ValueError(f"a user id must be in 0..{MAX_USER_ID}, not {number}")
-    return number
+    return _integer("a user id", value, 0, MAX_USER_ID)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,16 +277,22 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_))
 
 
-def _count(name: str, value: object) -> int:
-    if _is_bool(value):  # an int to Python, but True is no count
+def _integer(name: str, value: object, low: int, high: int, high_text: str = "") -> int:
+    """``value`` as an int in ``low..high``: TypeError for a bool (an int to Python, but True
+    is no count) or a non-integer, ValueError outside the range."""
+    if _is_bool(value):
         raise TypeError(f"{name} must be an integer, not bool")
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
-    if not 1 <= number < _COUNT_LIMIT:
-        raise ValueError(f"{name} must be in 1..2**31-1, not {number}")
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be in {low}..{high_text or high}, not {number}")
     return number
+
+
+def _count(name: str, value: object) -> int:
+    return _integer(name, value, 1, _COUNT_LIMIT - 1, "2**31-1")
 
 
 def _seconds(name: str, value: object) -> tuple[float, int]:
