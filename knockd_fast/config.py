@@ -66,8 +66,11 @@ DEFAULT_MAX_GRANTS = 16
 DEFAULT_MAX_KNOCKS_PER_MINUTE = 30
 MAX_GRANTS = 65536  # the upper bounds catch typos: no person needs more
 MAX_KNOCKS_PER_MINUTE = 60_000
-_NFT_KEYS = ("protect", "nft_table", "nft_priority", "nft_sets_only")  # backend nftables only
-_IPSET_KEYS = ("ipset_name", "ipset_maxelem")  # backend ipset only
+# [grants] keys that only one backend reads: naming one with another backend is an error.
+_BACKEND_KEYS = {
+    "nftables": ("protect", "nft_table", "nft_priority", "nft_sets_only"),
+    "ipset": ("ipset_name", "ipset_maxelem"),
+}
 _LIMIT_KEYS = ("max_grants", "max_knocks_per_minute")  # in [limits] and in [[users]]
 IFNAMSIZ = 16  # Linux: interface names have at most 15 bytes
 DEFAULT_STATE_DIR = "/var/lib/knockd-fast"
@@ -502,8 +505,7 @@ class _Reader:
                 "backend",
                 "chain",
                 "hooks",
-                *_NFT_KEYS,
-                *_IPSET_KEYS,
+                *(key for keys in _BACKEND_KEYS.values() for key in keys),
             ),
         )
         default_timeout = self.integer(section, p, "default_timeout", 300, 1, MAX_INT31)
@@ -514,6 +516,12 @@ class _Reader:
                 f"{max_timeout} is less than grants.default_timeout ({default_timeout})",
             )
         backend = self.choice(section, p, "backend", "iptables", registry.NAMES)
+        for owner, keys in _BACKEND_KEYS.items():
+            given = [key for key in keys if key in section]
+            if given and backend != owner:
+                raise self.error(
+                    f"{p}.{given[0]}", f'only for backend "{owner}" (backend is {backend!r})'
+                )
         chain = self.string(section, p, "chain", DEFAULT_CHAIN)
         try:
             check_chain(chain)
@@ -546,11 +554,6 @@ class _Reader:
             raise self.error(
                 f"{p}.nft_sets_only", f"expected true or false, got {_describe(sets_only)}"
             )
-        nft_keys = [k for k in _NFT_KEYS if k in section]
-        if backend != "nftables" and nft_keys:
-            raise self.error(
-                f"{p}.{nft_keys[0]}", f'only for backend "nftables" (backend is {backend!r})'
-            )
         if backend == "nftables":
             if sets_only and protect:
                 raise self.error(
@@ -564,11 +567,6 @@ class _Reader:
                     "(an accept in our chain cannot override a drop in another base chain), or "
                     "set nft_sets_only = true and reference our sets from your own ruleset",
                 )
-        ipset_keys = [k for k in _IPSET_KEYS if k in section]
-        if backend != "ipset" and ipset_keys:
-            raise self.error(
-                f"{p}.{ipset_keys[0]}", f'only for backend "ipset" (backend is {backend!r})'
-            )
         ipset_name = self.string(section, p, "ipset_name", DEFAULT_IPSET_NAME)
         if not _IPSET_NAME.fullmatch(ipset_name):
             raise self.error(
