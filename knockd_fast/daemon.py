@@ -296,7 +296,7 @@ class Doorman:
                 ("knock.group_by", old.knock.group_by, fresh.knock.group_by),
                 ("[capture]", old.capture, fresh.capture),
                 # Timeouts apply at once; the backend and its own settings at a restart.
-                ("grants.backend/chain/hooks", _backend_part(old), _backend_part(fresh)),
+                ("[grants] backend settings", _backend_part(old), _backend_part(fresh)),
                 ("state.directory", old.state_dir, fresh.state_dir),
             )
             if before != after
