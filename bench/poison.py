@@ -38,6 +38,7 @@ from knock_client.protocol import Action, Knock, KnockLayout, Proto, seal  # noq
 from knockd_fast import frames  # noqa: E402
 from knockd_fast.candidates import candidate_messages  # noqa: E402
 from knockd_fast.capture_spec import GROUP_BY, LINKTYPE_ETHERNET, key_address  # noqa: E402
+from knockd_fast.completions import completions  # noqa: E402
 from knockd_fast.config import User  # noqa: E402
 from knockd_fast.pcapfile import CaptureWriter  # noqa: E402
 from knockd_fast.verdict import judge  # noqa: E402
@@ -105,12 +106,13 @@ def accepted(path: Path, messages: list[bytes], group_by: str) -> tuple[int, dic
     wanted, got = set(messages), set()
     while True:
         count = engine.dispatch()
-        for record in engine.drain():
-            if key_address(bytes(record["source"])) != VICTIM:
+        for completion in completions(engine.drain()):
+            if key_address(completion.source) != VICTIM:
                 continue
-            now = int(record["sec"])  # packet time; the window below keeps every trial fresh
+            # Packet time; the window below keeps every trial fresh.
+            now = int(completion.captured_at)
             verdict = judge(
-                candidate_messages(record, LAYOUT.digit_bits),
+                candidate_messages(completion, LAYOUT.digit_bits),
                 VICTIM,
                 SERVER,
                 now,

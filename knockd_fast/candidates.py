@@ -1,4 +1,4 @@
-"""From a completion record to the messages worth authenticating.
+"""From a completion to the messages worth authenticating.
 
 A segment that saw conflicting digits (a late retransmit, a spoofed packet) carries
 alternatives; the right message is one of the combinations. The count is bounded so that
@@ -10,9 +10,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-import numpy as np
-
 from .capture_spec import KIND_SPA, MAX_CANDIDATES
+from .completions import Completion
 
 
 def _set_digit(value: int, total_bits: int, digit_bits: int, segment: int, digit: int) -> int:
@@ -22,21 +21,18 @@ def _set_digit(value: int, total_bits: int, digit_bits: int, segment: int, digit
 
 
 def candidate_messages(
-    record: np.void, digit_bits: int, limit: int = MAX_CANDIDATES
+    completion: Completion, digit_bits: int, limit: int = MAX_CANDIDATES
 ) -> Iterator[bytes]:
     """The primary message, then each combination of alternatives, at most ``limit`` in all."""
-    length = int(record["length"])
-    primary = bytes(record["message"][:length])
+    primary = completion.message
     yield primary
-    count = int(record["n_alternatives"])
-    if record["kind"] == KIND_SPA or count == 0:
+    if completion.kind == KIND_SPA or not completion.alternatives:
         return
     options: dict[int, list[int | None]] = {}
-    for segment, digit in zip(
-        record["alt_segment"][:count], record["alt_digit"][:count], strict=True
-    ):
-        options.setdefault(int(segment), [None]).append(int(digit))
+    for segment, digit in completion.alternatives:
+        options.setdefault(segment, [None]).append(digit)
     segments = sorted(options)
+    length = len(primary)
     pad = -(length * 8) % digit_bits
     total_bits = length * 8 + pad
     value = int.from_bytes(primary, "big") << pad

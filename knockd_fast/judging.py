@@ -1,6 +1,6 @@
 """Completions -> decisions and grant changes, live and offline alike.
 
-``Judge.decide`` turns one completion record into a ``Decision`` (``verdict.judge`` does
+``Judge.decide`` turns one completion (``completions``) into a ``Decision`` (``verdict.judge`` does
 the checks, ``limits`` the per-user caps) and, for an accepted knock, remembers it against
 replays and says what the firewall must do. Live, completions wait in a bounded
 ``Backlog`` and are judged in slices (``Judge.judge_slice``): each slice is one
@@ -12,7 +12,6 @@ time, with a dry-run firewall.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import time
@@ -23,7 +22,8 @@ import numpy as np
 from knock_client.protocol import Action
 
 from .candidates import candidate_messages
-from .capture_spec import KIND_SPA, key_address
+from .capture_spec import KIND_SPA, key_address, key_text
+from .completions import Completion, completions
 from .config import Config
 from .decisions import Decision
 from .firewall.base import Grant, GrantChange
@@ -54,7 +54,7 @@ class Judge:
 
     def decide(
         self,
-        record: np.void,
+        completion: Completion,
         now: float,
         interface: str | None = None,
         granted_at: float | None = None,
@@ -63,32 +63,34 @@ class Judge:
         came from) is only logged; a grant lasts from ``granted_at`` (default ``now``). An
         accepted message is remembered in the replay cache, and counted against its user's
         caps, before this returns."""
-        source = key_address(bytes(record["source"]))
-        destination = key_address(bytes(record["destination"]))
+        source = key_address(completion.source)
+        source_text = key_text(completion.source)
+        destination_text = key_text(completion.destination)
         settings = self.config.knock
-        is_spa = record["kind"] == KIND_SPA
+        is_spa = completion.kind == KIND_SPA
         if not ("spa" in settings.modes if is_spa else settings.knock_mode):
             mode = "spa" if is_spa else "knock"
             refused = Decision(
-                now, str(source), str(destination), None, None, None, None,
+                now, source_text, destination_text, None, None, None, None,
                 "rejected", "not_allowed", f"{mode} mode is disabled", interface,
             )  # fmt: skip
             return refused, None
+        replay = self.replay
         verdict = judge(
-            candidate_messages(record, settings.layout.digit_bits),
+            candidate_messages(completion, settings.layout.digit_bits),
             source,
-            destination,
+            None,
             now,
             self.config.users,
             settings.window,
-            lambda user_id, siv, sent_at: self.replay.seen(user_id, siv, now, sent_at),
+            lambda user_id, siv, sent_at: replay.seen(user_id, siv, now, sent_at),
         )
-        knock = verdict.knock
+        knock, user = verdict.knock, verdict.user
         decision = Decision(
             now,
-            str(source),
-            str(destination),
-            verdict.user.name if verdict.user else None,
+            source_text,
+            destination_text,
+            user.name if user else None,
             str(knock.action) if knock else None,
             knock.port if knock else None,
             str(knock.proto) if knock else None,
@@ -99,22 +101,22 @@ class Judge:
         )
         if not verdict.accepted:
             return decision, None
-        assert knock is not None and verdict.user is not None and verdict.siv is not None
+        assert knock is not None and user is not None and verdict.siv is not None
         # The grant first: a message that cannot become one is refused, and stays unspent
         # (remembering it first let a bad copy use up the genuine knock's message).
         try:
             grant = Grant(
-                source=source,
-                proto=str(knock.proto),
-                port=knock.port,
-                destination=destination,
-                expires=int(now if granted_at is None else granted_at)
+                source,
+                str(knock.proto),
+                knock.port,
+                key_address(completion.destination),
+                int(now if granted_at is None else granted_at)
                 + grant_duration(knock, self.config.grants),
-                user=verdict.user.name,
+                user.name,
             )
         except ValueError as error:
-            return dataclasses.replace(
-                decision, verdict="rejected", reason="malformed", detail=f"no grant: {error}"
+            return decision._replace(
+                verdict="rejected", reason="malformed", detail=f"no grant: {error}"
             ), None
         change = GrantChange(knock.action, grant)
         # The caps last, so that only authentic, fresh, unreplayed and allowed messages
@@ -122,19 +124,17 @@ class Judge:
         # rejected one is: a key holder past its caps grows neither the replay cache nor the
         # firewall queue, and a replay of a refused message is judged again (refused while
         # at the cap, else accepted once, for the address it names, then remembered).
-        refusal = self.limits.refusal(verdict.user, change, now)
+        refusal = self.limits.refusal(user, change, now)
         if refusal is not None:
-            if self.limits.first_warning(verdict.user.name, now):
+            if self.limits.first_warning(user.name, now):
                 log.warning(
                     "limit: %s; knocks past it are refused (this warning at most once a minute)",
                     refusal,
                 )
-            return dataclasses.replace(
-                decision, verdict="rejected", reason="limit", detail=refusal
-            ), None
+            return decision._replace(verdict="rejected", reason="limit", detail=refusal), None
         # Kept for the longest window ever in force (a window raised later extends it).
-        window = max(settings.window, self.replay.window)
-        self.replay.remember(verdict.user.id, verdict.siv, replay_expiry(knock, now, window))
+        window = max(settings.window, replay.window)
+        replay.remember(user.id, verdict.siv, replay_expiry(knock, now, window))
         self.limits.record(change, now)
         return decision, change
 
@@ -151,11 +151,11 @@ class Judge:
         decisions: list[Decision] = []
         changes: list[GrantChange] = []
         with self.replay.batch():
-            for interface, record in backlog.take(limit):
+            for interface, completion in backlog.take(limit):
                 try:
                     now = clock()
-                    when = min(captured_at(record), now)
-                    decision, change = self.decide(record, when, interface, granted_at=now)
+                    when = min(completion.captured_at, now)
+                    decision, change = self.decide(completion, when, interface, granted_at=now)
                 except Exception:  # a bug must never take the doorman down
                     log.exception("internal error judging a completion on %s; skipped", interface)
                     continue
@@ -163,11 +163,6 @@ class Judge:
                 if change is not None:
                     changes.append(change)
         return decisions, changes
-
-
-def captured_at(record: np.void) -> float:
-    """The capture time of a completion's last packet, in Unix seconds."""
-    return int(record["sec"]) + int(record["usec"]) / 1e6
 
 
 # Completions are queued per source prefix and the prefixes served in turn: a flood from
@@ -208,7 +203,7 @@ class Backlog:
         self.limit = limit
         self.dropped = 0
         self._clock = clock
-        self._queues: dict[bytes, collections.deque[tuple[str | None, np.void]]] = {}
+        self._queues: dict[bytes, collections.deque[tuple[str | None, Completion]]] = {}
         # The prefixes with a queue, in serving order: each once, an emptied queue included
         # until its turn comes (then it is removed).
         self._turns: collections.deque[bytes] = collections.deque()
@@ -229,11 +224,12 @@ class Backlog:
         return sum(1 for queue in self._queues.values() if queue)
 
     def add(self, interface: str | None, records: np.ndarray) -> None:
+        """Queue the completion records of a drained batch (``COMPLETION_DTYPE``)."""
         if not len(records):
             return
         queues = self._queues
         dropped = self.dropped
-        for key, record in zip(source_prefixes(records), records, strict=True):
+        for key, record in zip(source_prefixes(records), completions(records), strict=True):
             queue = queues.get(key)
             length = len(queue) if queue is not None else 0
             if self._size >= self.limit:
@@ -276,7 +272,7 @@ class Backlog:
         elif length == self._longest and not self._by_length[length]:
             self._longest = length - 1  # lengths move by one: that one is not empty (or 0)
 
-    def take(self, limit: int | None) -> Iterator[tuple[str | None, np.void]]:
+    def take(self, limit: int | None) -> Iterator[tuple[str | None, Completion]]:
         """Up to ``limit`` completions (all: None), one per source prefix in turn, each
         prefix's oldest first, each with its interface; each is out of the backlog once
         taken."""
@@ -316,9 +312,9 @@ def replay_capture(config: Config, path: str, sinks: Sequence[DecisionSink]) -> 
     while True:
         count = engine.dispatch()
         decisions = []
-        for record in engine.drain():
+        for completion in completions(engine.drain()):
             try:
-                decision, change = judge_.decide(record, captured_at(record))
+                decision, change = judge_.decide(completion, completion.captured_at)
             except Exception:  # one bad record must not end the replay of a file
                 log.exception("internal error judging a completion; skipped")
                 continue

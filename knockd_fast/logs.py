@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import Sequence
 
 log = logging.getLogger("knockd_fast")
 
@@ -51,6 +52,40 @@ def flush_logs() -> None:
                 handler.flush_now()
             except (OSError, ValueError):  # stderr gone or closed: nothing to do about it
                 pass
+
+
+def log_lines(logger: logging.Logger, lines: Sequence[str], level: int = logging.INFO) -> None:
+    """Log each of ``lines`` at ``level``, as ``logger.log(level, line)`` one by one would.
+
+    Where every handler they reach is a ``TurnFlushedHandler`` (the daemon's standard
+    error), and no filter is in the way, they go as one record: a record costs about 5 µs,
+    and the daemon writes a line per accepted knock and per firewall change. Anywhere else
+    (syslog, a test's log capture) each line stays a record of its own."""
+    if not lines or not logger.isEnabledFor(level):
+        return
+    if _only_turn_flushed(logger):
+        logger.log(level, "\n".join(lines))  # no arguments: a "%" in a line is kept as is
+        return
+    for line in lines:
+        logger.log(level, line)
+
+
+def _only_turn_flushed(logger: logging.Logger) -> bool:
+    """Whether every handler a record of ``logger`` reaches is a ``TurnFlushedHandler``
+    (and there is one), with no filter on the way."""
+    found = False
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return False
+        for handler in current.handlers:
+            if type(handler) is not TurnFlushedHandler or handler.filters:
+                return False
+            found = True
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
 
 
 def setup_logging(verbose: bool = False, syslog: bool = False, per_turn: bool = False) -> None:

@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS seen (
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (user_id, siv)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS seen_expires_at ON seen (expires_at);
+-- No index on expires_at: pruning finds expired entries in memory and deletes them by
+-- key, and the index cost every accepted knock a second B-tree insert.
+DROP INDEX IF EXISTS seen_expires_at;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 _WINDOW_KEY = "longest_window"

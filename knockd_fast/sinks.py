@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Protocol, TextIO
 
 from .decisions import REPLAY_JSON_KEYS, Decision, iso_time
+from .logs import log_lines
 
 decisions_log = logging.getLogger("knockd_fast.decisions")
 
@@ -53,11 +54,14 @@ class LogSink:
         self._shown: collections.Counter[str] = collections.Counter()
 
     def write(self, decisions: Sequence[Decision]) -> None:
-        info = decisions_log.info
         as_json = self.as_json
+        lines = []
         for decision in decisions:
-            if not decision.accepted:
-                self.tick(decision.time)
+            if decision.verdict != "accepted":
+                if self._since is not None and decision.time - self._since >= self.interval:
+                    log_lines(decisions_log, lines)  # the summary comes after them
+                    lines = []
+                    self._summarise(decision.time)
                 reason = decision.reason
                 if self._since is None:
                     self._since = decision.time
@@ -65,7 +69,8 @@ class LogSink:
                 if self._shown[reason] >= self.sample:
                     continue
                 self._shown[reason] += 1
-            info(json.dumps(decision.as_json()) if as_json else decision.as_text())
+            lines.append(json.dumps(decision.as_json()) if as_json else decision.as_text())
+        log_lines(decisions_log, lines)
 
     def tick(self, now: float) -> None:
         if self._since is not None and now - self._since >= self.interval:

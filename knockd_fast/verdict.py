@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from knock_client.protocol import (
     AuthenticationError,
@@ -30,8 +30,7 @@ from .config import GrantSettings, IPAddress, User
 OK = "ok"
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     accepted: bool
     reason: str  # "ok" or one of knock_client.protocol.REJECTION_REASONS
     detail: str  # one short human line for the log
@@ -41,18 +40,28 @@ class Verdict:
     siv: bytes | None
 
 
-def _reject(reason: str, detail: str, **known: object) -> Verdict:
-    fields: dict[str, object] = {"user": None, "knock": None, "message": None, "siv": None}
-    fields.update(known)
-    return Verdict(False, reason, detail, **fields)  # type: ignore[arg-type]
+def _reject(
+    reason: str,
+    detail: str,
+    user: User | None = None,
+    knock: Knock | None = None,
+    message: bytes | None = None,
+    siv: bytes | None = None,
+) -> Verdict:
+    return Verdict(False, reason, detail, user, knock, message, siv)
 
 
 def _authenticate(candidate: object, users: Mapping[int, User]) -> Verdict | tuple:
     """Checks 1-3a on one candidate: a rejecting Verdict, or (user, knock, message, siv)."""
-    try:
-        message = memoryview(candidate).tobytes()  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # never bytes(n): an int would allocate n bytes
-        return _reject("malformed", f"candidate is not a byte string ({type(candidate).__name__})")
+    if type(candidate) is bytes:  # what the daemon passes; anything else is converted
+        message = candidate
+    else:
+        try:
+            message = memoryview(candidate).tobytes()  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # never bytes(n): an int would allocate n bytes
+            return _reject(
+                "malformed", f"candidate is not a byte string ({type(candidate).__name__})"
+            )
     try:
         user_id = read_header(message)
     except ProtocolError as error:
@@ -63,14 +72,12 @@ def _authenticate(candidate: object, users: Mapping[int, User]) -> Verdict | tup
     try:
         knock = open_message(message, user.key)
     except AuthenticationError:
-        return _reject("authentication", f"does not authenticate for user {user.name!r}", user=user)
+        return _reject("authentication", f"does not authenticate for user {user.name!r}", user)
     except PlaintextError as error:
         # Authentic, so judged no further: the sender holds the key but breaks the format.
-        return _reject(
-            "malformed", f"authentic but {error}", user=user, message=message, siv=siv_of(message)
-        )
+        return _reject("malformed", f"authentic but {error}", user, None, message, siv_of(message))
     except ValueError as error:  # the user has no usable key (config loaded without keys)
-        return _reject("authentication", f"user {user.name!r}: {error}", user=user)
+        return _reject("authentication", f"user {user.name!r}: {error}", user)
     return user, knock, message, siv_of(message)
 
 
@@ -105,7 +112,7 @@ def judge(
     for candidate in itertools.islice(candidates, MAX_CANDIDATES):
         tried += 1
         outcome = _authenticate(candidate, users)
-        if isinstance(outcome, tuple):
+        if not isinstance(outcome, Verdict):  # (user, knock, message, siv)
             found = outcome
             break
         if outcome.message is not None:  # authentic but malformed: this one is judged
@@ -116,29 +123,27 @@ def judge(
         if first is None:
             return _reject("malformed", "no candidate message")
         if tried > 1:
-            return _reject(
-                first.reason, f"{first.detail} ({tried} candidates tried)", user=first.user
-            )
+            detail = f"{first.detail} ({tried} candidates tried)"
+            return _reject(first.reason, detail, first.user)
         return first
 
     user, knock, message, siv = found
-    known = {"user": user, "knock": knock, "message": message, "siv": siv}
     age = seconds_since(knock.timestamp, now)
     if age > window:
-        return _reject("expired", f"sent {age} s ago, window {window} s", **known)
+        return _reject("expired", f"sent {age} s ago, window {window} s", *found)
     if age < -window:
-        return _reject("from_future", f"timestamp {-age} s ahead, window {window} s", **known)
+        return _reject("from_future", f"timestamp {-age} s ahead, window {window} s", *found)
     if not user.source_matches(knock.claimed_ip, source):
         return _reject(
-            "source_mismatch", f"claimed {knock.claimed_ip}, packet from {source}", **known
+            "source_mismatch", f"claimed {knock.claimed_ip}, packet from {source}", *found
         )
     hit = seen(user.id, siv, int(now) - age)
     if hit:
         detail = hit if isinstance(hit, str) else f"already accepted (SIV {siv.hex()[:16]})"
-        return _reject("replay", detail, **known)
+        return _reject("replay", detail, *found)
     if not user.allows(knock.port, knock.proto):
         return _reject(
-            "not_allowed", f"{knock.port}/{knock.proto} is not allowed for {user.name!r}", **known
+            "not_allowed", f"{knock.port}/{knock.proto} is not allowed for {user.name!r}", *found
         )
     detail = f"{knock.action} {knock.port}/{knock.proto} for {source} (user {user.name!r})"
     return Verdict(True, OK, detail, user, knock, message, siv)

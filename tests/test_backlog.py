@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from knockd_fast.capture_spec import COMPLETION_DTYPE, KIND_SPA, address_key
+from knockd_fast.completions import Completion
 from knockd_fast.judging import Backlog, source_prefixes
 
 SERIAL = slice(0, 4)  # where a record's serial number is kept, in its message bytes
@@ -24,18 +25,18 @@ def records(sources: list[str], first_serial: int = 0) -> np.ndarray:
     out = np.zeros(len(sources), dtype=COMPLETION_DTYPE)
     for n, source in enumerate(sources):
         address = ipaddress.ip_address(source)
-        out[n]["kind"], out[n]["family"] = KIND_SPA, address.version
+        out[n]["kind"], out[n]["family"], out[n]["length"] = KIND_SPA, address.version, 4
         out[n]["source"] = list(address_key(address))
         out[n]["message"][SERIAL] = list((first_serial + n).to_bytes(4, "big"))
     return out
 
 
-def serial(record: np.void) -> int:
-    return int.from_bytes(bytes(record["message"][SERIAL]), "big")
+def serial(completion: Completion) -> int:
+    return int.from_bytes(completion.message[SERIAL], "big")
 
 
-def source(record: np.void) -> str:
-    key = bytes(record["source"])
+def source(completion: Completion) -> str:
+    key = completion.source
     return str(ipaddress.ip_address(key[12:] if key[:12] == bytes(10) + b"\xff\xff" else key))
 
 
@@ -132,8 +133,8 @@ def test_backlog_properties(limit: int, steps: list) -> None:
         assert added == taken + backlog.dropped + len(backlog)
 
 
-def _network(record: np.void) -> int:
-    return int(record["source"][14])
+def _network(completion: Completion) -> int:
+    return completion.source[14]
 
 
 def _lengths(backlog: Backlog) -> dict[int, int]:

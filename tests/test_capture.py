@@ -52,6 +52,7 @@ from knockd_fast.capture_spec import (
     key_address,
     segment_counts,
 )
+from knockd_fast.completions import completion_of
 from knockd_fast.pcapfile import CaptureWriter
 
 T0 = 1_700_000_000  # packet times are microseconds after T0 seconds
@@ -575,7 +576,7 @@ def test_candidates_recover_the_genuine_message_after_a_spoofed_digit(run: Run) 
     assert message_of(record) != message
     assert record["n_alternatives"] == 1
     opened = []
-    for candidate in candidate_messages(record, LAYOUT.digit_bits):
+    for candidate in candidate_messages(completion_of(record), LAYOUT.digit_bits):
         try:
             opened.append((candidate, open_message(candidate, key)))
         except ProtocolError:

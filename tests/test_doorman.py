@@ -283,6 +283,7 @@ def test_a_message_that_cannot_become_a_grant_is_refused_and_not_used_up(setup) 
     destination, which the engines now refuse themselves) is rejected before its message is
     remembered: the genuine copy of the same message is still accepted."""
     from knockd_fast.capture_spec import COMPLETION_DTYPE, KIND_SPA, address_key
+    from knockd_fast.completions import completion_of
     from knockd_fast.judging import Judge
 
     tmp_path, config = setup
@@ -295,7 +296,7 @@ def test_a_message_that_cannot_become_a_grant_is_refused_and_not_used_up(setup) 
         found["source"] = list(address_key(source))
         found["destination"] = list(address_key(ipaddress.ip_address(destination)))
         found["message"][: len(message)] = list(message)
-        return found
+        return completion_of(found)
 
     replay = ReplayCache(None)
     judge = Judge(config, replay)

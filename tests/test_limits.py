@@ -17,6 +17,7 @@ import pytest
 from knock_client.keys import write_key_file
 from knock_client.protocol import Action, Knock, Proto, seal
 from knockd_fast.capture_spec import COMPLETION_DTYPE, KIND_SPA, address_key
+from knockd_fast.completions import Completion, completion_of
 from knockd_fast.config import load_config
 from knockd_fast.firewall.base import Grant
 from knockd_fast.judging import Judge
@@ -70,14 +71,14 @@ class Sender:
         return seal(knock, KEYS[self.user_id])
 
 
-def record(message: bytes, source: ipaddress.IPv4Address) -> np.void:
+def record(message: bytes, source: ipaddress.IPv4Address) -> Completion:
     """The SPA completion the capture makes of ``message`` from ``source``."""
     found = np.zeros(1, dtype=COMPLETION_DTYPE)[0]
     found["kind"], found["family"], found["length"] = KIND_SPA, 4, len(message)
     found["source"] = list(address_key(source))
     found["destination"] = list(address_key(SERVER))
     found["message"][: len(message)] = list(message)
-    return found
+    return completion_of(found)
 
 
 def knock(judge: Judge, sender: Sender, source, when: int = NOW, **fields):  # noqa: ANN001, ANN201

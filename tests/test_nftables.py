@@ -288,6 +288,50 @@ def test_apply_batch_is_all_or_nothing(probe: Probe) -> None:
 
 @netns_test
 @needs_nft
+def test_a_batch_of_interleaved_changes_ends_as_one_by_one(probe: Probe) -> None:
+    """One transaction sends each run of element commands on one set as one command: the
+    kernel must still end as the changes applied in their order leave it."""
+    now = int(time.time())
+    a, b = grant("192.0.2.2", expires=now + 100), grant("192.0.2.3", expires=now + 100)
+    a_later, c6 = {**a, "expires": now + 300}, grant("2001:db8::2", expires=now + 100)
+    d = grant("192.0.2.4", dest="192.0.2.1", expires=now + 100)
+    def close(g: dict) -> list:
+        return ["close", {**key(g), "user": "alice"}]
+
+    changes = [
+        ["open", a], ["open", b], ["open", c6], ["open", a_later], close(b),
+        ["open", d], ["open", b], close(a), ["open", a], close(c6),
+    ]  # fmt: skip
+    results = probe([["setup"], ["batch", changes], ["grants"]])
+    assert results[1] == [a, b, c6, a_later, True, d, b, True, a, True]
+    assert results[2] == [a, b, d]
+    assert [e["val"]["concat"] for e in probe.elements("grants4")] == [_value(a), _value(b)]
+    assert [e["val"]["concat"] for e in probe.elements("grants4d")] == [_value(d)]
+    assert probe.elements("grants6") == []
+
+
+def test_element_commands_are_merged_only_in_runs_of_one_verb_and_set() -> None:
+    from knockd_fast.firewall.nftables import _merge_elements
+
+    def element(verb: str, set_: str, value: object) -> dict:
+        ref = {"family": "inet", "table": TABLE, "name": set_}
+        return {verb: {"element": {**ref, "elem": [value]}}}
+
+    table = {"add": {"table": {"family": "inet", "name": TABLE}}}
+    commands = [
+        table, element("add", "grants4", 1), element("add", "grants4", 2),
+        element("delete", "grants4", 2), element("add", "grants6", 3),
+        element("add", "grants4", 4), element("add", "grants4", 5),
+    ]  # fmt: skip
+    merged = _merge_elements(commands)
+    assert [(next(iter(c)), c[next(iter(c))].get("element", {}).get("elem")) for c in merged] == [
+        ("add", None), ("add", [1, 2]), ("delete", [2]), ("add", [3]), ("add", [4, 5]),
+    ]  # fmt: skip
+    assert commands[1]["add"]["element"]["elem"] == [1]  # the input is left as it was
+
+
+@netns_test
+@needs_nft
 def test_sets_only_makes_sets_in_the_admins_table(probe: Probe) -> None:
     probe.nft("add", "table", "inet", "filter")
     spec = {"table": "filter", "sets_only": True, "protect": []}

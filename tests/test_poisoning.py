@@ -21,6 +21,7 @@ from knock_client.protocol import Action, Knock, KnockLayout, Proto, open_messag
 from knockd_fast import frames as fr
 from knockd_fast.candidates import candidate_messages
 from knockd_fast.capture_spec import GROUP_BY_ADDRESS, LINKTYPE_ETHERNET
+from knockd_fast.completions import completion_of
 
 LAYOUT = KnockLayout()
 VICTIM, SERVER = ipaddress.IPv4Address("192.0.2.10"), ipaddress.IPv4Address("198.51.100.20")
@@ -51,7 +52,10 @@ def run(engine_module, frames: list[bytes], **options):  # noqa: ANN001, ANN201
 def recovered(records, message: bytes) -> bool:  # noqa: ANN001
     """Whether ``message`` is among the candidates of some completion (what the verifier
     would authenticate: at most MAX_CANDIDATES per completion)."""
-    return any(message in list(candidate_messages(record, LAYOUT.digit_bits)) for record in records)
+    return any(
+        message in candidate_messages(completion_of(record), LAYOUT.digit_bits)
+        for record in records
+    )
 
 
 def triple_before(message: bytes, segment: int, ports: list[int]) -> list[bytes]:

@@ -41,6 +41,7 @@ from knock_client.protocol import (
 from knockd_fast import frames as fr
 from knockd_fast.candidates import candidate_messages
 from knockd_fast.capture_spec import LINKTYPE_ETHERNET, key_address
+from knockd_fast.completions import completion_of
 from knockd_fast.config import User
 from knockd_fast.verdict import Verdict, judge
 
@@ -407,7 +408,7 @@ def _captured(
     assert len(records) == 1, f"{len(records)} completions"
     record = records[0]
     assert key_address(bytes(record["source"])) == vector.source
-    verdict = vector.judge(candidate_messages(record, layout.digit_bits))
+    verdict = vector.judge(candidate_messages(completion_of(record), layout.digit_bits))
     return verdict.reason, verdict.message if verdict.accepted else None
 
 

@@ -144,10 +144,29 @@ def test_database_layout(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'seen'").fetchone()
     assert "PRIMARY KEY (user_id, siv)" in sql and "WITHOUT ROWID" in sql
-    indexes = db.execute("PRAGMA index_list(seen)").fetchall()
-    columns = [db.execute(f"PRAGMA index_info({row[1]})").fetchall() for row in indexes]
-    assert any([c[2] for c in cols] == ["expires_at"] for cols in columns)
     db.close()
+
+
+def test_the_index_no_lookup_used_is_dropped_from_an_older_file(tmp_path: Path) -> None:
+    """Pruning deletes by key: an index on expires_at only cost each knock a B-tree insert.
+    A file of an earlier version loses it at the next start, and keeps its entries."""
+    with ReplayCache(tmp_path / DB_NAME, now=NOW) as cache:
+        cache.remember(7, SIV_A, NOW + 30)
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute("CREATE INDEX seen_expires_at ON seen (expires_at)")
+    db.commit()
+    assert ["expires_at"] in _indexed_columns(db)
+    db.close()
+    with ReplayCache(tmp_path / DB_NAME, now=NOW) as cache:
+        assert cache.seen(7, SIV_A, NOW)
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert _indexed_columns(db) == [["user_id", "siv"]]  # the primary key's only
+    db.close()
+
+
+def _indexed_columns(db: sqlite3.Connection) -> list[list[str]]:
+    indexes = db.execute("PRAGMA index_list(seen)").fetchall()
+    return [[c[2] for c in db.execute(f"PRAGMA index_info({row[1]})")] for row in indexes]
 
 
 def test_prune_on_disk(tmp_path: Path) -> None:

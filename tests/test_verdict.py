@@ -27,6 +27,7 @@ from knock_client.protocol import (
 )
 from knockd_fast.candidates import candidate_messages
 from knockd_fast.capture_spec import COMPLETION_DTYPE, KIND_KNOCK, MAX_CANDIDATES
+from knockd_fast.completions import completion_of
 from knockd_fast.config import GrantSettings, User
 from knockd_fast.verdict import Verdict, grant_duration, judge, replay_expiry
 
@@ -449,9 +450,9 @@ def test_spoofed_digit_with_the_genuine_alternative_is_accepted(segment: int) ->
     spoofed = real ^ 0x01
     primary = spoof_digit(genuine, segment, spoofed)
     record = completion(primary, [(segment, real)])
-    candidates = list(candidate_messages(record, LAYOUT.digit_bits))
+    candidates = list(candidate_messages(completion_of(record), LAYOUT.digit_bits))
     assert candidates[0] == primary and genuine in candidates
-    verdict = run(candidate_messages(record, LAYOUT.digit_bits))
+    verdict = run(candidate_messages(completion_of(record), LAYOUT.digit_bits))
     assert verdict.accepted and verdict.message == genuine
 
 
@@ -460,7 +461,7 @@ def test_spoofed_digits_in_two_segments() -> None:
     digits = message_to_digits(genuine, LAYOUT.digit_bits)
     primary = spoof_digit(spoof_digit(genuine, 3, digits[3] ^ 0xFF), 40, digits[40] ^ 0x10)
     record = completion(primary, [(3, digits[3]), (40, digits[40]), (40, 7)])
-    verdict = run(candidate_messages(record, LAYOUT.digit_bits), source=CLAIM6)
+    verdict = run(candidate_messages(completion_of(record), LAYOUT.digit_bits), source=CLAIM6)
     assert verdict.accepted and verdict.message == genuine
 
 

@@ -16,6 +16,7 @@ an iptables comment is one word-safe line of at most 255 bytes.
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ PROTOCOLS = ("tcp", "udp")
 COMMENT_PREFIX = "knockd-fast"
 MAX_COMMENT_BYTES = 255  # xt_comment: 256 bytes with the terminating NUL
 MAX_EXPIRES = 2**63 - 1
+_ADDRESS_TYPES = (IPv4Address, IPv6Address)
 
 _COMMENT_PATTERN = re.compile(rf"{COMMENT_PREFIX} user=(\S*) expires=(0|[1-9][0-9]{{0,18}})")
 # Kept as they are (quote() also keeps A-Z a-z 0-9 _ . - ~). Not "'": python-iptables
@@ -76,29 +78,29 @@ class Grant:
     user: str  # user name, for the comment
 
     def __post_init__(self) -> None:
-        for name in ("source", "destination"):
-            value = getattr(self, name)
-            if isinstance(value, str):  # convenience: accept "192.0.2.1", store the address
-                object.__setattr__(self, name, ip_address(value))
-            elif not (value is None and name == "destination") and not isinstance(
-                value, IPv4Address | IPv6Address
-            ):
-                raise ValueError(f"grant {name} {value!r} is not an IP address")
-        if self.destination is not None and self.destination.version != self.source.version:
+        # Every accepted knock makes one: the usual types are checked first, cheaply.
+        source, destination = self.source, self.destination
+        if type(source) not in _ADDRESS_TYPES:
+            source = self._address("source", source)
+        if type(destination) not in _ADDRESS_TYPES and destination is not None:
+            destination = self._address("destination", destination)
+        if destination is not None and destination.version != source.version:
             raise ValueError(
-                f"grant source {self.source} and destination {self.destination} "
+                f"grant source {source} and destination {destination} "
                 "are of different address families"
             )
         if self.proto not in PROTOCOLS:
             raise ValueError(f"grant protocol {self.proto!r} is not one of tcp, udp")
-        port, expires = _integer(self.port), _integer(self.expires)
+        port = self.port if type(self.port) is int else _integer(self.port)
         if port is None or not 1 <= port <= 65535:
             raise ValueError(f"grant port {self.port!r} is not in 1..65535")
+        expires = self.expires if type(self.expires) is int else _integer(self.expires)
         if expires is None or not 0 <= expires <= MAX_EXPIRES:
             raise ValueError(f"grant expiry {self.expires!r} is not a unix time in seconds")
-        object.__setattr__(self, "port", port)  # a plain int, also from a numpy integer
-        object.__setattr__(self, "expires", expires)
-        if not isinstance(self.user, str) or not self.user.isprintable():
+        if port is not self.port or expires is not self.expires:
+            object.__setattr__(self, "port", port)  # plain ints, also from numpy integers
+            object.__setattr__(self, "expires", expires)
+        if type(self.user) is not str or not self.user.isprintable():
             raise ValueError(f"grant user {self.user!r} is not a printable name")
         # Quoting makes a character at most 12 bytes (%XX of 4 UTF-8 bytes); most names
         # are far too short to matter, so the comment is only built for long ones.
@@ -106,6 +108,17 @@ class Grant:
             len(format_comment(self).encode()) > MAX_COMMENT_BYTES
         ):
             raise ValueError(f"grant user name {self.user[:40]!r}... is too long for a comment")
+
+    def _address(self, name: str, value: object) -> IPAddress:
+        """``value`` (an address, or its text) as the address stored as ``name``."""
+        if isinstance(value, str):  # convenience: accept "192.0.2.1", store the address
+            address = ip_address(value)
+        elif isinstance(value, IPv4Address | IPv6Address):  # a subclass
+            address = value
+        else:
+            raise ValueError(f"grant {name} {value!r} is not an IP address")
+        object.__setattr__(self, name, address)
+        return address
 
     @property
     def key(self) -> GrantKey:
@@ -155,7 +168,13 @@ def sort_key(grant: Grant) -> tuple:
 
 def format_comment(grant: Grant) -> str:
     """The rule comment that carries a grant's user and expiry."""
-    return f"{COMMENT_PREFIX} user={quote(grant.user, safe=_USER_SAFE)} expires={grant.expires}"
+    return f"{COMMENT_PREFIX} user={_quoted(grant.user)} expires={grant.expires}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted(user: str) -> str:
+    # A few users make every grant: quote() costs more than the rest of the comment.
+    return quote(user, safe=_USER_SAFE)
 
 
 def parse_comment(text: str) -> tuple[str, int] | None:

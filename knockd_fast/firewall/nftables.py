@@ -306,7 +306,8 @@ class NftablesFirewall:
                 if held is not None and held.expires >= grant.expires:
                     outcomes.append(held)
                     continue
-                if len(format_comment(grant).encode()) > MAX_COMMENT_BYTES:
+                comment = format_comment(grant)
+                if len(comment.encode()) > MAX_COMMENT_BYTES:
                     raise FirewallError(
                         f"nftables: {what}: {format_key(grant.key)}: user name too long for "
                         f"an element comment ({MAX_COMMENT_BYTES} bytes)"
@@ -316,7 +317,7 @@ class NftablesFirewall:
                     # timeout before Linux 6.12 (6.1 ignores it); the delete is preceded by
                     # an add so that it cannot fail if the kernel timed the element out.
                     commands += self._delete(key)
-                commands.append(self._add(grant, now))
+                commands.append(self._add(grant, now, comment))
                 overlay[key] = grant
                 outcomes.append(grant)
             if commands:
@@ -335,11 +336,11 @@ class NftablesFirewall:
             "name": set_name(key[0].version, key[3] is not None),
         }
 
-    def _add(self, grant: Grant, now: float) -> dict[str, Any]:
+    def _add(self, grant: Grant, now: float, comment: str | None = None) -> dict[str, Any]:
         elem = {
             "val": _key_value(grant.key),
             "timeout": _timeout(grant, now),
-            "comment": format_comment(grant),
+            "comment": format_comment(grant) if comment is None else comment,
         }
         return {"add": {"element": {**self._element_ref(grant.key), "elem": [{"elem": elem}]}}}
 
@@ -546,9 +547,31 @@ class NftablesFirewall:
 
     def _run(self, ctx: Nft, commands: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
         try:
-            return ctx.run(commands)
+            return ctx.run(_merge_elements(commands))
         except NftError as error:
             raise FirewallError(f"nftables: {what}: {error}") from None
+
+
+def _merge_elements(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``commands`` with each run of element commands of one verb on one set made one
+    command of all their elements, in the same order: the same transaction, and a burst of
+    grants cost libnftables (and the JSON encoder) about half as much as one per element."""
+    merged: list[dict[str, Any]] = []
+    last: tuple | None = None
+    for command in commands:
+        ((verb, body),) = command.items()
+        element = body.get("element") if isinstance(body, dict) and len(body) == 1 else None
+        if element is None:
+            merged.append(command)
+            last = None
+            continue
+        run = (verb, element["family"], element["table"], element["name"])
+        if run == last:
+            merged[-1][verb]["element"]["elem"].extend(element["elem"])
+        else:
+            merged.append({verb: {"element": {**element, "elem": list(element["elem"])}}})
+            last = run
+    return merged
 
 
 def _ref(obj: dict[str, Any], key: str = "name") -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from knock_client.protocol import Action
 
 from ..decisions import iso_time
-from ..logs import flush_logs
+from ..logs import flush_logs, log_lines
 from .base import (
     MAX_BATCH,
     AppliesBatches,
@@ -244,8 +244,11 @@ class FirewallWorker(threading.Thread):
         except Exception:  # a bug must not lose the changes: one by one
             log.exception("firewall: unexpected error in a batch of %d changes", len(changes))
         else:
-            for change, outcome in zip(changes, outcomes, strict=True):
-                self._report(change, outcome)
+            lines = [
+                self._report_line(change, outcome)
+                for change, outcome in zip(changes, outcomes, strict=True)
+            ]
+            log_lines(log, lines)
             self.applied += len(changes)
             return
         for change in changes:
@@ -273,15 +276,17 @@ class FirewallWorker(threading.Thread):
         self._report(GrantChange(Action.CLOSE, grant), found)
 
     def _report(self, change: GrantChange, outcome: ChangeOutcome) -> None:
+        log.info(self._report_line(change, outcome))
+
+    def _report_line(self, change: GrantChange, outcome: ChangeOutcome) -> str:
         """The log line of one change carried out."""
         grant = change.grant
         if change.action == Action.CLOSE:
             verb = "closed" if outcome else "no grant to close for"
-            log.info("%s: %s %s", self.tag, verb, describe(grant, expiry=False))
-        elif isinstance(outcome, Grant) and outcome.expires > grant.expires:
-            log.info("%s: kept %s", self.tag, describe(outcome))  # an open never shortens
-        else:
-            log.info("%s: opened %s", self.tag, describe(grant))
+            return f"{self.tag}: {verb} {describe(grant, expiry=False)}"
+        if isinstance(outcome, Grant) and outcome.expires > grant.expires:
+            return f"{self.tag}: kept {describe(outcome)}"  # an open never shortens
+        return f"{self.tag}: opened {describe(grant)}"
 
     def _read_back(self) -> None:
         live = self.firewall.grants()  # the backend's view is reset to what the kernel holds
