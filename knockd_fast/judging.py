@@ -21,10 +21,11 @@ import numpy as np
 
 from knock_client.protocol import Action
 
+from .addresses import key_text
 from .candidates import candidate_messages
-from .capture_spec import KIND_SPA, key_address, key_text
+from .capture_spec import KIND_SPA, key_address
 from .completions import Completion, completions
-from .config import Config
+from .config import Config, IPAddress
 from .decisions import Decision
 from .firewall.base import Grant, GrantChange
 from .limits import Limits
@@ -40,6 +41,9 @@ log = logging.getLogger("knockd_fast")
 # stays bounded when someone floods us with whole bogus knocks.
 MIN_BACKLOG = 65_536
 COMPLAIN_SECONDS = 60  # at most one "backlog full" warning per minute
+# Protected addresses whose text the judge keeps (the engines report knocks to at most
+# MAX_DESTINATIONS each); past it the memo starts afresh.
+MAX_KNOWN_DESTINATIONS = 1024
 
 
 class Judge:
@@ -51,6 +55,7 @@ class Judge:
         # Each user's live grants and recent messages, for the caps; ``grants`` are those
         # read back from the firewall at start.
         self.limits = Limits(grants)
+        self._destinations: dict[bytes, tuple[IPAddress, str]] = {}
 
     def decide(
         self,
@@ -65,7 +70,7 @@ class Judge:
         caps, before this returns."""
         source = key_address(completion.source)
         source_text = key_text(completion.source)
-        destination_text = key_text(completion.destination)
+        destination, destination_text = self._destination(completion.destination)
         settings = self.config.knock
         is_spa = completion.kind == KIND_SPA
         if not ("spa" in settings.modes if is_spa else settings.knock_mode):
@@ -109,7 +114,7 @@ class Judge:
                 source,
                 str(knock.proto),
                 knock.port,
-                key_address(completion.destination),
+                destination,
                 int(now if granted_at is None else granted_at)
                 + grant_duration(knock, self.config.grants),
                 user.name,
@@ -124,7 +129,7 @@ class Judge:
         # rejected one is: a key holder past its caps grows neither the replay cache nor the
         # firewall queue, and a replay of a refused message is judged again (refused while
         # at the cap, else accepted once, for the address it names, then remembered).
-        refusal = self.limits.refusal(user, change, now)
+        refusal = self.limits.admit(user, change, now)
         if refusal is not None:
             if self.limits.first_warning(user.name, now):
                 log.warning(
@@ -135,8 +140,16 @@ class Judge:
         # Kept for the longest window ever in force (a window raised later extends it).
         window = max(settings.window, replay.window)
         replay.remember(user.id, verdict.siv, replay_expiry(knock, now, window))
-        self.limits.record(change, now)
         return decision, change
+
+    def _destination(self, key: bytes) -> tuple[IPAddress, str]:
+        """The protected address of a 16-byte key, and its text: there are few of them."""
+        known = self._destinations.get(key)
+        if known is None:
+            if len(self._destinations) >= MAX_KNOWN_DESTINATIONS:
+                self._destinations.clear()
+            known = self._destinations[key] = (key_address(key), key_text(key))
+        return known
 
     def judge_slice(
         self, backlog: Backlog, limit: int | None, clock: Callable[[], float]

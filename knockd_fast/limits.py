@@ -55,44 +55,46 @@ class Limits:
             account = self._accounts[name] = _Account()
         return account
 
-    def refusal(self, user: User, change: GrantChange, now: float) -> str | None:
-        """Why accepting ``change`` (of an authentic, fresh, allowed message of ``user``)
-        would take the user past a cap, as a decision's detail; None if it stays within."""
-        account = self._accounts.get(user.name)
+    def admit(self, user: User, change: GrantChange, now: float) -> str | None:
+        """Count ``change`` (of an authentic, fresh, allowed message of ``user``) against the
+        user's caps: why it would take the user past one, as a decision's detail (then
+        nothing is counted); else None, and it is counted as accepted and handed on."""
+        grant = change.grant
+        account = self._accounts.get(grant.user)
         if account is None:
-            return None
-        _forget_seconds(account, int(now) - RATE_SECONDS)
+            account = self._accounts[grant.user] = _Account()
+        second = int(now)
+        seconds = account.seconds
+        if seconds and seconds[0][0] <= second - RATE_SECONDS:
+            _forget_seconds(account, second - RATE_SECONDS)
         if account.accepted >= user.max_knocks_per_minute:
             return (
                 f"max_knocks_per_minute {user.max_knocks_per_minute} reached for "
                 f"{user.name!r}: {account.accepted} accepted in the last {RATE_SECONDS} s"
             )
+        grants = account.grants
+        key = grant.key
+        closing = change.action == Action.CLOSE
+        held = grants.get(key)
         # Only a new grant counts against max_grants: extending a held one or closing never.
-        if change.action == Action.CLOSE or change.grant.key in account.grants:
-            return None
-        if len(account.grants) >= user.max_grants:
-            _forget_expired(account, int(now))  # only here: the count costs nothing below it
-            if len(account.grants) >= user.max_grants:
+        if not closing and held is None and len(grants) >= user.max_grants:
+            _forget_expired(account, second)  # only here: the count costs nothing below it
+            if len(grants) >= user.max_grants:
                 return (
                     f"max_grants {user.max_grants} reached for {user.name!r}: "
-                    f"{len(account.grants)} live grants"
+                    f"{len(grants)} live grants"
                 )
-        return None
-
-    def record(self, change: GrantChange, now: float) -> None:
-        """An accepted message and its change, handed on to the firewall."""
-        account = self._account(change.grant.user)
-        second = int(now)
-        if account.seconds and account.seconds[-1][0] >= second:
-            account.seconds[-1][1] += 1  # a capture time a little behind counts as the last
+        if seconds and seconds[-1][0] >= second:
+            seconds[-1][1] += 1  # a capture time a little behind counts as the last
         else:
-            account.seconds.append([second, 1])
+            seconds.append([second, 1])
         account.accepted += 1
-        key = change.grant.key
-        if change.action == Action.CLOSE:
-            account.grants.pop(key, None)
-        else:  # as the firewall does: an open never shortens a grant
-            account.grants[key] = max(account.grants.get(key, 0), change.grant.expires)
+        if closing:
+            if held is not None:
+                del grants[key]
+        elif held is None or grant.expires > held:  # as the firewall does: never shortened
+            grants[key] = grant.expires
+        return None
 
     def first_warning(self, name: str, now: float) -> bool:
         """Whether a cap hit of user ``name`` at ``now`` is the first in ``WARN_SECONDS``

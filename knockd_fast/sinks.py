@@ -69,7 +69,7 @@ class LogSink:
                 if self._shown[reason] >= self.sample:
                     continue
                 self._shown[reason] += 1
-            lines.append(json.dumps(decision.as_json()) if as_json else decision.as_text())
+            lines.append(decision.as_json_text() if as_json else decision.as_text())
         log_lines(decisions_log, lines)
 
     def tick(self, now: float) -> None:

@@ -24,6 +24,7 @@ from knock_client.protocol import (
     siv_of,
 )
 
+from .addresses import address_text
 from .capture_spec import MAX_CANDIDATES
 from .config import GrantSettings, IPAddress, User
 
@@ -145,7 +146,8 @@ def judge(
         return _reject(
             "not_allowed", f"{knock.port}/{knock.proto} is not allowed for {user.name!r}", *found
         )
-    detail = f"{knock.action} {knock.port}/{knock.proto} for {source} (user {user.name!r})"
+    what = f"{knock.action} {knock.port}/{knock.proto}"
+    detail = f"{what} for {address_text(source)} (user {user.name!r})"
     return Verdict(True, OK, detail, user, knock, message, siv)
 
 

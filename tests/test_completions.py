@@ -1,5 +1,5 @@
 """knockd_fast.completions: a drained batch as Python values, field for field what the records
-hold; and the address text the judge logs."""
+hold; and the address text the judge and the firewall log."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from knockd_fast.addresses import address_text, key_text
 from knockd_fast.capture_spec import (
     COMPLETION_DTYPE,
     IPV4_MAPPED_PREFIX,
     MAX_ALTERNATIVES,
     MESSAGE_CAPACITY,
     key_address,
-    key_text,
 )
 from knockd_fast.completions import Completion, completion_of, completions
 
@@ -86,3 +86,9 @@ addresses = st.one_of(
 def test_key_text_says_what_the_address_says(key: bytes) -> None:
     assert key_text(key) == str(key_address(key))
     assert ipaddress.ip_address(key_text(key)) == key_address(key)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_a_grants_address_text_is_what_the_address_says(address) -> None:
+    assert address_text(address) == str(address)

@@ -331,24 +331,24 @@ def test_a_batch_of_interleaved_changes_ends_as_one_by_one(probe: Probe) -> None
     assert probe.elements("grants6") == []
 
 
-def test_element_commands_are_merged_only_in_runs_of_one_verb_and_set() -> None:
-    from knockd_fast.firewall.nftables import _merge_elements
+def test_element_commands_are_one_per_run_of_one_verb_and_set() -> None:
+    from knockd_fast.firewall.nftables import _Elements
 
-    def element(verb: str, set_: str, value: object) -> dict:
-        ref = {"family": "inet", "table": TABLE, "name": set_}
-        return {verb: {"element": {**ref, "elem": [value]}}}
-
-    table = {"add": {"table": {"family": "inet", "name": TABLE}}}
-    commands = [
-        table, element("add", "grants4", 1), element("add", "grants4", 2),
-        element("delete", "grants4", 2), element("add", "grants6", 3),
-        element("add", "grants4", 4), element("add", "grants4", 5),
+    elements = _Elements(TABLE)
+    for verb, set_, value in [
+        ("add", "grants4", 1), ("add", "grants4", 2), ("delete", "grants4", 2),
+        ("add", "grants6", 3), ("add", "grants4", 4), ("add", "grants4", 5),
+    ]:  # fmt: skip
+        elements.add(verb, set_, value)
+    assert [
+        (verb, body["element"]["name"], body["element"]["elem"])
+        for command in elements.commands
+        for verb, body in command.items()
+    ] == [
+        ("add", "grants4", [1, 2]), ("delete", "grants4", [2]), ("add", "grants6", [3]),
+        ("add", "grants4", [4, 5]),
     ]  # fmt: skip
-    merged = _merge_elements(commands)
-    assert [(next(iter(c)), c[next(iter(c))].get("element", {}).get("elem")) for c in merged] == [
-        ("add", None), ("add", [1, 2]), ("delete", [2]), ("add", [3]), ("add", [4, 5]),
-    ]  # fmt: skip
-    assert commands[1]["add"]["element"]["elem"] == [1]  # the input is left as it was
+    assert all(c[v]["element"]["table"] == TABLE for c in elements.commands for v in c)
 
 
 @netns_test

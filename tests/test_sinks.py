@@ -7,6 +7,8 @@ import json
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from knockd_fast.decisions import Decision
 from knockd_fast.sinks import LogSink, PrintSink
@@ -71,3 +73,23 @@ def test_replay_prints_every_decision(capsys) -> None:
     sink.write([decision(T + n) for n in range(500)])
     sink.close()
     assert len(capsys.readouterr().out.splitlines()) == 500
+
+
+texts = st.one_of(st.none(), st.text())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(0, 2**33, allow_nan=False),
+    st.tuples(texts, texts, texts, texts),
+    st.one_of(st.none(), st.integers(0, 65535)),
+    st.tuples(st.text(), st.text(), st.text(), st.text()),
+    texts,
+)
+def test_the_json_log_line_is_json_dumps_of_the_decision(when, who, port, verdict, interface):
+    """The daemon's --json line is built by hand, for speed: it must be what json.dumps says."""
+    user, action, proto, source = who
+    decision = Decision(
+        when, source or "", verdict[0], user, action, port, proto, *verdict[1:], interface
+    )
+    assert decision.as_json_text() == json.dumps(decision.as_json())

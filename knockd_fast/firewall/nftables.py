@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from knock_client.protocol import Action
+from knockd_fast.addresses import address_text
 from knockd_fast.firewall.base import (
     PROTOCOLS,
     ChangeOutcome,
@@ -127,11 +128,14 @@ def set_name(family: int, bound: bool) -> str:
     return f"grants{family}{'d' if bound else ''}"
 
 
+_UNTOUCHED = object()  # a key the changes planned so far leave as the view has it
+
+
 def _key_value(key: GrantKey) -> dict[str, Any]:
     source, proto, port, destination = key
-    parts: list[Any] = [str(source), proto, port]
+    parts: list[Any] = [address_text(source), proto, port]
     if destination is not None:
-        parts.append(str(destination))
+        parts.append(address_text(destination))
     return {"concat": parts}
 
 
@@ -234,7 +238,9 @@ class NftablesFirewall:
         with self._mutex:
             found, junk = self._scan(keep_expired=True)
             removed = [g for g in found.values() if g.expired(now)]
-            commands = [c for g in removed for c in self._delete(g.key)]
+            elements = _Elements(self.table)
+            for grant in removed:
+                self._delete(grant.key, elements)
             for set_, value, why in junk:
                 log.warning(
                     "reconcile: removed element %s of set %s, not a grant: %s",
@@ -242,9 +248,10 @@ class NftablesFirewall:
                     set_,
                     why,
                 )
-                commands += self._delete_value(set_, value)
-            if commands:
-                self._run(self._write, commands, "reconcile")
+                elements.add("add", set_, value)  # the delete cannot fail if it timed out
+                elements.add("delete", set_, value)
+            if elements.commands:
+                self._run(self._write, elements.commands, "reconcile")
             self._view = {k: g for k, g in found.items() if not g.expired(now)}
             return sorted(self._view.values(), key=sort_key), sorted(removed, key=sort_key)
 
@@ -280,7 +287,7 @@ class NftablesFirewall:
             # What the changes do to the view, applied only once the kernel took them all
             # (None: removed). No copy of the view: its size must not cost an open anything.
             overlay: dict[GrantKey, Grant | None] = {}
-            commands: list[dict[str, Any]] = []
+            elements = _Elements(self.table)
             outcomes: list[ChangeOutcome] = []
             for change in changes:
                 grant = change.grant
@@ -290,7 +297,9 @@ class NftablesFirewall:
                         f"enabled (families {', '.join(map(str, self.families))})"
                     )
                 key = grant.key
-                held = overlay[key] if key in overlay else self._view.get(key)
+                held = overlay.get(key, _UNTOUCHED)
+                if held is _UNTOUCHED:
+                    held = self._view.get(key)
                 if held is not None and held.expired(now):
                     held = None  # the kernel has timed it out (our timeouts round down)
                 if change.action == Action.CLOSE:
@@ -298,7 +307,7 @@ class NftablesFirewall:
                     if held is None or not (any_user or held.user == grant.user):
                         outcomes.append(False)
                         continue
-                    commands += self._delete(key)
+                    self._delete(key, elements)
                     overlay[key] = None
                     outcomes.append(True)
                     continue
@@ -316,12 +325,12 @@ class NftablesFirewall:
                     # Extend: delete and add again. A re-add alone would not refresh the
                     # timeout before Linux 6.12 (6.1 ignores it); the delete is preceded by
                     # an add so that it cannot fail if the kernel timed the element out.
-                    commands += self._delete(key)
-                commands.append(self._add(grant, now, comment))
+                    self._delete(key, elements)
+                self._add(grant, now, elements, comment)
                 overlay[key] = grant
                 outcomes.append(grant)
-            if commands:
-                self._run(self._write, commands, what)
+            if elements.commands:
+                self._run(self._write, elements.commands, what)
             for key, value in overlay.items():
                 if value is None:
                     self._view.pop(key, None)
@@ -329,35 +338,25 @@ class NftablesFirewall:
                     self._view[key] = value
             return outcomes
 
-    def _element_ref(self, key: GrantKey) -> dict[str, Any]:
-        return {
-            "family": FAMILY,
-            "table": self.table,
-            "name": set_name(key[0].version, key[3] is not None),
-        }
-
-    def _add(self, grant: Grant, now: float, comment: str | None = None) -> dict[str, Any]:
+    @staticmethod
+    def _add(
+        grant: Grant, now: float, elements: _Elements, comment: str | None = None
+    ) -> None:
         elem = {
             "val": _key_value(grant.key),
             "timeout": _timeout(grant, now),
             "comment": format_comment(grant) if comment is None else comment,
         }
-        return {"add": {"element": {**self._element_ref(grant.key), "elem": [{"elem": elem}]}}}
+        elements.add("add", set_name(grant.family, grant.destination is not None), {"elem": elem})
 
-    def _delete(self, key: GrantKey) -> list[dict[str, Any]]:
-        ref = self._element_ref(key)
+    @staticmethod
+    def _delete(key: GrantKey, elements: _Elements) -> None:
+        """Remove ``key``'s element; added first (timeout 1 s), so that the delete cannot
+        fail if the kernel timed the element out meanwhile."""
+        set_ = set_name(key[0].version, key[3] is not None)
         value = _key_value(key)
-        return [
-            {"add": {"element": {**ref, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
-            {"delete": {"element": {**ref, "elem": [value]}}},
-        ]
-
-    def _delete_value(self, set_: str, value: Any) -> list[dict[str, Any]]:
-        ref = {"family": FAMILY, "table": self.table, "name": set_}
-        return [
-            {"add": {"element": {**ref, "elem": [value]}}},
-            {"delete": {"element": {**ref, "elem": [value]}}},
-        ]
+        elements.add("add", set_, {"elem": {"val": value, "timeout": 1}})
+        elements.add("delete", set_, value)
 
     # -- what setup makes -----------------------------------------------------------------
 
@@ -449,12 +448,13 @@ class NftablesFirewall:
                 rule = {**_ref(chain, "chain"), "expr": expr, "comment": comment}
                 commands.append({"add": {"rule": rule}})
         now = self.clock()
+        elements = _Elements(self.table)
         for grant in grants:
             if not grant.expired(int(now)):
                 if self.sets_only:  # the element may still be there: replace it
-                    commands += self._delete(grant.key)
-                commands.append(self._add(grant, now))
-        self._run(self._write, commands, what)
+                    self._delete(grant.key, elements)
+                self._add(grant, now, elements)
+        self._run(self._write, commands + elements.commands, what)
 
     def _expected(self) -> tuple:
         sets = sorted((d["name"], tuple(d["type"]), ("timeout",)) for d in self._set_defs())
@@ -547,31 +547,29 @@ class NftablesFirewall:
 
     def _run(self, ctx: Nft, commands: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
         try:
-            return ctx.run(_merge_elements(commands))
+            return ctx.run(commands)
         except NftError as error:
             raise FirewallError(f"nftables: {what}: {error}") from None
 
 
-def _merge_elements(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``commands`` with each run of element commands of one verb on one set made one
-    command of all their elements, in the same order: the same transaction, and a burst of
-    grants cost libnftables (and the JSON encoder) about half as much as one per element."""
-    merged: list[dict[str, Any]] = []
-    last: tuple | None = None
-    for command in commands:
-        ((verb, body),) = command.items()
-        element = body.get("element") if isinstance(body, dict) and len(body) == 1 else None
-        if element is None:
-            merged.append(command)
-            last = None
-            continue
-        run = (verb, element["family"], element["table"], element["name"])
-        if run == last:
-            merged[-1][verb]["element"]["elem"].extend(element["elem"])
-        else:
-            merged.append({verb: {"element": {**element, "elem": list(element["elem"])}}})
-            last = run
-    return merged
+class _Elements:
+    """Element changes in the order given, as libnftables commands: each run of one verb on
+    one set is one command of all its elements. The same transaction, and a burst of grants
+    costs libnftables and the JSON encoder about half what a command per element did."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.commands: list[dict[str, Any]] = []
+        self._run: tuple[str, str] | None = None
+        self._elems: list[Any] = []
+
+    def add(self, verb: str, set_: str, elem: Any) -> None:
+        """``verb`` ("add" or "delete") ``elem`` in set ``set_``, after what came before."""
+        if self._run != (verb, set_):
+            self._run, self._elems = (verb, set_), []
+            element = {"family": FAMILY, "table": self.table, "name": set_, "elem": self._elems}
+            self.commands.append({verb: {"element": element}})
+        self._elems.append(elem)
 
 
 def _ref(obj: dict[str, Any], key: str = "name") -> dict[str, Any]:

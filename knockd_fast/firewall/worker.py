@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from knock_client.protocol import Action
 
+from ..addresses import address_text
 from ..decisions import iso_time
 from ..logs import flush_logs, log_lines
 from .base import (
@@ -93,11 +94,15 @@ class ChangeQueue:
         with self._ready:
             pending = self._pending
             for change in changes:
-                positions = self._positions.get(change.grant.key)
+                key = change.grant.key
+                positions = self._positions.get(key)
                 if positions and _absorb(pending, positions, change):
                     self.absorbed += 1
                 elif len(pending) < self.limit:
-                    self._positions.setdefault(change.grant.key, []).append(len(pending))
+                    if positions is None:
+                        self._positions[key] = [len(pending)]
+                    else:
+                        positions.append(len(pending))
                     pending.append(change)
                 else:
                     self.dropped[change.action] += 1
@@ -370,6 +375,7 @@ class FirewallWorker(threading.Thread):
 
 def describe(grant: Grant, expiry: bool = True) -> str:
     """``22/tcp for 192.0.2.2 to 192.0.2.1 (user alice) until 2026-...Z``, as logs say it."""
-    where = f" to {grant.destination}" if grant.destination else ""
+    where = f" to {address_text(grant.destination)}" if grant.destination else ""
     until = f" until {iso_time(grant.expires)}" if expiry else ""
-    return f"{grant.port}/{grant.proto} for {grant.source}{where} (user {grant.user}){until}"
+    source = address_text(grant.source)
+    return f"{grant.port}/{grant.proto} for {source}{where} (user {grant.user}){until}"
