@@ -69,7 +69,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ._capture import IMPLEMENTATION, CaptureError
-    from .daemon import Doorman, open_captures
+    from .daemon import Doorman, open_captures, tune_garbage_collector
     from .firewall import registry
     from .firewall.base import FirewallError
     from .interfaces import protected_destinations
@@ -109,6 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         len(removed),
     )
     doorman.install_signal_handlers()
+    tune_garbage_collector()
     try:
         doorman.run()
     finally:

@@ -265,10 +265,13 @@ class IpsetFirewall(XtablesBackend):
         """The changes decided one by one, their messages sent together, all undone in
         reverse on any failure (see the module)."""
         for change in changes:
-            if change.action == Action.OPEN:
-                self._family_of(change.grant.source, f"add grant {format_key(change.grant.key)}")
+            grant = change.grant
+            if change.action == Action.OPEN and grant.family not in self.families:
+                self._family_of(grant.source, f"add grant {format_key(grant.key)}")  # raises
         with self._op(f"apply a batch of {len(changes)} changes", lock=False):
-            view = dict(self._view)
+            # What the view held before, of each key the batch changes: no copy of it all,
+            # whose size would cost every batch.
+            before: dict[GrantKey, Grant | None] = {}
             undo: list[tuple[GrantKey, Grant | None]] = []
             try:
                 pipe = self._pipe()
@@ -279,15 +282,19 @@ class IpsetFirewall(XtablesBackend):
                         if g.family not in self.families:
                             outcomes.append([False])
                             continue
-                        outcomes.append(self._close(g.key, g.user, undo, pipe))
+                        outcomes.append(self._close(g.key, g.user, undo, pipe, before))
                     else:
-                        outcomes.append(self._open(g, undo, pipe))
+                        outcomes.append(self._open(g, undo, pipe, before))
                 pipe.flush()
                 # a close's outcome is its cell, filled in by the kernel's answer
                 return [out if isinstance(out, Grant) else out[0] for out in outcomes]
             except (_Surprise, NetlinkError, OSError) as error:
                 self._undo(undo)
-                self._view = view
+                for key, held in before.items():
+                    if held is None:
+                        self._view.pop(key, None)
+                    else:
+                        self._view[key] = held
                 if isinstance(error, _Surprise):
                     raise FirewallError(f"ipset: apply a batch: {error}") from None
                 raise
@@ -360,8 +367,10 @@ class IpsetFirewall(XtablesBackend):
     # -- the changes (``undo`` collects (key, what the kernel held before), in the order of
     # the kernel's answers; ``pipe`` takes their messages) --------------------------------
 
-    def _open(self, grant: Grant, undo: list, pipe: _Pipe) -> Grant:
+    def _open(self, grant: Grant, undo: list, pipe: _Pipe, before: dict | None = None) -> Grant:
         held = self._view.get(grant.key)
+        if before is not None and grant.key not in before:
+            before[grant.key] = held
         if held is not None and held.expires >= grant.expires:
             # an open never shortens a grant (nor takes it from its user), if it is there
             if self._test(pipe, self._entry(grant.key)):
@@ -373,10 +382,14 @@ class IpsetFirewall(XtablesBackend):
         self._view[grant.key] = grant
         return grant
 
-    def _close(self, key: GrantKey, user: str | None, undo: list, pipe: _Pipe) -> list[bool]:
+    def _close(
+        self, key: GrantKey, user: str | None, undo: list, pipe: _Pipe, before: dict | None = None
+    ) -> list[bool]:
         """Whether the grant was closed, as a cell the kernel's answer fills in (in a
-        batch, when its send goes out)."""
+        batch, when its send goes out). ``before`` (a batch's) takes what the view held."""
         held = self._view.get(key)
+        if before is not None and key not in before:
+            before[key] = held
         entry = self._entry(key)
         if held is None:
             if self._test(pipe, entry):

@@ -9,12 +9,14 @@ compares them). pyroute2 still does the rest (create, list, destroy): rare, and 
 decoder reads listings well.
 
 Pipelining. ipset's nfnetlink handler takes any number of messages in one ``sendmsg``
-and answers each on its own: with NLM_F_ACK an ack (error 0) or an error, both carrying
-the request's sequence number. The kernel handles them in order within the ``sendmsg``
-call itself, so the answers are queued when it returns. ``IpsetSocket.exchange`` sends
-up to ``chunk`` messages at once and returns one code per message (0, or the positive
-errno / IPSET_ERR_* the kernel answered). A message that fails does not stop the ones
-after it in the same send: callers that want all or nothing undo what succeeded.
+and handles them in order within the call itself: a message that fails is answered with
+its error (and the request's sequence number) whatever its flags, one with NLM_F_ACK that
+succeeds with an ack (error 0). ``IpsetSocket.exchange`` sends up to ``chunk`` messages
+at once, only the last asking for an ack: its answer comes after every error of the
+send, so one read tells how a send that went well went. It returns one code per message
+(0, or the positive errno / IPSET_ERR_* the kernel answered). A message that fails does
+not stop the ones after it in the same send: callers that want all or nothing undo what
+succeeded.
 
 Every answer takes room in the socket's receive buffer until read (an ack's skb is under
 1 KiB of it), and answers that do not fit are dropped by the kernel (ENOBUFS): the chunk
@@ -84,6 +86,21 @@ def _address(address: IPv4Address | IPv6Address) -> bytes:
     return _attr(_ADDR[address.version], address.packed)
 
 
+def _entry_layout(version: int, bound: bool) -> struct.Struct:
+    """One struct for an entry's whole key, as ``_attr`` would nest and pad it: the
+    address (nested), port, protocol[, destination (nested)]. Packing it at once costs a
+    tenth of the ten ``_attr`` calls, for every grant."""
+    address = f"HHHH{4 if version == 4 else 16}s"  # outer size, kind, inner size, kind, bytes
+    return struct.Struct("=" + address + "HH2s2x" + "HHB3x" + (address if bound else ""))
+
+
+_ENTRY_LAYOUTS = {(v, bound): _entry_layout(v, bound) for v in (4, 6) for bound in (False, True)}
+_ADDRESS_SIZES = {4: (12, 8), 6: (24, 20)}  # (outer, inner) attribute sizes
+_PORT_SIZE, _PROTO_SIZE = 4 + 2, 4 + 1
+_LINENO = _attr(_ATTR_CADT_LINENO, struct.pack("!I", 0))
+_TIMEOUT_HEAD = struct.pack("=HH", 8, _ATTR_TIMEOUT)
+
+
 def entry_key(
     source: IPv4Address | IPv6Address,
     port: int,
@@ -92,24 +109,27 @@ def entry_key(
 ) -> bytes:
     """The attributes naming one entry of a ``hash:ip,port[,ip]`` set (del and test send
     only these; add appends the extensions with ``entry_extensions``)."""
-    key = (
-        _attr(_ATTR_IP, _address(source))
-        + _attr(_ATTR_PORT, struct.pack("!H", port))
-        + _attr(_ATTR_PROTO, bytes((proto,)))
+    version = source.version
+    outer, inner = _ADDRESS_SIZES[version]
+    kind = _ADDR[version]
+    head = (outer, _ATTR_IP, inner, kind, source.packed, _PORT_SIZE, _ATTR_PORT,
+            port.to_bytes(2, "big"), _PROTO_SIZE, _ATTR_PROTO, proto)  # fmt: skip
+    if destination is None:
+        return _ENTRY_LAYOUTS[version, False].pack(*head)
+    return _ENTRY_LAYOUTS[version, True].pack(
+        *head, outer, _ATTR_IP2, inner, kind, destination.packed
     )
-    if destination is not None:
-        key += _attr(_ATTR_IP2, _address(destination))
-    return key
 
 
 def entry_extensions(timeout: int, comment: str) -> bytes:
     """An add's comment and timeout, in pyroute2's order (the comment's line number 0, as
     it sends it; the kernel reads it only in restore mode)."""
+    text = comment.encode() + b"\0"
+    size = 4 + len(text)
     return (
-        _attr(_ATTR_COMMENT, comment.encode() + b"\0")
-        + _attr(_ATTR_CADT_LINENO, struct.pack("!I", 0))
-        + _attr(_ATTR_TIMEOUT, struct.pack("!I", timeout))
-    )
+        struct.pack("=HH", size, _ATTR_COMMENT) + text + bytes(-size % 4)
+        + _LINENO + _TIMEOUT_HEAD + timeout.to_bytes(4, "big")
+    )  # fmt: skip
 
 
 def set_prefix(protocol: int, set_name: str) -> bytes:
@@ -177,25 +197,29 @@ class IpsetSocket:
         in order: 0 (done), or the positive errno or IPSET_ERR_* the kernel answered."""
         if len(requests) > self.chunk:
             raise ValueError(f"{len(requests)} requests in one send, more than {self.chunk}")
+        if not requests:
+            return []
         first = self._seq + 1
-        self._seq += len(requests)
-        flags = NLM_F_REQUEST | NLM_F_ACK
+        last = self._seq = self._seq + len(requests)
+        # Only the last request asks for an ack: the kernel answers a failed one whatever
+        # its flags, and in order, so the last one's answer comes after every error of the
+        # send. One read for a send that went well, where an ack each cost a read each.
         out = b"".join(
-            message(cmd, flags | extra, first + i, attrs)
-            for i, (cmd, extra, attrs) in enumerate(requests)
+            message(cmd, NLM_F_REQUEST | extra, first + i, attrs)
+            for i, (cmd, extra, attrs) in enumerate(requests[:-1])
         )
+        cmd, extra, attrs = requests[-1]
+        out += message(cmd, NLM_F_REQUEST | NLM_F_ACK | extra, last, attrs)
         self._sock.send(out)
-        codes: list[int | None] = [None] * len(requests)
-        missing = len(requests)
-        while missing:
+        codes = [0] * len(requests)
+        while True:
             for seq, kind, error, _ in self._answers():
-                index = seq - first
-                if kind == NLMSG_ERROR and 0 <= index < len(codes) and codes[index] is None:
-                    codes[index] = -error
-                    missing -= 1
+                if kind == NLMSG_ERROR and first <= seq <= last:
+                    codes[seq - first] = -error
+                    if seq == last:
+                        return codes
                 # anything else is an answer to an earlier call that raised before reading
                 # all of its own (its sequence number is below ``first``): dropped
-        return codes  # type: ignore[return-value]  (all filled in)
 
     def _answers(self):  # noqa: ANN202  (an iterator of (seq, type, error, payload))
         """The messages of one datagram (one recv), each with its error code (acks)."""
