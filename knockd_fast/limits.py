@@ -65,8 +65,7 @@ class Limits:
             account = self._accounts[grant.user] = _Account()
         second = int(now)
         seconds = account.seconds
-        if seconds and seconds[0][0] <= second - RATE_SECONDS:
-            _forget_seconds(account, second - RATE_SECONDS)
+        _forget_seconds(account, second - RATE_SECONDS)
         if account.accepted >= user.max_knocks_per_minute:
             return (
                 f"max_knocks_per_minute {user.max_knocks_per_minute} reached for "

@@ -58,7 +58,7 @@ class LogSink:
         lines = []
         for decision in decisions:
             if decision.verdict != "accepted":
-                if self._since is not None and decision.time - self._since >= self.interval:
+                if self._interval_over(decision.time):
                     log_lines(decisions_log, lines)  # the summary comes after them
                     lines = []
                     self._summarise(decision.time)
@@ -73,8 +73,12 @@ class LogSink:
         log_lines(decisions_log, lines)
 
     def tick(self, now: float) -> None:
-        if self._since is not None and now - self._since >= self.interval:
+        if self._interval_over(now):
             self._summarise(now)
+
+    def _interval_over(self, now: float) -> bool:
+        """Whether an interval with rejections began at least ``interval`` before ``now``."""
+        return self._since is not None and now - self._since >= self.interval
 
     def close(self) -> None:
         if self._since is not None:

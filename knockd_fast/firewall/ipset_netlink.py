@@ -82,10 +82,6 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", size, kind) + payload + bytes(-size % 4)
 
 
-def _address(address: IPv4Address | IPv6Address) -> bytes:
-    return _attr(_ADDR[address.version], address.packed)
-
-
 def _entry_layout(version: int, bound: bool) -> struct.Struct:
     """One struct for an entry's whole key, as ``_attr`` would nest and pad it: the
     address (nested), port, protocol[, destination (nested)]. Packing it at once costs a
