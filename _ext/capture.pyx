@@ -93,6 +93,11 @@ cdef enum:  # counter indices, in capture_spec.COUNTER_NAMES order
     C_ALTERNATIVES_DROPPED, C_EVICTIONS, C_EXPIRED, C_MALFORMED, C_IGNORED,
     C_REFUSED_MODE, C_REFUSED_VERSION, C_REFUSED_USER, N_COUNTERS
 
+cdef enum:  # the digit pipeline (defer_digit): how many packets ahead each line is fetched
+    PIPE_SIZE = 8              # a power of two, > WORK_AGE
+    SLOT_AGE = 2               # its index entry was requested one packet ago: find its slot
+    WORK_AGE = 5               # its slot was requested WORK_AGE - SLOT_AGE packets ago
+
 cdef enum:  # the message header: version (4 bits) and user id (12 bits), in clear
     HEADER_BITS = 16
     VERSION_SHIFT = 12
@@ -101,7 +106,8 @@ cdef enum:  # the message header: version (4 bits) and user id (12 bits), in cle
     MAX_HEADER_SEGMENTS = 4    # 16 bits in digits of at least 4 bits
 
 
-# One source with a partial knock: two cache lines, the common case touches nothing else.
+# One source with a partial knock: two cache lines, both fetched ahead (see ``defer_digit``).
+# Everything a lookup compares (key, port, fingerprint) lies in the first line.
 ctypedef struct Slot:
     uint64_t key[2]            # source as IPv6 (IPv4-mapped for IPv4), raw bytes
     int64_t first_us           # packet time of its first digit
@@ -110,10 +116,10 @@ ctypedef struct Slot:
     uint8_t nalt
     uint32_t fp                # low 32 bits of its hash: finds its index entry without rehashing
     uint64_t filled[2]         # one bit per segment (at most 92)
+    uint16_t sport             # source port of its packets when grouping by port, else 0
     uint8_t message[MSG_CAP]   # digits packed MSB-first, digit_bits each
     uint8_t alt_segment[N_ALT]
     uint16_t alt_digit[N_ALT]
-    uint16_t sport             # source port of its packets when grouping by port, else 0
     uint8_t _tail[6]
 
 # Layout of one record of capture_spec.COMPLETION_DTYPE (aligned numpy struct).
@@ -177,8 +183,9 @@ ctypedef struct Engine:
     uint32_t ring_count
     # accounting
     uint64_t counters[N_COUNTERS]
-    Digit pending
-    bint has_pending
+    Digit pipe[PIPE_SIZE]       # digits parsed, their table work not yet done (defer_digit)
+    uint32_t pipe_head          # the oldest
+    uint32_t pipe_count
     int error
     pcap.pcap_t *handle
 
@@ -550,22 +557,45 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     free_slot(e, slot)
 
 
+cdef inline void prefetch_slot(const Engine *e, const Digit *d) noexcept nogil:
+    # Its index entry has had a packet's time to arrive: find the slot it leads to and fetch
+    # both of its lines, so that knock_digit, packets later, waits for neither. Only a hint:
+    # knock_digit looks the source up again, after the table work of the packets before it.
+    cdef uint64_t fp = d.hash & 0xffffffffULL
+    cdef uint64_t i = fp & e.index_mask
+    cdef uint64_t entry = e.index[i]
+    while entry != 0:
+        if (entry >> 32) == fp:
+            KF_PREFETCH(slot_at(e, entry))
+            KF_PREFETCH((<const char *>slot_at(e, entry)) + 64)
+            return
+        i = (i + 1) & e.index_mask
+        entry = e.index[i]
+
+
 cdef inline void flush_pending(Engine *e) noexcept nogil:
-    if e.has_pending:
-        e.has_pending = False
-        knock_digit(e, &e.pending)
+    """Do the table work of every digit in the pipeline, oldest first."""
+    while e.pipe_count:
+        knock_digit(e, &e.pipe[e.pipe_head])
+        e.pipe_head = (e.pipe_head + 1) & (PIPE_SIZE - 1)
+        e.pipe_count -= 1
 
 
 cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
                              uint16_t sport, const uint8_t *dst, int fam, uint32_t segment,
                              uint32_t digit) noexcept nogil:
-    # A one-packet pipeline: start fetching this source's index entry now, do the previous
-    # packet's table work meanwhile, and this packet's on the next call (or at the end of
-    # the batch: dispatch() flushes). The order of table work is the packets' order.
+    # A pipeline a few packets deep, because a source's state is two dependent random reads
+    # (its index entry, then its slot): request this source's index entry now, the slot of
+    # the digit SLOT_AGE packets old, and do the table work of the one WORK_AGE packets old.
+    # The order of table work is the packets' order; dispatch() flushes at the end of a batch.
     cdef uint64_t hv = hash_key(e, src, sport)
     KF_PREFETCH(&e.index[hv & e.index_mask])
-    flush_pending(e)
-    cdef Digit *d = &e.pending
+    if e.pipe_count == WORK_AGE:
+        knock_digit(e, &e.pipe[e.pipe_head])
+        e.pipe_head = (e.pipe_head + 1) & (PIPE_SIZE - 1)
+        e.pipe_count -= 1
+    cdef Digit *d = &e.pipe[(e.pipe_head + e.pipe_count) & (PIPE_SIZE - 1)]
+    e.pipe_count += 1
     d.src[0] = src[0]
     d.src[1] = src[1]
     d.sport = sport
@@ -576,7 +606,8 @@ cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_
     d.segment = segment
     d.digit = digit
     d.fam = fam
-    e.has_pending = True
+    if e.pipe_count > SLOT_AGE:
+        prefetch_slot(e, &e.pipe[(e.pipe_head + e.pipe_count - 1 - SLOT_AGE) & (PIPE_SIZE - 1)])
 
 
 cdef inline bint is_vlan(uint16_t ethertype) noexcept nogil:

@@ -5,6 +5,9 @@ Engines, each timed with the file already in the page cache:
 
 ``bare``    ``knockd_fast._capture_c.bare_dispatch(path)``: libpcap's dispatch loop over the
             file with a C callback that only counts: the capture limit.
+``c-reference``  bench/c_reference.c, built here with the system's C compiler: a minimal
+            hand-written C knock collector (IPv4 SYNs, one 64-byte slot per source in an
+            open-addressing table): what the essential work costs in plain C.
 ``cython``  ``knockd_fast._capture_c.CaptureEngine``: the dispatch()/drain() loop until
             dispatch returns 0, timed with time.perf_counter (engine set-up and open_file
             are not timed).
@@ -27,6 +30,7 @@ A benchmark never fails on time: it fails only when an engine raises.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -47,7 +51,8 @@ import make_pcap  # noqa: E402  (bench/ is not a package)
 from make_pcap import RESULTS_DIR, CaptureFile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = ("bare", "cython", "python")
+ENGINES = ("bare", "c-reference", "cython", "python")
+C_REFERENCE_SOURCE = Path(__file__).resolve().parent / "c_reference.c"
 DEFAULT_CAPACITY = 65_536
 SWEEP_CAPACITY = 1_048_576
 SWEEP_KS = (10, 100, 1_000, 10_000, 100_000, 1_000_000)
@@ -88,6 +93,7 @@ def engine_availability() -> dict[str, str | None]:
         reasons["cython"] = (
             None if hasattr(_capture_c, "CaptureEngine") else "_capture_c has no CaptureEngine"
         )
+    reasons["c-reference"] = c_reference_binary()[1]
     try:
         from knockd_fast import _capture_py  # noqa: F401
     except ImportError as error:
@@ -95,6 +101,55 @@ def engine_availability() -> dict[str, str | None]:
     else:
         reasons["python"] = None
     return reasons
+
+
+_C_REFERENCE: list[tuple[Path | None, str | None]] = []  # built once per process
+
+
+def c_reference_binary() -> tuple[Path | None, str | None]:
+    """(the C reference's executable, None), built on first use next to the results and
+    named by its source's hash, or (None, why it cannot be built)."""
+    if _C_REFERENCE:
+        return _C_REFERENCE[0]
+    digest = hashlib.sha256(C_REFERENCE_SOURCE.read_bytes()).hexdigest()[:12]
+    binary = RESULTS_DIR / ".build" / f"c_reference-{digest}"
+    outcome: tuple[Path | None, str | None] = (binary, None)
+    if not binary.exists():
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            flags = subprocess.run(
+                ["pkg-config", "--cflags", "--libs", "libpcap"],
+                capture_output=True, text=True, check=True,
+            ).stdout.split()
+            built = subprocess.run(
+                [os.environ.get("CC", "cc"), "-O2", "-o", str(binary), str(C_REFERENCE_SOURCE),
+                 *flags],
+                capture_output=True, text=True,
+            )
+        except (OSError, subprocess.CalledProcessError) as error:
+            outcome = (None, f"cannot build bench/c_reference.c: {error}")
+        else:
+            if built.returncode != 0:
+                outcome = (None, f"cannot build bench/c_reference.c: {built.stderr.strip()}")
+    _C_REFERENCE.append(outcome)
+    return outcome
+
+
+def run_c_reference(path: Path) -> dict[str, object]:
+    binary, why = c_reference_binary()
+    if binary is None:
+        raise RuntimeError(why)
+    out = subprocess.run([str(binary), str(path)], capture_output=True, text=True, check=True)
+    packets, seconds, knock_packets, completions, evictions = out.stdout.split()
+    return {
+        "packets": int(packets),
+        "seconds": float(seconds),
+        "counters": {
+            "knock_packets": int(knock_packets),
+            "completions": int(completions),
+            "evictions": int(evictions),
+        },
+    }
 
 
 def _engine_class(name: str) -> type:
@@ -225,6 +280,8 @@ def bench_files(
             for row, engine, limit in plan.rows[shift:] + plan.rows[:shift]:
                 if engine == "bare":
                     result = run_bare(plan.path)
+                elif engine == "c-reference":
+                    result = run_c_reference(plan.path)
                 else:
                     result = run_engine(engine, plan.path, layout, settings, limit)
                 results[row].append(result)
@@ -396,6 +453,10 @@ def format_table(files: Iterable[dict[str, object]]) -> str:
                 f"{_fmt(counters.get('evictions'), 'd'):>7} {_fmt(counters.get('expired'), 'd'):>7}"
             )
         notes = []
+        engines = summary["engines"]
+        if "cython" in engines and "c-reference" in engines:
+            ratio = engines["cython"]["ns_per_packet"] / engines["c-reference"]["ns_per_packet"]
+            notes.append(f"cython costs {ratio:.2f}x the minimal C reference per packet")
         for engine, reason in summary["skipped"].items():
             notes.append(f"{engine} skipped: {reason}")
         if summary.get("counters_agree") is not None:
@@ -563,6 +624,7 @@ def plot_sweep(result: dict[str, object], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     series = [
         ("bare", "bare libpcap loop", "o-"),
+        ("c-reference", "minimal C reference", "d--"),
         ("cython", "Cython engine", "s-"),
         ("python@prefix", "pure-Python twin (prefix)", "^-"),
         ("python", "pure-Python twin", "^-"),

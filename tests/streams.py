@@ -221,8 +221,8 @@ def ip_packet(
         chain = sum(len(h.data) for h in headers)
         packet = packet[:4] + struct.pack("!H", rng.randrange(chain)) + packet[6:]
     elif carrier == "v6_short_payload":
-        length = len(packet) - 40
-        packet = packet[:4] + struct.pack("!H", rng.randrange(length)) + packet[6:]
+        length = len(packet) - 40  # 0 when a cut transport left nothing: claim 0 too
+        packet = packet[:4] + struct.pack("!H", rng.randrange(max(length, 1))) + packet[6:]
     elif carrier == "v6_long_payload":
         packet = packet[:4] + struct.pack("!H", rng.randrange(len(packet), 1 << 16)) + packet[6:]
     return packet

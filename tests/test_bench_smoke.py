@@ -96,12 +96,18 @@ def test_cython_and_pure_twin_agree(captures: list[make_pcap.CaptureFile], tmp_p
     written = _bench(captures, run.ENGINES, tmp_path)
     for capture, summary in zip(captures, written["files"], strict=True):
         engines = summary["engines"]
-        assert set(engines) == {"bare", "cython", "python"}
+        assert set(engines) == {"bare", "c-reference", "cython", "python"}
         assert engines["bare"]["packets"] == capture.packets
+        assert engines["c-reference"]["packets"] == capture.packets
         assert engines["cython"]["counters"]["completions"] == capture.complete_knocks
         assert summary["counters_agree"], summary["counter_differences"]
+    ipv4_knocks, _, flood = written["files"]
+    # The C reference reads IPv4 SYN digits: every knock of the IPv4 file, every flood SYN.
+    assert ipv4_knocks["engines"]["c-reference"]["counters"]["completions"] == 20
+    assert flood["engines"]["c-reference"]["counters"]["knock_packets"] == 2_000
     table = run.format_table(written["files"])
     assert "cython" in table and "python" in table
+    assert "the minimal C reference" in table
 
 
 def test_sweep_writes_json_and_plot(tmp_path: Path) -> None:
