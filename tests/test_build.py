@@ -50,3 +50,16 @@ def test_version_command_names_both_distributions() -> None:
     versions = f"knockd-fast {knockd_fast.__version__}, knock-client {knock_client.__version__}, "
     assert result.stdout.startswith(versions)
     assert ("extension not built" in result.stdout) == PURE
+
+
+def test_importing_the_daemon_starts_no_blas_threads() -> None:
+    # The daemon does no linear algebra: numpy's OpenBLAS threads would only burn CPU at start.
+    script = (
+        "import os; os.environ.pop('OPENBLAS_NUM_THREADS', None)\n"
+        "import knockd_fast.daemon, numpy\n"
+        "print(len(os.listdir('/proc/self/task')))"
+    )
+    threads = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert int(threads) == 1
