@@ -1,4 +1,4 @@
-"""``knockd-fast run|replay|status|check-config|version``.
+"""``knockd-fast run|replay|status|check-config|bench|version``.
 
 Every failure to start is one line on stderr and a non-zero exit (2: the configuration,
 1: the machine: interface, firewall, capture file), never a traceback.
@@ -7,15 +7,18 @@ Every failure to start is one line on stderr and a non-zero exit (2: the configu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import NoReturn
 
 from knockd_fast import __version__
 
+from .benchmark import WORKLOAD_NAMES
 from .config import ConfigError, load_config
 from .errors import StartError
 from .logs import setup_logging
@@ -134,6 +137,34 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmark
+
+    names = tuple(dict.fromkeys(n for n in args.workloads.split(",") if n))
+    unknown = [n for n in names if n not in benchmark.WORKLOADS]
+    if unknown or not names:
+        raise _Failure(
+            f"unknown workload {', '.join(unknown) or '(none given)'}; "
+            f"choose from {','.join(benchmark.WORKLOAD_NAMES)}"
+        )
+    if not 0 < args.scale <= 100:
+        raise _Failure(f"--scale {args.scale:g}: give a number above 0, at most 100")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise _Failure("--plot needs matplotlib: pip install matplotlib") from None
+    report = benchmark.run(args.config, names, args.scale, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(benchmark.format_report(report))
+    if args.plot:
+        benchmark.plot_report(report, Path(args.plot))
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .firewall import registry
     from .firewall.base import FirewallError
@@ -191,6 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = with_config("status", "live grants and their remaining time")
     status.set_defaults(func=_cmd_status)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure this machine: synthetic workloads through the engine and the judge",
+        description="Synthetic workloads (no traffic, no root) through the real capture "
+        "engine and judge: packets/s against libpcap's bare loop, completions and accepted "
+        "knocks per second, CPU per packet and per knock, peak memory.",
+    )
+    bench.add_argument(
+        "-c", "--config", metavar="FILE",
+        help="use this configuration's layout, users (the first user's key knocks) and table "
+        "size; default: a built-in one",
+    )  # fmt: skip
+    bench.add_argument(
+        "--workloads", default=",".join(WORKLOAD_NAMES), metavar="LIST",
+        help=f"comma-separated, of {','.join(WORKLOAD_NAMES)} (default: all)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every workload's size (default 1)"
+    )
+    bench.add_argument("--json", action="store_true", help="the report as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="also draw the report (matplotlib)")
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_cmd_bench)
 
     check = with_config("check-config", "load the configuration and the keys, and say why not")
     check.set_defaults(func=_cmd_check_config)
