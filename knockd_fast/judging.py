@@ -68,7 +68,6 @@ class Judge:
         came from) is only logged; a grant lasts from ``granted_at`` (default ``now``). An
         accepted message is remembered in the replay cache, and counted against its user's
         caps, before this returns."""
-        source = key_address(completion.source)
         source_text = key_text(completion.source)
         destination, destination_text = self._destination(completion.destination)
         settings = self.config.knock
@@ -83,7 +82,7 @@ class Judge:
         replay = self.replay
         verdict = judge(
             candidate_messages(completion, settings.layout.digit_bits),
-            source,
+            completion.source,  # an address object only for a message that authenticates
             None,
             now,
             self.config.users,
@@ -111,7 +110,7 @@ class Judge:
         # (remembering it first let a bad copy use up the genuine knock's message).
         try:
             grant = Grant(
-                source,
+                key_address(completion.source),
                 str(knock.proto),
                 knock.port,
                 destination,

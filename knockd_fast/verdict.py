@@ -14,18 +14,17 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from knock_client.protocol import (
-    AuthenticationError,
     Knock,
     PlaintextError,
     ProtocolError,
-    open_message,
     read_header,
     seconds_since,
     siv_of,
+    unseal,
 )
 
 from .addresses import address_text
-from .capture_spec import MAX_CANDIDATES
+from .capture_spec import MAX_CANDIDATES, key_address
 from .config import GrantSettings, IPAddress, User
 
 OK = "ok"
@@ -71,20 +70,20 @@ def _authenticate(candidate: object, users: Mapping[int, User]) -> Verdict | tup
     if user is None:
         return _reject("unknown_user", f"no user with id {user_id}")
     try:
-        knock = open_message(message, user.key)
-    except AuthenticationError:
-        return _reject("authentication", f"does not authenticate for user {user.name!r}", user)
+        knock = unseal(message, user.key)
     except PlaintextError as error:
         # Authentic, so judged no further: the sender holds the key but breaks the format.
         return _reject("malformed", f"authentic but {error}", user, None, message, siv_of(message))
     except ValueError as error:  # the user has no usable key (config loaded without keys)
         return _reject("authentication", f"user {user.name!r}: {error}", user)
+    if knock is None:
+        return _reject("authentication", f"does not authenticate for user {user.name!r}", user)
     return user, knock, message, siv_of(message)
 
 
 def judge(
     candidates: Iterable[bytes],
-    source: IPAddress | str,
+    source: IPAddress | str | bytes,
     destination: IPAddress | str | None,
     now: float,
     users: Mapping[int, User],
@@ -103,7 +102,8 @@ def judge(
     ``lambda uid, siv, sent: cache.seen(uid, siv, now, sent)``; after an
     accepted verdict the caller remembers it with ``replay_expiry``. ``destination`` is
     not checked (the capture only reports knocks to protected addresses); it is taken so
-    that callers pass one completion whole.
+    that callers pass one completion whole. ``source`` may be the engine's 16-byte key: the
+    address object is then built only for a message that authenticates.
     """
     if isinstance(source, str):  # an address object as is: ip_address() would re-parse it
         source = ipaddress.ip_address(source)
@@ -129,6 +129,8 @@ def judge(
         return first
 
     user, knock, message, siv = found
+    if type(source) is bytes:
+        source = key_address(source)
     age = seconds_since(knock.timestamp, now)
     if age > window:
         return _reject("expired", f"sent {age} s ago, window {window} s", *found)
