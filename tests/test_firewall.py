@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 from firewall_probe import grant_to_json, run_ops
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, run_in, tcp_listener
 
+from knock_client.protocol import Action
 from knockd_fast.firewall import (
     DryRunFirewall,
     Firewall,
@@ -33,7 +36,7 @@ from knockd_fast.firewall import (
     format_key,
     parse_comment,
 )
-from knockd_fast.firewall.base import sort_key
+from knockd_fast.firewall.base import GrantChange, sort_key
 
 PROBE = Path(__file__).with_name("firewall_probe.py")
 CHAIN = "KNOCKD-FAST"
@@ -727,3 +730,72 @@ def test_dry_run_does_not_import_iptc() -> None:
     code = "import sys, knockd_fast.firewall as f; f.DryRunFirewall(); print('iptc' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+# --- the dry run's own bookkeeping: its expiry heap and its batch journal ------------------
+
+_DRY_SOURCES = [ip_address("192.0.2.10"), ip_address("192.0.2.11"), ip_address("2001:db8::10")]
+_DRY_DESTINATIONS = [None, ip_address("198.51.100.1"), ip_address("2001:db8::1")]
+
+
+def _dry_grant(source: int, destination: int, expires: int, user: str) -> Grant:
+    src = _DRY_SOURCES[source]
+    dst = _DRY_DESTINATIONS[destination]
+    if dst is not None and dst.version != src.version:
+        dst = None
+    return Grant(src, "tcp", 22, dst, NOW + expires, user)
+
+
+_DRY_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("open"), st.integers(0, 2), st.integers(0, 2), st.integers(0, 20),
+                  st.sampled_from(["alice", "bob"])),
+        st.tuples(st.just("close"), st.integers(0, 2), st.integers(0, 2), st.just(0),
+                  st.sampled_from(["alice", "bob"])),
+        st.tuples(st.just("expire"), st.just(0), st.just(0), st.integers(0, 25), st.just("")),
+    ),
+    max_size=40,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(_DRY_OPS)
+def test_dry_run_expires_exactly_what_a_full_scan_would(ops: list[tuple]) -> None:
+    """Whatever the opens, extends, closes and sweeps, the dry run's heap expires the same
+    grants as scanning every grant held, and holds the same ones afterwards."""
+    fw, model = DryRunFirewall(history=0), {}
+    for op, source, destination, when, user in ops:
+        if op == "expire":
+            due = sorted((g for g in model.values() if g.expired(NOW + when)), key=sort_key)
+            for grant in due:
+                del model[grant.key]
+            assert fw.expire(NOW + when) == due
+            continue
+        grant = _dry_grant(source, destination, when, user)
+        held = model.get(grant.key)
+        if op == "open" and (held is None or held.expires < grant.expires):
+            model[grant.key] = grant
+        elif op == "close" and held is not None and held.user == user:
+            del model[grant.key]
+        if op == "open":
+            fw.open(grant)
+        else:
+            fw.close(grant.key, user)
+        assert fw.grants() == sorted(model.values(), key=sort_key)
+
+
+def test_dry_run_batch_that_fails_changes_nothing() -> None:
+    fw = DryRunFirewall(families=(4,), history=0)
+    kept = _dry_grant(0, 0, 10, "alice")
+    fw.open(kept)
+    changes = [
+        GrantChange(Action.OPEN, _dry_grant(0, 0, 20, "alice")),  # extends the one held
+        GrantChange(Action.OPEN, _dry_grant(1, 1, 20, "bob")),  # a new one
+        GrantChange(Action.CLOSE, kept),
+        GrantChange(Action.OPEN, _dry_grant(2, 0, 20, "bob")),  # IPv6: not enabled, fails
+    ]
+    with pytest.raises(FirewallError):
+        fw.apply_batch(changes)
+    assert fw.grants() == [kept]
+    # The undone extension left no stale expiry behind: the grant expires when it did.
+    assert fw.expire(NOW + 15) == [kept] and fw.grants() == []

@@ -8,6 +8,8 @@ what the daemon would have done. ``actions`` keeps the last ``history`` log line
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -54,6 +56,13 @@ class DryRunFirewall:
         self._log = logger or log
         self._level = level  # the daemon logs each action itself, and passes DEBUG
         self._grants: dict[GrantKey, Grant] = {}
+        # (expires, key) of every grant held, as a heap: expire() looks at the due ones only
+        # (entries of grants since extended or closed are skipped when they come up).
+        self._expiries: list[tuple[int, int, GrantKey]] = []  # the count orders equal times:
+        self._pushed = itertools.count()  # keys (addresses of two families, None) do not
+        # Inside apply_batch: each changed key's grant before the batch (None: none), so a
+        # failed batch is undone without copying every grant held.
+        self._journal: dict[GrantKey, Grant | None] | None = None
         self._ready = False
 
     @classmethod
@@ -86,7 +95,10 @@ class DryRunFirewall:
         held = self._grants.get(grant.key)
         if held is not None and held.expires >= grant.expires:
             return held  # an open never shortens a grant (nor takes it from its user)
+        if self._journal is not None:
+            self._journal.setdefault(grant.key, held)
         self._grants[grant.key] = grant
+        heapq.heappush(self._expiries, (grant.expires, next(self._pushed), grant.key))
         if self._saying():
             self._say(f"{'extend' if held else 'add'} grant {grant}")
         return grant
@@ -96,13 +108,15 @@ class DryRunFirewall:
         held = self._grants.get(key)
         if held is None or (user is not None and held.user != user):
             return False  # only the grant's own user may close it
+        if self._journal is not None:
+            self._journal.setdefault(key, held)
         del self._grants[key]
         self._say(f"remove grant {held}")
         return True
 
     def apply_batch(self, changes: Sequence[GrantChange]) -> list[ChangeOutcome]:
         """The changes one by one, all or nothing (as a kernel transaction would be)."""
-        before = dict(self._grants)
+        journal = self._journal = {}
         try:
             return [
                 self.close(change.grant.key, change.grant.user)
@@ -111,15 +125,29 @@ class DryRunFirewall:
                 for change in changes
             ]
         except FirewallError:
-            self._grants = before
+            for key, grant in journal.items():
+                if grant is None:
+                    self._grants.pop(key, None)
+                else:
+                    self._grants[key] = grant
+                    heapq.heappush(self._expiries, (grant.expires, next(self._pushed), key))
             raise
+        finally:
+            self._journal = None
 
     def reconcile(self, now: int) -> tuple[list[Grant], list[Grant]]:
         removed = self.expire(now)
         return self.grants(), removed
 
     def expire(self, now: int) -> list[Grant]:
-        gone = sorted((g for g in self._grants.values() if g.expired(now)), key=sort_key)
+        due: dict[GrantKey, Grant] = {}
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            expires, _, key = heapq.heappop(expiries)
+            held = self._grants.get(key)
+            if held is not None and held.expires == expires:  # else extended, or gone
+                due[key] = held
+        gone = sorted(due.values(), key=sort_key)
         for grant in gone:
             del self._grants[grant.key]
             self._say(f"remove expired grant {grant}")
@@ -127,5 +155,6 @@ class DryRunFirewall:
 
     def teardown(self) -> None:
         self._grants.clear()
+        self._expiries.clear()
         self._ready = False
         self._say(f"remove the jumps to {self.chain} and the chain")
