@@ -95,7 +95,7 @@ cdef enum:  # counter indices, in capture_spec.COUNTER_NAMES order
 
 cdef enum:  # the digit pipeline (defer_digit): how many packets ahead each line is fetched
     PIPE_SIZE = 8              # a power of two, > WORK_AGE
-    SLOT_AGE = 2               # its index entry was requested one packet ago: find its slot
+    SLOT_AGE = 2               # its index entry was requested SLOT_AGE packets ago: find its slot
     WORK_AGE = 5               # its slot was requested WORK_AGE - SLOT_AGE packets ago
 
 cdef enum:  # the message header: version (4 bits) and user id (12 bits), in clear
@@ -573,12 +573,17 @@ cdef inline void prefetch_slot(const Engine *e, const Digit *d) noexcept nogil:
         entry = e.index[i]
 
 
+cdef inline void work_oldest(Engine *e) noexcept nogil:
+    """The table work of the oldest digit in the pipeline, which leaves it."""
+    knock_digit(e, &e.pipe[e.pipe_head])
+    e.pipe_head = (e.pipe_head + 1) & (PIPE_SIZE - 1)
+    e.pipe_count -= 1
+
+
 cdef inline void flush_pending(Engine *e) noexcept nogil:
     """Do the table work of every digit in the pipeline, oldest first."""
     while e.pipe_count:
-        knock_digit(e, &e.pipe[e.pipe_head])
-        e.pipe_head = (e.pipe_head + 1) & (PIPE_SIZE - 1)
-        e.pipe_count -= 1
+        work_oldest(e)
 
 
 cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
@@ -591,9 +596,7 @@ cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_
     cdef uint64_t hv = hash_key(e, src, sport)
     KF_PREFETCH(&e.index[hv & e.index_mask])
     if e.pipe_count == WORK_AGE:
-        knock_digit(e, &e.pipe[e.pipe_head])
-        e.pipe_head = (e.pipe_head + 1) & (PIPE_SIZE - 1)
-        e.pipe_count -= 1
+        work_oldest(e)
     cdef Digit *d = &e.pipe[(e.pipe_head + e.pipe_count) & (PIPE_SIZE - 1)]
     e.pipe_count += 1
     d.src[0] = src[0]

@@ -30,6 +30,7 @@ A benchmark never fails on time: it fails only when an engine raises.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from knock_client.protocol import KnockLayout
+from knockd_fast.benchmark import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_pcap  # noqa: E402  (bench/ is not a package)
@@ -103,14 +105,10 @@ def engine_availability() -> dict[str, str | None]:
     return reasons
 
 
-_C_REFERENCE: list[tuple[Path | None, str | None]] = []  # built once per process
-
-
+@functools.cache  # built once per process
 def c_reference_binary() -> tuple[Path | None, str | None]:
     """(the C reference's executable, None), built on first use next to the results and
     named by its source's hash, or (None, why it cannot be built)."""
-    if _C_REFERENCE:
-        return _C_REFERENCE[0]
     digest = hashlib.sha256(C_REFERENCE_SOURCE.read_bytes()).hexdigest()[:12]
     binary = RESULTS_DIR / ".build" / f"c_reference-{digest}"
     outcome: tuple[Path | None, str | None] = (binary, None)
@@ -131,7 +129,6 @@ def c_reference_binary() -> tuple[Path | None, str | None]:
         else:
             if built.returncode != 0:
                 outcome = (None, f"cannot build bench/c_reference.c: {built.stderr.strip()}")
-    _C_REFERENCE.append(outcome)
     return outcome
 
 
@@ -383,7 +380,7 @@ def machine_info() -> dict[str, object]:
     info: dict[str, object] = {
         "nproc": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "numpy": np.__version__,
@@ -401,17 +398,6 @@ def machine_info() -> dict[str, object]:
     status = _git("status", "--porcelain")
     info["git_dirty"] = bool(status) if status is not None else None
     return info
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _git(*args: str) -> str | None:

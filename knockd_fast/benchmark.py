@@ -33,9 +33,6 @@ from .config import Config, ConfigError, load_config
 if TYPE_CHECKING:
     from .workloads import CaptureFile, Sealing
 
-WORKLOAD_NAMES = ("sources", "flood", "genuine", "garbage", "mix")
-
-
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -88,6 +85,7 @@ WORKLOADS = {
         ),
     )
 }  # fmt: skip
+WORKLOAD_NAMES = tuple(WORKLOADS)
 
 
 # --- the configuration ----------------------------------------------------------------------
@@ -314,7 +312,7 @@ def run(
         "scale": scale,
         "machine": {
             "cpus": os.cpu_count(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "python": sys.version.split()[0],
             "libpcap": _libpcap_version(),
         },
@@ -322,7 +320,8 @@ def run(
     }
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
+    """The CPU's model name, from /proc/cpuinfo (None where there is none)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

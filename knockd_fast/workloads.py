@@ -223,9 +223,10 @@ def plan_knocks(
         "garbage_share": garbage_share,
         "background": background,
     }
-    path = knocks_path(sources, packets, background_share, ipv6_share, seed, layout, out_dir)
-    if garbage_share or background != "traffic":  # older files keep their names
-        path = path.with_name(f"{path.stem}-G{garbage_share:g}-B{background}{path.suffix}")
+    path = knocks_path(
+        sources, packets, background_share, ipv6_share, seed, layout, out_dir, garbage_share,
+        background,
+    )  # fmt: skip
     shape = CaptureFile(
         path=path,
         kind="knocks",
@@ -254,12 +255,17 @@ def knocks_path(
     seed: int = 1,
     layout: KnockLayout | None = None,
     out_dir: Path = HERE,
+    garbage_share: float = 0.0,
+    background: str = "traffic",
 ) -> Path:
     """Where ``make_knocks`` writes (and looks for) the file of these options."""
+    extra = ""
+    if garbage_share or background != "traffic":  # older files keep their names
+        extra = f"-G{garbage_share:g}-B{background}"
     name = (
         f"knocks-k{sources}-p{packets if packets is not None else 'auto'}"
         f"-bg{background_share:g}-v6{ipv6_share:g}-s{seed}{_layout_tag(layout or KnockLayout())}"
-        f"-g{GENERATOR_VERSION}.pcap"
+        f"-g{GENERATOR_VERSION}{extra}.pcap"
     )
     return Path(out_dir) / name
 
