@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from knock_client.keys import write_key_file
 from knock_client.protocol import DEFAULT_SPA_PORT, Action, Knock, Proto, seal, siv_of
@@ -25,7 +27,17 @@ from knockd_fast import frames
 from knockd_fast._capture import engine_for
 from knockd_fast.capture_spec import LINKTYPE_ETHERNET
 from knockd_fast.config import load_config
-from knockd_fast.daemon import JUDGE_SLICE, MAX_JUDGE_SLICE, Capture, Doorman, slice_size
+from knockd_fast.daemon import (
+    JUDGE_SLICE,
+    LIGHT_TURN_PPS,
+    MAX_JUDGE_SLICE,
+    TURN_BURST,
+    TURN_SECONDS,
+    Capture,
+    Doorman,
+    TurnPacer,
+    slice_size,
+)
 from knockd_fast.firewall.base import Grant
 from knockd_fast.firewall.dryrun import DryRunFirewall
 from knockd_fast.firewall.worker import FirewallWorker
@@ -576,3 +588,52 @@ def test_a_burst_is_judged_in_larger_slices_up_to_a_bound() -> None:
         1_000,
         MAX_JUDGE_SLICE,
     ]
+
+
+def run_pacer(pacer: TurnPacer, gaps: list[float], packets: int = 10) -> list[float]:
+    """When each turn ends, the loop honouring every pause; ``gaps`` are how long each turn
+    (or the wait for its packets) takes on top."""
+    now, ends = 0.0, []
+    for gap in gaps:
+        now += gap
+        ends.append(now)
+        now += pacer.pause(now, packets, 0)
+    return ends
+
+
+def test_light_turns_are_paced_after_a_burst_and_heavy_ones_never() -> None:
+    """A trickle of packets wakes the loop every capture block (5 ms): after TURN_BURST turns
+    back to back it turns once per TURN_SECONDS; a flood (packets read at over
+    LIGHT_TURN_PPS) or a waiting backlog is never held back."""
+    pacer = TurnPacer()
+    pauses = [pacer.pause(0.001 * n, 10, 0) for n in range(TURN_BURST + 1)]
+    assert pauses == [0.0] * TURN_BURST + [pytest.approx(TURN_SECONDS, rel=0.3)]
+    ends = run_pacer(TurnPacer(), [0.005] * 500)
+    assert len(ends) / ends[-1] == pytest.approx(1 / TURN_SECONDS, rel=0.05)
+
+    heavy = TurnPacer()
+    flood = int(LIGHT_TURN_PPS * 0.001) + 1  # a turn's worth, every millisecond
+    assert all(heavy.pause(0.001 * n, flood, 0) == 0 for n in range(100))
+    assert all(heavy.pause(0.1 + 0.001 * n, 1, 5) == 0 for n in range(100))
+    assert heavy.pause(0.2, 1, 0) > 0  # the heavy turns spent the allowance
+
+
+def test_a_lone_knock_after_a_quiet_spell_is_not_paced() -> None:
+    """After TURN_BURST x TURN_SECONDS without turns the burst is back: the few turns a lone
+    knock's packets span (a block each) follow one another at once."""
+    pacer = TurnPacer()
+    run_pacer(pacer, [0.005] * 50)
+    quiet = 0.25 + TURN_BURST * TURN_SECONDS  # WAIT_SECONDS timeouts in between
+    later = [pacer.pause(100 + quiet + 0.005 * n, 10, 0) for n in range(TURN_BURST)]
+    assert later == [0.0] * TURN_BURST
+
+
+@given(st.lists(st.floats(0.001, 0.05), min_size=1, max_size=300))
+def test_turns_never_outrun_the_bucket(gaps: list[float]) -> None:
+    """However the turns come, light ones stay within TURN_BURST + 1 plus one per
+    TURN_SECONDS in any stretch of time."""
+    ends = run_pacer(TurnPacer(), gaps)
+    for first in range(0, len(ends), 7):
+        for last in range(first, len(ends)):
+            turns = last - first + 1
+            assert turns <= TURN_BURST + 1 + (ends[last] - ends[first]) / TURN_SECONDS + 1e-6
