@@ -744,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     # `kill` and Ctrl-C alike unwind through wire(), which deletes the namespaces.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result: dict[str, object] = {"machine": machine_info()}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kf-live-", dir=args.out_dir))
     try:
         with wire() as w:
