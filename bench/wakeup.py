@@ -5,7 +5,7 @@ with a sleep before each unit.
     python bench/wakeup.py [--reps 400]
 
 The daemon's loop paces light turns (``daemon.TURN_SECONDS``) because of this number: on a
-2-core VM each wake-up after a sleep of a few milliseconds cost 100-200 µs of CPU more than
+2-core VM each wake-up after a sleep of a few milliseconds cost 100-300 µs of CPU more than
 the same work back to back, whatever the work (cold caches and branch predictors, the idle
 exit), so a loop woken at every 5 ms capture block paid it 200 times a second. A
 measurement, never a test.

@@ -52,7 +52,7 @@ MAX_JUDGE_SLICE = 1024
 PRUNE_SECONDS = 60  # how often the replay cache forgets expired messages
 # Light turns (packets read at under LIGHT_TURN_PPS since the turn before, nothing left to
 # judge) are paced to one per TURN_SECONDS once TURN_BURST of them came back to back. A
-# wake-up costs a VM like ours 100-200 µs of CPU whatever the turn then does (cold caches,
+# wake-up costs a VM like ours 100-300 µs of CPU whatever the turn then does (cold caches,
 # the idle exit; bench/README.md), and a trickle of packets wakes the loop at every capture
 # block (5 ms): at 20,000 pps that was a third of the daemon's CPU. The burst lets a lone
 # knock whose packets span a few blocks through at once; a heavy turn (a flood, a burst of

@@ -619,12 +619,13 @@ def test_light_turns_are_paced_after_a_burst_and_heavy_ones_never() -> None:
 
 
 def test_a_lone_knock_after_a_quiet_spell_is_not_paced() -> None:
-    """After TURN_BURST x TURN_SECONDS without turns the burst is back: the few turns a lone
-    knock's packets span (a block each) follow one another at once."""
+    """After (TURN_BURST + 1) x TURN_SECONDS without turns (one more than the burst: the last
+    paced turn left the bucket a token short) the burst is back: the few turns a lone knock's
+    packets span (a block each) follow one another at once."""
     pacer = TurnPacer()
-    run_pacer(pacer, [0.005] * 50)
-    quiet = 0.25 + TURN_BURST * TURN_SECONDS  # WAIT_SECONDS timeouts in between
-    later = [pacer.pause(100 + quiet + 0.005 * n, 10, 0) for n in range(TURN_BURST)]
+    last = run_pacer(pacer, [0.005] * 50)[-1]
+    quiet = (TURN_BURST + 1) * TURN_SECONDS
+    later = [pacer.pause(last + quiet + 0.005 * n, 10, 0) for n in range(TURN_BURST)]
     assert later == [0.0] * TURN_BURST
 
 
