@@ -29,6 +29,7 @@ from knock_client.keys import write_key_file
 from knock_client.protocol import KnockLayout, Proto
 
 from .config import Config, ConfigError, load_config
+from .logs import TurnFlushedHandler
 
 if TYPE_CHECKING:
     from .workloads import CaptureFile, Sealing
@@ -131,22 +132,25 @@ def _bare_seconds(path: Path) -> float | None:
 
 
 @contextlib.contextmanager
-def _decision_log_to_devnull() -> Iterator[None]:
-    """The decision log as the daemon writes it (formatted, handed to a stream), but into
-    /dev/null and not up to the terminal."""
+def _decision_log_to_devnull() -> Iterator[TurnFlushedHandler]:
+    """The decision log as the daemon writes it (formatted, one record per slice through
+    its standard-error handler, written out once per turn), but into /dev/null and not up
+    to the terminal. Yields the handler: ``flush_now()`` it where the daemon's turn ends."""
     from .sinks import decisions_log
 
-    handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115
-    saved = decisions_log.handlers[:], decisions_log.propagate, decisions_log.level
-    decisions_log.handlers[:] = [handler]
-    decisions_log.propagate = False
-    decisions_log.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        decisions_log.handlers[:], decisions_log.propagate = saved[0], saved[1]
-        decisions_log.setLevel(saved[2])
-        handler.stream.close()
+    with open(os.devnull, "w") as devnull:
+        handler = TurnFlushedHandler(devnull.fileno())
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        saved = decisions_log.handlers[:], decisions_log.propagate, decisions_log.level
+        decisions_log.handlers[:] = [handler]
+        decisions_log.propagate = False
+        decisions_log.setLevel(logging.INFO)
+        try:
+            yield handler
+        finally:
+            decisions_log.handlers[:], decisions_log.propagate = saved[0], saved[1]
+            decisions_log.setLevel(saved[2])
+            handler.close()
 
 
 def measure(config: Config, shape: CaptureFile, state_dir: Path) -> dict[str, object]:
@@ -180,7 +184,7 @@ def measure(config: Config, shape: CaptureFile, state_dir: Path) -> dict[str, ob
     sink = LogSink()
     firewall = DryRunFirewall.from_settings(config.grants)  # the daemon's: logs nothing
     outcomes: Counter[str] = Counter()
-    with _decision_log_to_devnull():
+    with _decision_log_to_devnull() as log_handler:
         wall, cpu = time.perf_counter(), time.process_time()
         for records in batches:
             if len(records):
@@ -192,6 +196,7 @@ def measure(config: Config, shape: CaptureFile, state_dir: Path) -> dict[str, ob
                 outcomes.update(
                     "accepted" if d.verdict == "accepted" else d.reason for d in decisions
                 )
+                log_handler.flush_now()  # the end of the daemon's turn
         sink.close()
         judge_wall, judge_cpu = time.perf_counter() - wall, time.process_time() - cpu
     replay.close()

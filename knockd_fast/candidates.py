@@ -8,7 +8,7 @@ a spoofer cannot make the daemon spend unbounded AES work on one completion.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from .capture_spec import KIND_SPA, MAX_CANDIDATES
 from .completions import Completion
@@ -22,12 +22,16 @@ def _set_digit(value: int, total_bits: int, digit_bits: int, segment: int, digit
 
 def candidate_messages(
     completion: Completion, digit_bits: int, limit: int = MAX_CANDIDATES
-) -> Iterator[bytes]:
+) -> Iterable[bytes]:
     """The primary message, then each combination of alternatives, at most ``limit`` in all."""
+    if completion.kind == KIND_SPA or not completion.alternatives:
+        return (completion.message,)  # most completions: no generator to start and run out
+    return _combinations(completion, digit_bits, limit)
+
+
+def _combinations(completion: Completion, digit_bits: int, limit: int) -> Iterator[bytes]:
     primary = completion.message
     yield primary
-    if completion.kind == KIND_SPA or not completion.alternatives:
-        return
     options: dict[int, list[int | None]] = {}
     for segment, digit in completion.alternatives:
         options.setdefault(segment, [None]).append(digit)

@@ -22,10 +22,11 @@ class TurnFlushedHandler(logging.StreamHandler):
     exit loses nothing; a kill -9 loses at most the current turn's lines.
     """
 
-    def __init__(self) -> None:
-        # Our own descriptor-2 writer: sys.stderr is line-buffered (a write per line).
+    def __init__(self, fd: int = 2) -> None:
+        # Our own writer of standard error (``fd``: another descriptor, for ``knockd-fast
+        # bench``): sys.stderr is line-buffered (a write per line).
         stream = io.TextIOWrapper(
-            io.BufferedWriter(io.FileIO(2, "w", closefd=False), 1 << 16),
+            io.BufferedWriter(io.FileIO(fd, "w", closefd=False), 1 << 16),
             encoding="utf-8",
             errors="backslashreplace",
         )

@@ -70,7 +70,7 @@ def _authenticate(candidate: object, users: Mapping[int, User]) -> Verdict | tup
     if user is None:
         return _reject("unknown_user", f"no user with id {user_id}")
     try:
-        knock = unseal(message, user.key)
+        knock = unseal(message, user.key, user_id)
     except PlaintextError as error:
         # Authentic, so judged no further: the sender holds the key but breaks the format.
         return _reject("malformed", f"authentic but {error}", user, None, message, siv_of(message))

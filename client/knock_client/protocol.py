@@ -250,12 +250,15 @@ def open_message(message: bytes, key: bytes) -> Knock:
     return knock
 
 
-def unseal(message: bytes, key: bytes) -> Knock | None:
+def unseal(message: bytes, key: bytes, user_id: int | None = None) -> Knock | None:
     """``open_message``, but None for a message that does not authenticate: what a daemon
-    under attack sees most, and raising would cost it more than the decryption."""
+    under attack sees most, and raising would cost it more than the decryption.
+    ``user_id``: what ``read_header(message)`` returned, when the caller has called it
+    already (to find the key); it is not read again."""
     if type(message) is not bytes:
         message = bytes(message)
-    user_id = read_header(message)
+    if user_id is None:
+        user_id = read_header(message)
     try:
         plaintext = _cipher(bytes(key)).decrypt(message[HEADER_LEN:], [message[:HEADER_LEN]])
     except InvalidTag:
