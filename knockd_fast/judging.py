@@ -106,11 +106,12 @@ class Judge:
         if not verdict.accepted:
             return decision, None
         assert knock is not None and user is not None and verdict.siv is not None
+        assert verdict.source is not None
         # The grant first: a message that cannot become one is refused, and stays unspent
         # (remembering it first let a bad copy use up the genuine knock's message).
         try:
             grant = Grant(
-                key_address(completion.source),
+                verdict.source,
                 str(knock.proto),
                 knock.port,
                 destination,

@@ -38,6 +38,9 @@ class Verdict(NamedTuple):
     knock: Knock | None  # the decoded fields, once a candidate authenticated
     message: bytes | None  # the candidate that authenticated
     siv: bytes | None
+    # The packet's source as an address object, on an accepted verdict (built by the judge
+    # for its checks; the caller's grant takes the same object instead of a second one)
+    source: IPAddress | None = None
 
 
 def _reject(
@@ -150,7 +153,7 @@ def judge(
         )
     what = f"{knock.action} {knock.port}/{knock.proto}"
     detail = f"{what} for {address_text(source)} (user {user.name!r})"
-    return Verdict(True, OK, detail, user, knock, message, siv)
+    return Verdict(True, OK, detail, user, knock, message, siv, source)
 
 
 def grant_duration(knock: Knock, settings: GrantSettings) -> int:
