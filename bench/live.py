@@ -595,6 +595,25 @@ def flood_latency(w: Wire, work: Path, count: int, say) -> dict[str, object]:  #
         (opened[port] - sent_at) * 1000 for port, sent_at in knocked if port in opened
     )
     decisions = daemon.decisions()
+    # Where the time goes, per knock: the kernel's capture time of its last packet (the
+    # decision's "time", in ms) and when its decision line and its "opened" line appeared.
+    logged = {}
+    for stamp, line in daemon.log.lines:
+        if line.startswith("{") and '"verdict": "accepted"' in line:
+            with contextlib.suppress(ValueError, KeyError):
+                decision = json.loads(line)
+                captured = datetime.datetime.strptime(
+                    decision["time"], "%Y-%m-%dT%H:%M:%S.%fZ"
+                ).replace(tzinfo=datetime.UTC)
+                logged.setdefault(decision["port"], (captured.timestamp(), stamp))
+    stages: dict[str, list[float]] = {"sent_to_captured": [], "captured_to_judged": [],
+                                      "judged_to_opened": []}  # fmt: skip
+    for port, sent_at in knocked:
+        if port in opened and port in logged:
+            captured, judged = logged[port]
+            stages["sent_to_captured"].append((captured - sent_at) * 1000)
+            stages["captured_to_judged"].append((judged - captured) * 1000)
+            stages["judged_to_opened"].append((opened[port] - judged) * 1000)
     return {
         "genuine_knocks": count,
         "opened": len(latencies),
@@ -603,6 +622,11 @@ def flood_latency(w: Wire, work: Path, count: int, say) -> dict[str, object]:  #
         "latency_ms_p50": _percentile(latencies, 50),
         "latency_ms_p99": _percentile(latencies, 99),
         "latency_ms_max": round(latencies[-1], 2) if latencies else None,
+        # each stage's p50 and p99 (ms); the capture time has ms resolution
+        "latency_stages_ms": {
+            stage: [_percentile(values, 50), _percentile(values, 99)]
+            for stage, values in stages.items()
+        },
         "flood_running_at_last_knock": flood_alive,
         "flood_packets": flood_stats["packets"],
         "flood_pps": round(flood_stats["pps"]),
