@@ -307,7 +307,12 @@ class KnockdFast(Daemon):
     name = "knockd-fast"
 
     def __init__(
-        self, w: Wire, work: Path, backend: str = "dry-run", allow: Sequence[str] = ("22/tcp",)
+        self,
+        w: Wire,
+        work: Path,
+        backend: str = "dry-run",
+        allow: Sequence[str] = ("22/tcp",),
+        grants_extra: str = "",
     ):
         super().__init__(w, work)
         key = work / "bench.key"
@@ -325,7 +330,7 @@ class KnockdFast(Daemon):
         self.config.write_text(
             f"[knock]\nwindow = {KNOCK_WINDOW}\nknock_timeout = {KNOCK_TIMEOUT}\n"
             f'[capture]\ninterface = "{w.server_if}"\ntable_size = {TABLE_SIZE}\n'
-            f'[grants]\nbackend = "{backend}"\ndefault_timeout = 600\n'
+            f'[grants]\nbackend = "{backend}"\ndefault_timeout = 600\n{grants_extra}'
             f'[state]\ndirectory = "{state}"\n'
             f'[[users]]\nid = {make_pcap.USER_ID}\nname = "bench"\nkey_file = "bench.key"\n'
             f"allow = {json.dumps(list(allow))}\n"
@@ -552,11 +557,24 @@ print(json.dumps(out))
 """
 
 
-def flood_latency(w: Wire, work: Path, count: int, say) -> dict[str, object]:  # noqa: ANN001
-    """Genuine knocks into a running top-speed flood; iptables backend."""
+# The flood-latency run's backends: the [grants] lines each needs, and how to list what it
+# holds in the kernel with the text each grant's port appears as there.
+FLOOD_BACKENDS = {
+    "iptables": ("", ("iptables-legacy", "-S"), "--dport {port}"),
+    "ipset": ("", ("ipset", "list"), "tcp:{port}"),
+    "nftables": ("nft_sets_only = true\n", ("nft", "list", "table", "inet", "knockd_fast"),
+                 "tcp . {port}"),
+}  # fmt: skip
+
+
+def flood_latency(  # noqa: ANN201
+    w: Wire, work: Path, count: int, say, backend: str = "iptables"  # noqa: ANN001
+):
+    """Genuine knocks into a running top-speed flood, granted by ``backend``."""
     flood = make_pcap.make_flood(1_000_000, 130_000)
     allow = [f"{GENUINE_PORT_BASE + n}/tcp" for n in range(count)]
-    daemon = KnockdFast(w, work, backend="iptables", allow=allow)
+    grants_extra, list_argv, grant_text = FLOOD_BACKENDS[backend]
+    daemon = KnockdFast(w, work, backend=backend, allow=allow, grants_extra=grants_extra)
     plan = work / "genuine.json"
     plan.write_text(json.dumps({
         "key": make_pcap.BENCH_KEY.hex(), "server": SERVER, "client": CLIENT,
@@ -590,7 +608,7 @@ def flood_latency(w: Wire, work: Path, count: int, say) -> dict[str, object]:  #
             match = re.search(rf"firewall: opened (\d+)/tcp for {re.escape(CLIENT)} ", line)
             if match and int(match.group(1)) not in opened:
                 opened[int(match.group(1))] = stamp
-        rules = sh("ip", "netns", "exec", w.server, "iptables-legacy", "-S").stdout
+        rules = sh("ip", "netns", "exec", w.server, *list_argv).stdout
     latencies = sorted(
         (opened[port] - sent_at) * 1000 for port, sent_at in knocked if port in opened
     )
@@ -617,7 +635,8 @@ def flood_latency(w: Wire, work: Path, count: int, say) -> dict[str, object]:  #
     return {
         "genuine_knocks": count,
         "opened": len(latencies),
-        "rules_in_iptables": sum(f"--dport {p}" in rules for p, _ in knocked),
+        "backend": backend,
+        "grants_in_kernel": sum(grant_text.format(port=p) in rules for p, _ in knocked),
         "verdicts": _tally(d.get("verdict") for d in decisions),
         "latency_ms_p50": _percentile(latencies, 50),
         "latency_ms_p99": _percentile(latencies, 99),
@@ -753,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemons", default="knockd-fast,knockd")
     parser.add_argument("--no-flood", action="store_true", help="sweep: skip the flood workload")
     parser.add_argument("--genuine", type=int, default=100)
+    parser.add_argument("--flood-backend", choices=tuple(FLOOD_BACKENDS), default="iptables",
+                        help="flood: the backend that grants the genuine knocks")  # fmt: skip
     parser.add_argument("--interleaved", type=int, default=10_000)
     parser.add_argument("--interleaved-rate", default="20000")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -786,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["sweep"] = rows
                 result["ratios"] = ratios(rows)
             if args.what in ("all", "flood"):
-                result["flood"] = flood_latency(w, work, args.genuine, say)
+                result["flood"] = flood_latency(w, work, args.genuine, say, args.flood_backend)
                 say(json.dumps(result["flood"]))
             if args.what in ("all", "interleaved"):
                 result["interleaved"] = interleaved(
