@@ -25,6 +25,8 @@ from .logs import setup_logging
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_NOT_RUNNING = 3  # `status`: no daemon runs on the configuration's state directory
+EXIT_STATUS_UNKNOWN = 4  # `status`: cannot tell (the lock file cannot be read)
 log = logging.getLogger("knockd_fast")
 
 
@@ -78,6 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .interfaces import protected_destinations
     from .replay import ReplayCache
     from .sinks import LogSink
+    from .statelock import StateLock, describe_error
 
     config = load_config(args.config)
     if IMPLEMENTATION != "cython":
@@ -90,6 +93,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     warning = mismatch(config.grants.backend, config.grants.nft_table)
     if warning:
         log.warning("%s", warning)
+    # Before anything touches the firewall: a second daemon on this state directory would
+    # judge and grant every knock a second time. Held until the process ends. A state
+    # directory that cannot hold the lock file is what the replay cache copes with too
+    # (it goes on in memory): so do we, and say what is lost.
+    lock = None
+    try:
+        lock = StateLock.acquire(config.state_dir)
+    except OSError as error:
+        log.warning(
+            "cannot lock state directory %s (%s): a second knockd-fast on it would not be "
+            "refused, and status cannot tell whether this one runs",
+            config.state_dir,
+            describe_error(error),
+        )
     try:
         destinations = protected_destinations(config)
         captures = open_captures(config, destinations)
@@ -97,6 +114,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         firewall.setup()
         kept, removed = firewall.reconcile(int(time.time()))
     except (CaptureError, FirewallError) as error:
+        if lock is not None:
+            lock.release()
         raise StartError(str(error)) from None
     replay = ReplayCache.for_state_dir(config.state_dir, time.time(), config.knock.window)
     doorman = Doorman(
@@ -117,6 +136,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         doorman.run()
     finally:
         replay.close()
+        if lock is not None:
+            lock.release()
     return 0
 
 
@@ -168,20 +189,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .firewall import registry
     from .firewall.base import FirewallError
-    from .status import describe_grants
+    from .statelock import describe_error, running_pid
+    from .status import describe_grants, grants_json, running_line
 
     config = load_config(args.config, load_keys=False)
     try:
+        pid: int | None = running_pid(config.state_dir)
+        unknown = None
+    except OSError as error:
+        pid, unknown = None, describe_error(error)
+    backend = config.grants.backend
+    try:
         firewall = registry.create(config.grants)
-        if not firewall.persistent:
-            print(f"backend {firewall.name}: no grants are kept in a firewall")
-            return 0
-        grants = firewall.grants()
+        grants = firewall.grants() if firewall.persistent else None
     except FirewallError as error:
         raise _Failure(str(error)) from None
-    lines = describe_grants(grants, time.time())
-    print("\n".join(lines) if lines else "no live grants")
-    return 0
+    now = time.time()
+    if args.json:
+        print(json.dumps({
+            "running": pid is not None if unknown is None else None,
+            "pid": pid or None,
+            "state_directory": str(config.state_dir),
+            "backend": backend,
+            "grants": grants_json(grants, now) if grants is not None else None,
+        }, indent=2))  # fmt: skip
+    else:
+        print(running_line(pid, unknown, config.state_dir, backend, bool(grants)))
+        if grants is None:
+            print(f"backend {backend}: no grants are kept in a firewall")
+        else:
+            print("\n".join(describe_grants(grants, now)) or "no live grants")
+    # The LSB status codes: 0 running, 3 not running, 4 unknown.
+    if unknown is not None:
+        return EXIT_STATUS_UNKNOWN
+    return 0 if pid is not None else EXIT_NOT_RUNNING
 
 
 class _Failure(Exception):
@@ -220,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="one JSON object per decision")
     replay.set_defaults(func=_cmd_replay)
 
-    status = with_config("status", "live grants and their remaining time")
+    status = with_config(
+        "status", "whether the daemon runs; live grants and their remaining time"
+    )
+    status.add_argument("--json", action="store_true", help="the same as one JSON object")
     status.set_defaults(func=_cmd_status)
 
     bench = sub.add_parser(

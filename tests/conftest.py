@@ -1,5 +1,6 @@
 """Fixtures shared by the test files: the capture twins, the `knock` command, its environment,
-a key, a netns, two hosts; and the ``extension`` marker (skipped in the pure-twin run)."""
+a key, a netns, two hosts, a holder of a state directory's lock; and the ``extension``
+marker (skipped in the pure-twin run)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +100,31 @@ def hosts() -> Iterator[tuple[str, str, str]]:
     """Two hosts on a veth (``netns.two_hosts``): (server namespace, client namespace,
     server interface); deleted afterwards, always."""
     yield from _in_namespaces(two_hosts())
+
+
+# Takes a state directory's lock as `knockd-fast run` does, says so, and holds it.
+_STATE_HOLDER = """
+import sys, time
+from pathlib import Path
+from knockd_fast.statelock import StateLock
+lock = StateLock.acquire(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def state_holder(tmp_path: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``tmp_path/state``'s lock, as a running daemon would; killed
+    by its PID afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STATE_HOLDER, str(tmp_path / "state")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

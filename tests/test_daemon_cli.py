@@ -64,6 +64,42 @@ def test_check_config_names_the_backends_the_registry_knows(config: Path) -> Non
 
 def test_status_of_a_backend_that_keeps_nothing_says_so(config: Path) -> None:
     done, report = cli("status", "-c", str(config))
-    assert report["code"] == 0
-    assert done.stdout == "backend dry-run: no grants are kept in a firewall\n"
+    assert report["code"] == 3, "no daemon runs: the LSB code for 'not running'"
+    assert done.stdout.splitlines() == [
+        f"knockd-fast is not running (state directory {config.parent / 'state'}, backend "
+        "dry-run): no knock is judged",
+        "backend dry-run: no grants are kept in a firewall",
+    ]
     assert "iptc" not in report["loaded"]
+
+
+def test_status_names_the_running_daemon_by_the_lock_it_holds(
+    config: Path, state_holder: subprocess.Popen
+) -> None:
+    done, report = cli("status", "-c", str(config))
+    assert report["code"] == 0
+    assert done.stdout.splitlines()[0] == (
+        f"knockd-fast runs (pid {state_holder.pid}; state directory {config.parent / 'state'}, "
+        "backend dry-run)"
+    )
+    done, report = cli("status", "-c", str(config), "--json")
+    assert report["code"] == 0
+    assert json.loads(done.stdout) == {
+        "running": True,
+        "pid": state_holder.pid,
+        "state_directory": str(config.parent / "state"),
+        "backend": "dry-run",
+        "grants": None,
+    }
+
+
+def test_status_that_cannot_read_the_lock_says_it_cannot_tell(config: Path) -> None:
+    (config.parent / "state").write_text("a file where the state directory should be")
+    done, report = cli("status", "-c", str(config), "--json")
+    assert report["code"] == 4, "the LSB code for 'unknown'"
+    assert json.loads(done.stdout)["running"] is None
+    done, report = cli("status", "-c", str(config))
+    assert done.stdout.splitlines()[0] == (
+        f"knockd-fast: cannot tell whether it runs (state directory {config.parent / 'state'}, "
+        f"backend dry-run): {config.parent / 'state' / 'knockd-fast.pid'}: Not a directory"
+    )

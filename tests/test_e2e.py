@@ -133,6 +133,7 @@ def test_open_then_close(e2e, mode, family):
     assert status.returncode == 0 and f"{client_address(family)} -> {target} 2222/tcp" in (
         status.stdout
     ), status
+    assert status.stdout.startswith(f"knockd-fast runs (pid {h.proc.pid}; "), status.stdout
 
     h.knock("close", target, f"{PORT}/tcp", "--mode", mode, *family_args(family))
     decision = h.wait_decision(accepted("close"))
@@ -161,7 +162,8 @@ def test_grant_expires_by_itself(e2e):
     assert time.time() >= expires, "expired before its time"  # late is fine on a busy box
     assert not h.can_connect(SERVER_V4, PORT)
     assert h.grant_rules() == []
-    assert h.knockd("status", "-c", str(h.config_path)).stdout.strip() == "no live grants"
+    status = h.knockd("status", "-c", str(h.config_path)).stdout.splitlines()
+    assert status[1:] == ["no live grants"], status
     h.stop()
 
 
@@ -336,6 +338,32 @@ def test_kill9_then_restart_keeps_live_grants_and_drops_expired_ones(e2e):
     h.knock("close", SERVER_V4, f"{PORT}/tcp")
     h.wait_log(r"^firewall: closed 2222/tcp ")
     assert not h.can_connect(SERVER_V4, PORT)
+    h.stop()
+
+
+@live
+def test_a_second_daemon_on_the_same_state_directory_is_refused_and_changes_nothing(e2e):
+    h = e2e()
+    open_and_wait(h, SERVER_V4, PORT)
+    rules = h.iptables_rules()
+    second = h.knockd("run", "-c", str(h.config_path), "--json")
+    state = h.directory / "state"
+    assert second.returncode == 1, second
+    assert second.stderr.splitlines() == [
+        f"knockd-fast: error: another knockd-fast (pid {h.proc.pid}) runs on {state}; "
+        "stop it first"
+    ], second.stderr
+    assert h.iptables_rules() == rules, "the refused daemon touched the firewall"
+    assert h.running() and h.can_connect(SERVER_V4, PORT)
+    h.stop()
+    status = h.knockd("status", "-c", str(h.config_path))
+    assert status.returncode == 3, status
+    assert status.stdout.splitlines()[0] == (
+        f"knockd-fast is not running (state directory {state}, backend iptables): no knock "
+        "is judged; the kernel still ends each grant below at its expiry"
+    ), status.stdout
+    h.start()  # the lock went with the first daemon
+    assert h.running()
     h.stop()
 
 
@@ -837,7 +865,8 @@ def test_xtables_lock_held_during_a_knock_delays_the_grant_until_released(e2e):
     h.wait_log(rf"^firewall: open failed \({ADD_GRANT}{BUSY}\); retrying in 0\.1 s$")
     # Nothing is granted while the lock is held, and nobody claims otherwise.
     assert h.grant_rules() == []
-    assert h.knockd("status", "-c", str(h.config_path)).stdout.strip() == "no live grants"
+    status = h.knockd("status", "-c", str(h.config_path)).stdout.splitlines()
+    assert status[1:] == ["no live grants"], status
     released = h.mark()
     holder.release()
     h.wait_log(
@@ -884,7 +913,7 @@ def test_xtables_lock_held_past_every_retry_fails_cleanly_and_knocks_work_after(
     # No phantom grant: the firewall, `status` and reachability agree, lock still held.
     rules = h.grant_rules()
     assert len(rules) == 1 and "--dport 2223 " in rules[0], rules
-    status = h.knockd("status", "-c", str(h.config_path)).stdout.splitlines()
+    status = h.knockd("status", "-c", str(h.config_path)).stdout.splitlines()[1:]
     assert len(status) == 1 and " 2223/tcp user=alice " in status[0], status
     assert not h.can_connect(SERVER_V4, PORT)
     assert h.can_connect(SERVER_V4, PORT_B)
