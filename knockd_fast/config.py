@@ -11,6 +11,7 @@ docs/config-example.toml is a complete, commented example.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -18,7 +19,7 @@ import re
 import stat
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,66 @@ class Config:
     state_dir: Path
     users: Mapping[int, User]  # by id; read-only (types.MappingProxyType)
     limits: LimitSettings = LimitSettings()  # the defaults; each User holds its own caps
+
+
+# --- reloading ------------------------------------------------------------------------
+
+# What a reload cannot change, by its key in the file: the capture engines, the backend and
+# the state directory are set up with these at start. Everything else applies at once.
+RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("knock.base_port", lambda c: c.knock.layout.base_port),
+    ("knock.digit_bits", lambda c: c.knock.layout.digit_bits),
+    ("knock.spa_port", lambda c: c.knock.layout.spa_port),
+    ("knock.knock_timeout", lambda c: c.knock.knock_timeout),
+    ("knock.group_by", lambda c: c.knock.group_by),
+    ("capture.interface", lambda c: c.capture.interfaces),
+    ("capture.destinations", lambda c: c.capture.destinations),
+    ("capture.table_size", lambda c: c.capture.table_size),
+    ("capture.buffer_bytes", lambda c: c.capture.buffer_bytes),
+    ("grants.backend", lambda c: c.grants.backend),
+    ("grants.chain", lambda c: c.grants.chain),
+    ("grants.hooks", lambda c: c.grants.hooks),
+    ("grants.protect", lambda c: c.grants.protect),
+    ("grants.nft_table", lambda c: c.grants.nft_table),
+    ("grants.nft_priority", lambda c: c.grants.nft_priority),
+    ("grants.nft_sets_only", lambda c: c.grants.nft_sets_only),
+    ("grants.ipset_name", lambda c: c.grants.ipset_name),
+    ("grants.ipset_maxelem", lambda c: c.grants.ipset_maxelem),
+    ("state.directory", lambda c: c.state_dir),
+)
+
+
+def reloaded(running: Config, fresh: Config) -> tuple[Config, list[str]]:
+    """What the daemon runs on after reading ``fresh`` from its file: ``fresh`` with every
+    ``RESTART_ONLY`` setting as ``running`` has it; and each of those that differs, as
+    ``key running-value -> file-value``. Compared with what runs, not with the file read
+    before: a change waiting for a restart is named at every reload until then."""
+    pending = [
+        f"{key} {_setting_text(get(running))} -> {_setting_text(get(fresh))}"
+        for key, get in RESTART_ONLY
+        if get(running) != get(fresh)
+    ]
+    knock = dataclasses.replace(
+        fresh.knock,
+        layout=running.knock.layout,
+        knock_timeout=running.knock.knock_timeout,
+        group_by=running.knock.group_by,
+    )
+    grants = dataclasses.replace(
+        running.grants,
+        default_timeout=fresh.grants.default_timeout,
+        max_timeout=fresh.grants.max_timeout,
+    )
+    effective = dataclasses.replace(
+        fresh, knock=knock, capture=running.capture, grants=grants, state_dir=running.state_dir
+    )
+    return effective, pending
+
+
+def _setting_text(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(_setting_text, value)) + "]"
+    return str(value)
 
 
 # --- loading --------------------------------------------------------------------------

@@ -16,7 +16,6 @@ packets are not dropped.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import gc
 import logging
 import select
@@ -30,7 +29,7 @@ from typing import Any
 from knock_client.protocol import Action
 
 from .capture_spec import BLOCK_TIMEOUT_MS, CaptureError
-from .config import CaptureSettings, Config, ConfigError, GrantSettings, IPAddress, load_config
+from .config import CaptureSettings, Config, ConfigError, IPAddress, load_config, reloaded
 from .firewall.base import Firewall, Grant, GrantChange
 from .firewall.worker import FirewallWorker, describe
 from .judging import MIN_BACKLOG, Backlog, Judge
@@ -118,11 +117,6 @@ def open_captures(config: Config, destinations: Sequence[IPAddress]) -> list[Cap
             capture.engine.close()
         raise
     return captures
-
-
-def _backend_part(config: Config) -> GrantSettings:
-    """``[grants]`` without what a reload applies (the timeouts): the backend's settings."""
-    return dataclasses.replace(config.grants, default_timeout=0, max_timeout=0)
 
 
 class TurnPacer:
@@ -348,22 +342,12 @@ class Doorman:
         except ConfigError as error:
             log.error("reload failed, keeping the running configuration: %s", error)
             return
-        old = self.config
-        pending = [
-            name
-            for name, before, after in (
-                ("knock layout", old.knock.layout, fresh.knock.layout),
-                ("knock.knock_timeout", old.knock.knock_timeout, fresh.knock.knock_timeout),
-                ("knock.group_by", old.knock.group_by, fresh.knock.group_by),
-                ("[capture]", old.capture, fresh.capture),
-                # Timeouts apply at once; the backend and its own settings at a restart.
-                ("[grants] backend settings", _backend_part(old), _backend_part(fresh)),
-                ("state.directory", old.state_dir, fresh.state_dir),
-            )
-            if before != after
-        ]
+        fresh, pending = reloaded(self.config, fresh)
         if pending:
-            log.warning("reload: changes to %s apply at the next restart", ", ".join(pending))
+            log.warning(
+                "reload: these apply at the next restart, it runs as started until then: %s",
+                "; ".join(pending),
+            )
         from ._capture import admission_of
 
         for capture in self.captures:

@@ -12,7 +12,14 @@ import pytest
 
 from knock_client.keys import write_key_file
 from knock_client.protocol import KnockLayout, Proto
-from knockd_fast.config import ConfigError, LimitSettings, User, load_config
+from knockd_fast.config import (
+    RESTART_ONLY,
+    ConfigError,
+    LimitSettings,
+    User,
+    load_config,
+    reloaded,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "config-example.toml"
@@ -723,3 +730,51 @@ def test_a_key_owned_by_another_user_is_refused(conf) -> None:
     assert error_of(path).endswith("alice.key is owned by uid 65534, not uid 0")
     # Without loading keys (check-config as a user who may not read them) it is not read.
     assert load_config(path, load_keys=False).users[7].name == "alice"
+
+
+def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others(
+    tmp_path: Path,
+) -> None:
+    """``reloaded``: each RESTART_ONLY setting as it runs, every other as the file says; a
+    setting missing from RESTART_ONLY or from the effective config's make-up fails here."""
+    key = tmp_path / "a.key"
+    write_key_file(key, bytes(64))
+    running_text = (
+        '[knock]\nbase_port = 20000\ndigit_bits = 8\nspa_port = 62201\nwindow = 30\n'
+        'knock_timeout = 10\ngroup_by = "address+port"\nmodes = ["syn", "spa"]\n'
+        '[capture]\ninterface = "eth0"\ntable_size = 1024\nbuffer_bytes = 1048576\n'
+        '[grants]\nbackend = "ipset"\ndefault_timeout = 60\nmax_timeout = 600\n'
+        'chain = "KF"\nhooks = ["INPUT"]\nipset_name = "kfa"\nipset_maxelem = 1024\n'
+        f'[state]\ndirectory = "{tmp_path / "s1"}"\n'
+        '[[users]]\nid = 1\nname = "a"\nkey_file = "a.key"\nallow = ["22/tcp"]\n'
+    )
+    file_text = (
+        '[knock]\nbase_port = 21000\ndigit_bits = 10\nspa_port = 62202\nwindow = 45\n'
+        'knock_timeout = 20\ngroup_by = "address"\nmodes = ["spa"]\n'
+        '[capture]\ninterface = ["eth1"]\ndestinations = ["192.0.2.1"]\ntable_size = 2048\n'
+        'buffer_bytes = 2097152\n'
+        '[grants]\nbackend = "ipset"\ndefault_timeout = 90\nmax_timeout = 900\n'
+        'chain = "KG"\nhooks = ["INPUT", "FORWARD"]\nipset_name = "kfb"\n'
+        'ipset_maxelem = 2048\n'
+        f'[state]\ndirectory = "{tmp_path / "s2"}"\n'
+        '[limits]\nmax_grants = 3\n'
+        '[[users]]\nid = 2\nname = "b"\nkey_file = "a.key"\nallow = ["23/tcp"]\n'
+    )
+    (tmp_path / "run.toml").write_text(running_text)
+    (tmp_path / "file.toml").write_text(file_text)
+    running, fresh = load_config(tmp_path / "run.toml"), load_config(tmp_path / "file.toml")
+    effective, pending = reloaded(running, fresh)
+    for key, get in RESTART_ONLY:
+        assert get(effective) == get(running), key
+    changed = {line.split(" ", 1)[0] for line in pending}
+    assert changed == {key for key, _ in RESTART_ONLY} - {"grants.backend", "grants.protect",
+        "grants.nft_table", "grants.nft_priority", "grants.nft_sets_only"}  # fmt: skip
+    assert "knock.digit_bits 8 -> 10" in pending
+    assert "capture.interface [eth0] -> [eth1]" in pending
+    # Everything else is the file's.
+    assert (effective.path, effective.users, effective.limits) == (
+        fresh.path, fresh.users, fresh.limits)  # fmt: skip
+    assert (effective.knock.window, effective.knock.modes) == (45, fresh.knock.modes)
+    assert (effective.grants.default_timeout, effective.grants.max_timeout) == (90, 900)
+    assert reloaded(effective, fresh)[1] == pending, "still named at the next reload"
+    assert reloaded(running, running) == (running, [])

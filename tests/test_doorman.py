@@ -409,6 +409,41 @@ def test_a_reload_tells_the_engines_which_users_and_modes_to_admit(setup) -> Non
     assert recorder.slices == [] and counters["completions"] == 0
 
 
+def test_a_change_that_waits_for_a_restart_is_named_at_every_reload_with_both_values(
+    setup, caplog
+) -> None:
+    """8 -> 10 digit bits, then a second SIGHUP with the file unchanged: still pending, and
+    the judge keeps the layout the engines capture with (it rebuilds the alternatives)."""
+    tmp_path, config = setup
+    spa_capture(tmp_path / "spa.pcap", sources(1))
+    door, _ = doorman(config, tmp_path / "spa.pcap", inline=True)
+    text = (tmp_path / "config.toml").read_text()
+    (tmp_path / "config.toml").write_text(
+        '[knock]\ndigit_bits = 10\nwindow = 90\n' + text.replace('"eth0"', '["eth0", "eth1"]')
+    )
+    pending = (
+        "reload: these apply at the next restart, it runs as started until then: "
+        "knock.digit_bits 8 -> 10; capture.interface [eth0] -> [eth0, eth1]"
+    )
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="knockd_fast"):
+            door.reload()
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+            pending
+        ]
+        assert door.judge.config.knock.layout.digit_bits == 8
+        assert door.judge.config.capture.interfaces == ("eth0",)
+        assert door.judge.config.knock.window == 90, "what a reload may change, it changes"
+    (tmp_path / "config.toml").write_text(text)  # back as it runs: nothing pending
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="knockd_fast"):
+        door.reload()
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert door.judge.config.knock.window == 30
+    door.replay.close()
+
+
 # --- per-user caps, and grants a new configuration no longer entitles -------------------
 
 KEY_BOB = bytes(range(64, 128))

@@ -739,7 +739,10 @@ def test_two_interfaces_a_knock_through_each_opens_the_port_for_its_source(e2e):
     # Changing the interface list is a restart's business: a reload warns and keeps both.
     h.write_config(interfaces=[a.server_if])
     h.send_signal(signal.SIGHUP)
-    h.wait_log(r"^reload: changes to .*\[capture\].* apply at the next restart")
+    h.wait_log(
+        r"^reload: these apply at the next restart, it runs as started until then: "
+        rf"capture\.interface \[{a.server_if}, {b.server_if}\] -> \[{a.server_if}\]$"
+    )
     h.wait_log(r"^reloaded .*: 1 users")
     knock_via(h, b, "close", PORT)
     assert not h.can_connect(b.server_v4, PORT, ns=b.client)
