@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import logging
 import logging.handlers
+import math
 import os
+import socket
 import sys
+import time
 from collections.abc import Sequence
 
 log = logging.getLogger("knockd_fast")
@@ -89,17 +92,62 @@ def _only_turn_flushed(logger: logging.Logger) -> bool:
     return found
 
 
+SYSLOG_SOCKET = "/dev/log"
+SYSLOG_COMPLAIN_SECONDS = 60  # at most one "syslog unavailable" line a minute
+
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """Syslog through ``SYSLOG_SOCKET``. A line syslog does not take (its daemon restarting,
+    the socket gone) goes to standard error instead, with one line a minute saying why,
+    where the logging module would print a traceback per line."""
+
+    def __init__(self, address: str = SYSLOG_SOCKET) -> None:
+        super().__init__(address=address)
+        self._last_complaint = -math.inf
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        error = sys.exc_info()[1]
+        try:
+            now = time.monotonic()
+            if now - self._last_complaint >= SYSLOG_COMPLAIN_SECONDS:
+                self._last_complaint = now
+                sys.stderr.write(
+                    f"knockd-fast: syslog {self.address}: {error}; these lines go to standard "
+                    "error until it takes them again\n"
+                )
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # standard error gone as well: nowhere left to say it
+            pass
+
+
+def syslog_unavailable(address: str = SYSLOG_SOCKET) -> str | None:
+    """Why nothing can be sent to the syslog socket at ``address`` (None: it takes lines)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):  # as SysLogHandler tries them
+        probe = socket.socket(socket.AF_UNIX, kind)
+        try:
+            probe.connect(address)
+            return None
+        except OSError as error:
+            reason = error.strerror or str(error)
+        finally:
+            probe.close()
+    return f"{address}: {reason}"
+
+
 def setup_logging(verbose: bool = False, syslog: bool = False, per_turn: bool = False) -> None:
     """Log lines of ``knockd_fast.*`` as bare messages: to syslog, to standard error once
-    per loop turn (``per_turn``: the daemon), or to standard error as they come."""
+    per loop turn (``per_turn``: the daemon), or to standard error as they come. Syslog
+    asked for but not there: standard error, and a warning that says so."""
     # A line per decision and per firewall action: skip what no format here uses (the
     # caller's file and line is a walk up the stack per record; see the logging HOWTO,
     # "Optimization").
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if syslog:
-        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+    missing = syslog_unavailable(SYSLOG_SOCKET) if syslog else None
+    if syslog and missing is None:
+        handler: logging.Handler = SyslogHandler(SYSLOG_SOCKET)
         handler.setFormatter(logging.Formatter(f"knockd-fast[{os.getpid()}]: %(message)s"))
     elif per_turn:
         handler = TurnFlushedHandler()
@@ -108,3 +156,5 @@ def setup_logging(verbose: bool = False, syslog: bool = False, per_turn: bool = 
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
+    if missing is not None:
+        log.warning("--syslog: cannot log to syslog (%s); logging to standard error", missing)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from knockd_fast.logs import TurnFlushedHandler, log_lines
+from knockd_fast import logs
+from knockd_fast.logs import SyslogHandler, TurnFlushedHandler, log_lines, syslog_unavailable
 
 
 @pytest.fixture
@@ -60,3 +64,63 @@ def test_a_filter_or_a_level_is_honoured(daemon_logger) -> None:
     log_lines(logger, ["kept", "a secret"])
     logger.handlers[0].flush_now()
     assert written.getvalue() == "> kept\n"
+
+
+# --- syslog -------------------------------------------------------------------------------
+
+
+def test_syslog_that_is_not_there_is_said_in_one_line(tmp_path) -> None:
+    assert syslog_unavailable(str(tmp_path / "log")) == (
+        f"{tmp_path / 'log'}: No such file or directory"
+    )
+
+
+def test_syslog_lines_it_does_not_take_go_to_stderr_with_one_line_a_minute_saying_why(
+    tmp_path, capsys
+) -> None:
+    """A real syslog socket takes lines; once it is gone, each line goes to standard error
+    and one line says why, where the logging module printed a traceback per line."""
+    path = str(tmp_path / "log")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    assert syslog_unavailable(path) is None
+    logger = logging.getLogger(f"knockd_fast_test_{id(object())}")
+    logger.propagate = False
+    handler = SyslogHandler(path)
+    handler.setFormatter(logging.Formatter("kf: %(message)s"))
+    logger.addHandler(handler)
+    try:
+        logger.warning("first")
+        assert server.recv(4096).endswith(b"kf: first\x00")
+        server.close()
+        os.unlink(path)
+        for n in range(3):
+            logger.warning("line %d", n)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and "traceback" not in capsys.readouterr().err.lower(), err
+    assert err[0].startswith(f"knockd-fast: syslog {path}: "), err
+    assert err[0].endswith("; these lines go to standard error until it takes them again")
+    assert err[1:] == ["kf: line 0", "kf: line 1", "kf: line 2"]
+
+
+def test_syslog_asked_for_but_missing_logs_to_stderr_and_says_so(monkeypatch, tmp_path) -> None:
+    daemon_log = logging.getLogger("knockd_fast")
+    before = daemon_log.handlers[:]
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "log"))
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    try:
+        logs.setup_logging(syslog=True)
+        (added,) = [h for h in daemon_log.handlers if h not in before]
+        assert type(added) is logging.StreamHandler
+    finally:
+        for handler in daemon_log.handlers[:]:
+            if handler not in before:
+                daemon_log.removeHandler(handler)
+    assert stderr.getvalue() == (
+        f"--syslog: cannot log to syslog ({tmp_path / 'log'}: No such file or directory); "
+        "logging to standard error\n"
+    )
