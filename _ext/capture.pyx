@@ -28,7 +28,10 @@ cnp.import_array()
 
 cdef extern from *:
     """
-    #define KF_PREFETCH(address) __builtin_prefetch((const void *)(address))
+    /* The empty volatile asm is an effect GCC must keep: otherwise it deems a helper whose
+       only effects are prefetches (prefetch_victims) pure and deletes its calls (GCC 12). */
+    #define KF_PREFETCH(address) \
+        do { __builtin_prefetch((const void *)(address)); __asm__ __volatile__(""); } while (0)
     #define KF_POPCOUNT64(x) __builtin_popcountll(x)
     """
     void KF_PREFETCH(const void *address) nogil
@@ -136,21 +139,24 @@ ctypedef struct Completion:
     uint8_t alt_segment[N_ALT]
     uint16_t alt_digit[N_ALT]
 
-# A knock digit between parsing and table work (see ``defer_digit``).
+# A knock digit between parsing and table work (see ``defer_digit``): one cache line,
+# filled with whole words (addresses as the keys' raw bytes, IPv4-mapped for IPv4).
 ctypedef struct Digit:
     uint64_t src[2]
-    uint16_t sport
-    uint8_t dst[16]
+    uint64_t dst[2]
     uint64_t hash
     int64_t sec
     uint32_t usec
-    uint32_t segment
-    uint32_t digit
-    int fam
+    uint16_t sport
+    uint8_t segment            # < 92
+    uint8_t fam
+    uint16_t digit             # < 2^12
 
 ctypedef struct Engine:
     # settings
     int linktype
+    int fast_ip_offset          # knock4_fast: where IP starts on this link type; -1: no fast path
+    int fast_ethertype_offset   # and where its ethertype lies; -1: none (raw IP)
     uint32_t base_port
     uint32_t digit_bits
     uint32_t segment_size
@@ -162,6 +168,8 @@ ctypedef struct Engine:
     int64_t timeout_us
     uint32_t ndest
     uint8_t dest[MAX_DESTINATIONS][16]
+    uint32_t ndest4             # the IPv4 ones among them, as the 4 raw bytes (fast path)
+    uint32_t dest4[MAX_DESTINATIONS]
     uint64_t seed[3]            # seed[2] is odd: it weighs the source port into the hash
     bint by_port                # group digits by source address and port (else address)
     # admission: refused before Python, needing no key (docs/capture.md, Admission)
@@ -270,9 +278,24 @@ cdef inline void release_slot(Engine *e, Slot *slot, int64_t pos) noexcept nogil
     e.active -= 1
 
 
+cdef inline int64_t index_position_of(const Engine *e, const Slot *slot) noexcept nogil:
+    """Position in the index of a partial slot's entry, or -1: the entry holds the slot's
+    fingerprint and number, so finding it compares words and reads no other slot's key."""
+    cdef uint64_t wanted = (<uint64_t>slot.fp << 32) | (<uint64_t>(slot - e.slots) + 1)
+    cdef uint64_t i = slot.fp & e.index_mask
+    cdef uint64_t entry
+    while True:
+        entry = e.index[i]
+        if entry == wanted:
+            return <int64_t>i
+        if entry == 0:
+            return -1
+        i = (i + 1) & e.index_mask
+
+
 cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
     # Eviction and completion start from the slot: its kept hash finds the entry.
-    release_slot(e, slot, index_find(e, slot.key, slot.sport, slot.fp))
+    release_slot(e, slot, index_position_of(e, slot))
 
 
 cdef inline void prefetch_victims(const Engine *e) noexcept nogil:
@@ -488,13 +511,19 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
             else:
                 e.counters[C_EVICTIONS] += 1
             free_slot(e, slot)
-        memset(slot, 0, sizeof(Slot))
+        # Every field is set but the alternatives' arrays, which are read only below nalt
+        # (a completion copies just those): a cheaper start than clearing all 128 bytes.
         slot.key[0] = src[0]
         slot.key[1] = src[1]
-        slot.sport = d.sport
         slot.first_us = now
-        slot.fp = <uint32_t>hv
+        slot.nfilled = 0
         slot.state = STATE_PARTIAL
+        slot.nalt = 0
+        slot.fp = <uint32_t>hv
+        slot.filled[0] = 0
+        slot.filled[1] = 0
+        slot.sport = d.sport
+        memset(slot.message, 0, MSG_CAP)
         e.active += 1
         index_insert(e, hv, s)
         prefetch_victims(e)
@@ -551,8 +580,9 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
     memcpy(c.source, slot.key, 16)
     memcpy(c.destination, d.dst, 16)
     memcpy(c.message, slot.message, e.msg_len[fam])
-    memcpy(c.alt_segment, slot.alt_segment, sizeof(slot.alt_segment))
-    memcpy(c.alt_digit, slot.alt_digit, sizeof(slot.alt_digit))
+    # The record is zeroed: past nalt, its alternatives stay 0 (the slot's are not cleared).
+    memcpy(c.alt_segment, slot.alt_segment, slot.nalt * sizeof(slot.alt_segment[0]))
+    memcpy(c.alt_digit, slot.alt_digit, slot.nalt * sizeof(slot.alt_digit[0]))
     e.counters[C_COMPLETIONS] += 1
     free_slot(e, slot)
 
@@ -586,29 +616,40 @@ cdef inline void flush_pending(Engine *e) noexcept nogil:
         work_oldest(e)
 
 
-cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h, const uint64_t *src,
-                             uint16_t sport, const uint8_t *dst, int fam, uint32_t segment,
-                             uint32_t digit) noexcept nogil:
+cdef inline Digit *next_digit(Engine *e) noexcept nogil:
+    """The pipeline's free entry after its newest: the parsers fill it in place, and
+    ``defer_digit`` adds it. PIPE_SIZE > WORK_AGE, so it is free even when the pipeline is
+    full, and the table work ``defer_digit`` does first (on other entries) leaves it alone."""
+    return &e.pipe[(e.pipe_head + e.pipe_count) & (PIPE_SIZE - 1)]
+
+
+cdef inline void set_digit(Digit *d, const uint64_t *src, const uint64_t *dst, uint16_t sport,
+                           int fam, uint32_t segment, uint32_t digit) noexcept nogil:
+    d.src[0] = src[0]
+    d.src[1] = src[1]
+    d.dst[0] = dst[0]
+    d.dst[1] = dst[1]
+    d.sport = sport
+    d.segment = <uint8_t>segment
+    d.fam = <uint8_t>fam
+    d.digit = <uint16_t>digit
+
+
+cdef inline void defer_digit(Engine *e, const pcap.pcap_pkthdr *h) noexcept nogil:
+    """Add the digit a parser wrote into ``next_digit`` to the pipeline."""
     # A pipeline a few packets deep, because a source's state is two dependent random reads
     # (its index entry, then its slot): request this source's index entry now, the slot of
     # the digit SLOT_AGE packets old, and do the table work of the one WORK_AGE packets old.
     # The order of table work is the packets' order; dispatch() flushes at the end of a batch.
-    cdef uint64_t hv = hash_key(e, src, sport)
+    cdef Digit *d = next_digit(e)
+    cdef uint64_t hv = hash_key(e, d.src, d.sport)
     KF_PREFETCH(&e.index[hv & e.index_mask])
-    if e.pipe_count == WORK_AGE:
-        work_oldest(e)
-    cdef Digit *d = &e.pipe[(e.pipe_head + e.pipe_count) & (PIPE_SIZE - 1)]
-    e.pipe_count += 1
-    d.src[0] = src[0]
-    d.src[1] = src[1]
-    d.sport = sport
-    memcpy(d.dst, dst, 16)
     d.hash = hv
     d.sec = h.ts.tv_sec
     d.usec = h.ts.tv_usec
-    d.segment = segment
-    d.digit = digit
-    d.fam = fam
+    if e.pipe_count == WORK_AGE:
+        work_oldest(e)
+    e.pipe_count += 1
     if e.pipe_count > SLOT_AGE:
         prefetch_slot(e, &e.pipe[(e.pipe_head + e.pipe_count - 1 - SLOT_AGE) & (PIPE_SIZE - 1)])
 
@@ -618,15 +659,100 @@ cdef inline bint is_vlan(uint16_t ethertype) noexcept nogil:
         or ethertype == ETHERTYPE_QINQ_LEGACY
 
 
+cdef inline uint64_t mapped_low_word(const uint8_t *address) noexcept nogil:
+    """Bytes 8-15 of an IPv4 address's 16-byte key (IPv4-mapped: 0, 0, 0xFF, 0xFF, then the
+    address); bytes 0-7 are zero."""
+    cdef uint8_t raw[8]
+    cdef uint64_t word
+    raw[0] = 0
+    raw[1] = 0
+    raw[2] = 0xFF
+    raw[3] = 0xFF
+    memcpy(raw + 4, address, 4)
+    memcpy(&word, raw, 8)
+    return word
+
+
 cdef void on_packet(unsigned char *user, const pcap.pcap_pkthdr *h,
                     const unsigned char *data) noexcept nogil:
     cdef Engine *e = <Engine *>user
+    cdef int counter = C_KNOCK_PACKETS
     e.counters[C_PACKETS] += 1
-    e.counters[classify(e, h, data)] += 1
+    if e.fast_ip_offset < 0 or not knock4_fast(e, h, data):
+        counter = classify(e, h, data)
+    if counter == C_KNOCK_PACKETS:  # the parser wrote the digit into next_digit
+        defer_digit(e, h)
+    e.counters[counter] += 1
+
+
+cdef inline bint knock4_fast(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexcept nogil:
+    """The common case, ahead of classify: IPv4 without options (untagged on a link with an
+    ethertype), not a fragment, a TCP SYN or a UDP datagram (not SPA) to an admitted digit port.
+
+    Writes the digit into next_digit and returns True exactly when classify would write the
+    same digit (and count a knock packet); for anything else it returns False having written
+    nothing, and classify (every case, every counter) decides. The checks are classify's, in
+    another order, which cannot matter as none of them has a side effect.
+    """
+    cdef uint32_t caplen = h.caplen
+    cdef uint32_t link = <uint32_t>e.fast_ip_offset
+    cdef int at = e.fast_ethertype_offset
+    cdef const uint8_t *ip = p + link
+    cdef const uint8_t *l4 = ip + 20
+    cdef uint32_t total, avail, dport, port, segment, digit, i, address
+    cdef Digit *d
+    if caplen < link + 20 + 8:  # IPv4 without options and a UDP header: the shortest taken
+        return False
+    # Ethertype IPv4 (no VLAN tag), then version 4 with a 20-byte header (no options); on raw
+    # IP links the version nibble alone decides, as in classify.
+    if at >= 0 and (p[at] != 0x08 or p[at + 1] != 0x00):
+        return False
+    if ip[0] != 0x45:
+        return False
+    total = be16(ip + 2)
+    if total < 20 or be16(ip + 6) & 0x1FFF:
+        return False
+    avail = caplen - link if caplen - link < total else total  # IPv4 header and transport
+    if ip[9] == IPPROTO_TCP:
+        if avail < 20 + 20 or (l4[13] & (TCP_SYN | TCP_ACK)) != TCP_SYN:
+            return False
+    elif ip[9] == IPPROTO_UDP:
+        if avail < 20 + 8 or be16(l4 + 2) == e.spa_port:
+            return False
+    else:
+        return False
+    if e.ndest:
+        memcpy(&address, ip + 16, 4)
+        for i in range(e.ndest4):
+            if e.dest4[i] == address:
+                break
+        else:
+            return False
+    dport = be16(l4 + 2)
+    if dport < e.base_port or dport >= e.range_end:
+        return False
+    port = dport - e.base_port
+    segment = port >> e.digit_bits
+    digit = port & (e.segment_size - 1)
+    if segment >= e.nseg[0] or not e.knock_on:
+        return False
+    if segment == e.nseg[0] - 1 and (digit & e.pad_mask[0]):
+        return False
+    d = next_digit(e)
+    d.src[0] = 0
+    d.src[1] = mapped_low_word(ip + 12)
+    d.dst[0] = 0
+    d.dst[1] = mapped_low_word(ip + 16)
+    d.sport = be16(l4) if e.by_port else 0
+    d.segment = <uint8_t>segment
+    d.fam = 0
+    d.digit = <uint16_t>digit
+    return True
 
 
 cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexcept nogil:
-    """Parse one frame; act on a digit or SPA datagram; return the counter this packet adds to.
+    """Parse one frame; act on an SPA datagram, or write a digit into next_digit; return the
+    counter this packet adds to (C_KNOCK_PACKETS for a digit, which on_packet then defers).
 
     Every read is checked against the captured length by hand (docs/capture.md lists the
     order of checks, which the pure-Python twin follows too).
@@ -637,7 +763,7 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
     cdef uint8_t proto, next_header, flags
     cdef int fam, i
     cdef uint64_t src[2]
-    cdef uint8_t dst[16]
+    cdef uint64_t dst[2]
     cdef const uint8_t *ip
     cdef const uint8_t *l4
     cdef uint32_t l4avail, dport, udp_len, payload, segment, digit, port
@@ -686,14 +812,10 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
         if be16(ip + 6) & 0x1FFF:
             return C_IGNORED
         fam = 0
-        memset(src, 0, 16)
-        (<uint8_t *>src)[10] = 0xFF
-        (<uint8_t *>src)[11] = 0xFF
-        memcpy((<uint8_t *>src) + 12, ip + 12, 4)
-        memset(dst, 0, 10)
-        dst[10] = 0xFF
-        dst[11] = 0xFF
-        memcpy(dst + 12, ip + 16, 4)
+        src[0] = 0
+        src[1] = mapped_low_word(ip + 12)
+        dst[0] = 0
+        dst[1] = mapped_low_word(ip + 16)
         proto = ip[9]
         l4 = ip + ihl
         l4avail = avail - ihl
@@ -777,7 +899,7 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
             if e.check_header and not header_admitted(e, be16(l4 + 8)):
                 return header_refusal(e, be16(l4 + 8))
             flush_pending(e)  # keep completions in packet order
-            emit_spa(e, h, src, dst, 4 if fam == 0 else 6, l4 + 8, payload)
+            emit_spa(e, h, src, <const uint8_t *>dst, 4 if fam == 0 else 6, l4 + 8, payload)
             return C_SPA_PACKETS
     else:
         return C_IGNORED
@@ -794,8 +916,8 @@ cdef int classify(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t *p) noexce
     if segment == e.nseg[fam] - 1 and (digit & e.pad_mask[fam]):
         return C_MALFORMED
     # Both transports carry the source port in their first two bytes (checked above).
-    defer_digit(e, h, src, be16(l4) if e.by_port else 0, dst, fam, segment, digit)
-    return C_KNOCK_PACKETS
+    set_digit(next_digit(e), src, dst, be16(l4) if e.by_port else 0, fam, segment, digit)
+    return C_KNOCK_PACKETS  # on_packet defers it
 
 
 cdef void count_only(unsigned char *user, const pcap.pcap_pkthdr *h,
@@ -894,6 +1016,10 @@ cdef class CaptureEngine:
         for i, dest_key in enumerate(settings.destination_keys):
             memcpy(e.dest[i], <const char *>dest_key, 16)
         e.ndest = len(settings.destination_keys)
+        for dest_key in settings.destination_keys:
+            if dest_key[:12] == b"\0" * 10 + b"\xff\xff":  # IPv4-mapped: an IPv4 destination
+                memcpy(&e.dest4[e.ndest4], <const char *>dest_key + 12, 4)
+                e.ndest4 += 1
         e.seed[0] = int.from_bytes(os.urandom(8), "little")
         e.seed[1] = int.from_bytes(os.urandom(8), "little")
         e.seed[2] = int.from_bytes(os.urandom(8), "little") | 1
@@ -1000,6 +1126,13 @@ cdef class CaptureEngine:
                 raise CaptureError(f"{what}: {error}") from None
         self.e.handle = handle
         self.e.linktype = linktype
+        # knock4_fast's offsets (classify's link layer); IPv6-only links never take it.
+        self.e.fast_ip_offset, self.e.fast_ethertype_offset = {
+            LINKTYPE_ETHERNET: (14, 12),
+            LINKTYPE_LINUX_SLL: (16, 14),
+            LINKTYPE_LINUX_SLL2: (20, 0),
+            LINKTYPE_IPV6: (-1, -1),
+        }.get(linktype, (0, -1))  # IPv4 and raw IP: no link header, no ethertype
         self.bpf = bpf
 
     cdef _set_filter(self, pcap.pcap_t *handle, admission, int linktype):
