@@ -109,6 +109,10 @@ def test_syslog_lines_it_does_not_take_go_to_stderr_with_one_line_a_minute_sayin
 def test_syslog_asked_for_but_missing_logs_to_stderr_and_says_so(monkeypatch, tmp_path) -> None:
     daemon_log = logging.getLogger("knockd_fast")
     before = daemon_log.handlers[:]
+    # setup_logging sets these for the process: put them back for the tests after this one.
+    level = daemon_log.level
+    for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
     monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "log"))
     stderr = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)
@@ -117,6 +121,7 @@ def test_syslog_asked_for_but_missing_logs_to_stderr_and_says_so(monkeypatch, tm
         (added,) = [h for h in daemon_log.handlers if h not in before]
         assert type(added) is logging.StreamHandler
     finally:
+        daemon_log.setLevel(level)  # setLevel, which also clears the loggers' level cache
         for handler in daemon_log.handlers[:]:
             if handler not in before:
                 daemon_log.removeHandler(handler)
