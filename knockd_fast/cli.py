@@ -147,6 +147,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .sinks import PrintSink
 
     config = load_config(args.config, load_keys=True)
+    # A knock refused live may be accepted here after a reload added its port, and the
+    # other way round: the reader must know which configuration judged.
+    print(
+        f"knockd-fast replay: judging with the configuration as it is now ({config.path}: "
+        "users, keys, allow, caps), not as it was when the packets were captured",
+        file=sys.stderr,
+    )
     try:
         stats = replay_capture(config, args.capture, [PrintSink(as_json=args.json)])
     except CaptureError as error:

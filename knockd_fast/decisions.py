@@ -7,9 +7,9 @@ import time
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, NamedTuple
 
-# `knockd-fast replay --json` prints these keys of Decision.as_json() (the live log adds
-# "detail" and "interface").
-REPLAY_JSON_KEYS = (
+# The keys of a decision's JSON line, in order: the live log's and `knockd-fast replay
+# --json`'s alike (a replay's interface is null: the packets come from a file).
+JSON_KEYS = (
     "time",
     "source",
     "destination",
@@ -19,6 +19,8 @@ REPLAY_JSON_KEYS = (
     "proto",
     "verdict",
     "reason",
+    "detail",
+    "interface",
 )
 
 

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol, TextIO
 
-from .decisions import REPLAY_JSON_KEYS, Decision, iso_time
+from .decisions import Decision, iso_time
 from .logs import log_lines
 
 decisions_log = logging.getLogger("knockd_fast.decisions")
@@ -104,8 +104,8 @@ class LogSink:
 
 
 class PrintSink:
-    """``knockd-fast replay``: one line per decision on standard output; as JSON, only the
-    keys that do not depend on the run (``REPLAY_JSON_KEYS``)."""
+    """``knockd-fast replay``: one line per decision on standard output, as the live log
+    writes it (text, or the same JSON object: ``detail`` and ``interface`` included)."""
 
     def __init__(self, as_json: bool = False, stream: TextIO | None = None) -> None:
         self.as_json = as_json
@@ -120,8 +120,4 @@ class PrintSink:
     def write(self, decisions: Sequence[Decision]) -> None:
         stream = self.stream or sys.stdout
         for decision in decisions:
-            if self.as_json:
-                fields = decision.as_json()
-                print(json.dumps({key: fields[key] for key in REPLAY_JSON_KEYS}), file=stream)
-            else:
-                print(decision.as_text(), file=stream)
+            print(decision.as_json_text() if self.as_json else decision.as_text(), file=stream)

@@ -61,7 +61,7 @@ import netns
 from netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, End
 
 from knockd_fast import __version__
-from knockd_fast.decisions import REPLAY_JSON_KEYS
+from knockd_fast.decisions import JSON_KEYS
 from knockd_fast.firewall.registry import KINDS
 
 HERE = Path(__file__).resolve()
@@ -72,9 +72,8 @@ SERVER2_V4, CLIENT2_V4 = "198.51.100.1", "198.51.100.2"
 SERVER2_V6, CLIENT2_V6 = "2001:db8:1::1", "2001:db8:1::2"
 CONNECT_TIMEOUT = 1.5
 START_TIMEOUT = 20.0
-# The keys of a decision that do not depend on the run: what `knockd-fast replay --json`
-# prints, the daemon's definition.
-DECISION_KEYS = REPLAY_JSON_KEYS
+# The keys of a decision's JSON line, the live log's and `knockd-fast replay --json`'s.
+DECISION_KEYS = JSON_KEYS
 
 
 def server_address(family: int) -> str:

@@ -492,10 +492,12 @@ def test_replay_command_judges_a_recorded_capture_without_touching_the_firewall(
             PORT,
             "tcp",
         )
-        assert {k: online[k] for k in DECISION_KEYS if k != "time"} == {
-            k: offline[k] for k in DECISION_KEYS if k != "time"
+        assert {k: online[k] for k in DECISION_KEYS if k not in ("time", "interface")} == {
+            k: offline[k] for k in DECISION_KEYS if k not in ("time", "interface")
         }
+        assert (online["interface"], offline["interface"]) == (h.interface, None)
     assert "completions=2" in done.stderr
+    assert "with the configuration as it is now" in done.stderr.splitlines()[0], done.stderr
     h.stop()
 
 

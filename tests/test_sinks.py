@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from knockd_fast.decisions import Decision
+from knockd_fast.decisions import JSON_KEYS, Decision
 from knockd_fast.sinks import LogSink, PrintSink
 
 T = 1_800_000_000.0
@@ -66,6 +66,16 @@ def test_nothing_held_back_needs_no_summary(caplog) -> None:
         sink.write([decision(T, "replay"), decision(T + 1, "ok")])
         sink.close()
     assert len(lines(caplog)) == 2
+
+
+def test_replay_json_lines_are_the_live_logs_with_every_key(capsys, caplog) -> None:
+    decisions = [decision(T, "replay"), decision(T + 1, "ok")._replace(interface="eth0")]
+    PrintSink(as_json=True).write(decisions)
+    printed = capsys.readouterr().out.splitlines()
+    with caplog.at_level(logging.INFO, logger="knockd_fast.decisions"):
+        LogSink(as_json=True).write(decisions)
+    assert printed == lines(caplog)
+    assert [tuple(json.loads(line)) for line in printed] == [JSON_KEYS, JSON_KEYS]
 
 
 def test_replay_prints_every_decision(capsys) -> None:
