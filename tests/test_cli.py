@@ -122,6 +122,25 @@ def test_keygen_force_replaces_and_tightens_mode(knock: Run, tmp_path: Path) -> 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_keygen_out_makes_the_missing_folders_private_on_a_fresh_account(
+    knock: Run, knock_env: dict[str, str]
+) -> None:
+    config = Path(knock_env["XDG_CONFIG_HOME"])
+    assert not config.exists()
+    path = config / "knock" / "myserver.key"
+    ok(knock("keygen", "--out", path, umask=0o022))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((config / "knock").stat().st_mode) == 0o700
+    assert stat.S_IMODE(config.stat().st_mode) == 0o700
+
+
+def test_keygen_out_into_a_folder_it_cannot_make_says_which(knock: Run, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    result = knock("keygen", "--out", tmp_path / "file" / "sub" / "x.key")
+    assert result.returncode != 0 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"cannot create its folder {tmp_path / 'file' / 'sub'}" in result.stderr
+
+
 # --- open/close --dry-run -------------------------------------------------------------
 
 
@@ -377,6 +396,33 @@ def test_defaults_apply_to_bare_hosts_and_profiles(
     assert opened(profiled["ports"], KnockLayout(25000), 6, key).user_id == 5
 
 
+def test_a_host_that_names_no_profile_lists_the_profiles(
+    knock: Run, knock_key: tuple[Path, bytes], config_dir: Path
+) -> None:
+    """`knock open myserevr`: a typo of a profile, not a host without a user id."""
+    write_myserver(config_dir, knock_key[0])
+    result = knock("open", "myserevr", "22/tcp", "--dry-run")
+    assert result.returncode != 0 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.rstrip().endswith(
+        f"no user id: pass --user ID or set user in a profile (no profile 'myserevr' in "
+        f"{config_dir / 'config.toml'}; known: myserver)"
+    ), result.stderr
+    result = knock("open", "127.0.0.1", "22/tcp", "--profile", "myserevr", "--dry-run")
+    assert result.stderr.rstrip().endswith("no profile 'myserevr'; known: myserver")
+
+
+def test_time_offset_moves_the_knocks_timestamp(
+    knock: Run, knock_key: tuple[Path, bytes], config_dir: Path
+) -> None:
+    key_path, key = knock_key
+    write_myserver(config_dir, key_path, extra="[defaults]\ntime_offset = -300\n\n")
+    args = ["open", "myserver", "22/tcp", "--dry-run", "--json"]
+    profiled = json.loads(ok(knock(*args)))
+    assert_recent(opened(profiled["ports"], KnockLayout(30000, 4), 4, key).timestamp + 300)
+    given = json.loads(ok(knock(*args, "--time-offset", "90")))
+    assert_recent(opened(given["ports"], KnockLayout(30000, 4), 4, key).timestamp - 90)
+
+
 def test_config_option_reads_that_file(
     knock: Run, knock_key: tuple[Path, bytes], config_dir: Path, tmp_path: Path
 ) -> None:
@@ -425,6 +471,8 @@ BAD_INPUT = {
     "claim-v4-to-v6": ("::1 22/tcp --claimed-ip 192.0.2.10", r"192\.0\.2\.10 is IPv4 but"),
     "claim-v6-to-v4": ("127.0.0.1 22/tcp --claimed-ip 2001:db8::1", r"2001:db8::1 is IPv6 but"),
     "claim-garbage": ("127.0.0.1 22/tcp --claimed-ip 300.1.1.1", r"bad claimed address"),
+    "time-offset-abc": ("127.0.0.1 22/tcp --time-offset 1h", r"'1h' is not a whole number"),
+    "time-offset-far": ("127.0.0.1 22/tcp --time-offset 100000", r"more than 86400 s away"),
 }
 
 

@@ -105,11 +105,23 @@ def test_write_key_file_overwrite_replaces_and_tightens_mode(
     assert load_key(path) == key
 
 
-def test_write_key_file_into_missing_directory(tmp_path: Path) -> None:
+def test_write_key_file_into_missing_directories_makes_them_private(tmp_path: Path) -> None:
     path = tmp_path / "no" / "such" / "dir" / "user.key"
+    key = generate_key()
+    write_key_file(path, key)
+    assert load_key(path) == key
+    for folder in (tmp_path / "no", tmp_path / "no" / "such", path.parent):
+        assert mode_of(folder) == 0o700, folder
+
+
+def test_write_key_file_below_a_file_is_one_line_naming_the_folder(tmp_path: Path) -> None:
+    write(tmp_path / "plain", b"a file, not a folder")
+    path = tmp_path / "plain" / "dir" / "user.key"
     with pytest.raises(KeyFileError) as caught:
         write_key_file(path, generate_key())
-    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value) == (
+        f"key file {path}: cannot create its folder {tmp_path / 'plain' / 'dir'}: Not a directory"
+    )
 
 
 def test_write_key_file_expands_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,9 @@ from .protocol import (
 from .send import SendError, local_address_toward, resolve, send_spa, send_syn, send_udp
 
 MODES = ("syn", "udp", "spa")
+# --time-offset: a day either way covers any clock that is merely wrong; beyond that the
+# knock would be refused anyway unless the server's window is absurdly wide.
+MAX_TIME_OFFSET = 86_400
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
@@ -68,6 +71,7 @@ _PROFILE_KEYS: dict[str, tuple[type, Any]] = {
     "duration": (int, lambda v: 0 <= v <= MAX_DURATION),
     "family": (int, lambda v: v in (4, 6)),
     "source_port": (int, lambda v: 1 <= v <= 65535),
+    "time_offset": (int, lambda v: abs(v) <= MAX_TIME_OFFSET),
 }
 
 
@@ -86,6 +90,7 @@ class Settings:
     duration: int = 0
     family: int = 0
     source_port: int | None = None  # None: a random one per knock
+    time_offset: int = 0  # seconds added to this machine's clock for the message's timestamp
 
 
 def load_profiles(path: Path, required: bool) -> dict[str, dict[str, Any]]:
@@ -140,6 +145,16 @@ def _source_port(text: str) -> int:
     return int(text)
 
 
+def _time_offset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if abs(value) > MAX_TIME_OFFSET:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_TIME_OFFSET} s away")
+    return value
+
+
 def parse_port_spec(spec: str) -> tuple[int, Proto]:
     """``22/tcp``, ``53/udp``, or a bare ``22`` for TCP."""
     number, _, proto_name = spec.partition("/")
@@ -156,7 +171,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
     profiles = load_profiles(config_path, required=bool(args.config))
     if args.profile is not None:
         if args.profile not in profiles or not args.profile:
-            raise UsageError(f"config {config_path}: no profile {args.profile!r}")
+            raise UsageError(
+                f"config {config_path}: no profile {args.profile!r}{_known(profiles)}"
+            )
         profile = profiles[args.profile]
     else:
         profile = profiles.get(args.host, profiles.get("", {}))
@@ -176,6 +193,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "duration",
         "family",
         "source_port",
+        "time_offset",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -184,11 +202,24 @@ def build_settings(args: argparse.Namespace) -> Settings:
         settings.shuffle = False
     if settings.delay_ms < 0:
         raise UsageError(f"--delay-ms {settings.delay_ms} is negative")
+    # A bare host that names no profile, where profiles exist: most often a typo of one.
+    missing_profile = (
+        f" (no profile {args.host!r} in {config_path}{_known(profiles)})"
+        if args.profile is None and args.host not in profiles and len(profiles) > 1
+        else ""
+    )
     if settings.user is None:
-        raise UsageError("no user id: pass --user ID or set user in a profile")
+        raise UsageError(f"no user id: pass --user ID or set user in a profile{missing_profile}")
     if settings.key_file is None:
-        raise UsageError("no key file: pass --key-file FILE or set key_file in a profile")
+        raise UsageError(
+            f"no key file: pass --key-file FILE or set key_file in a profile{missing_profile}"
+        )
     return settings
+
+
+def _known(profiles: dict[str, dict[str, Any]]) -> str:
+    names = sorted(name for name in profiles if name)
+    return f"; known: {', '.join(names)}" if names else "; the file has none"
 
 
 def knock_command(args: argparse.Namespace) -> int:
@@ -217,7 +248,7 @@ def knock_command(args: argparse.Namespace) -> int:
         action=Action[args.action.upper()],
         proto=proto,
         port=port,
-        timestamp=int(time.time()),
+        timestamp=int(time.time()) + settings.time_offset,
         claimed_ip=claimed,
         user_id=settings.user,
         salt=secrets.randbits(SALT_BITS),
@@ -364,6 +395,13 @@ def make_parser() -> argparse.ArgumentParser:
             "--no-shuffle", action="store_true", help="send the knocks in segment order"
         )
         sub.add_argument("--delay-ms", type=int, metavar="N", help="pause between knock packets")
+        sub.add_argument(
+            "--time-offset",
+            type=_time_offset,
+            metavar="SECONDS",
+            help="add this to the local clock for the knock's timestamp, for a machine whose "
+            "clock is known to be off (negative: behind)",
+        )
         sub.add_argument(
             "--source-port",
             type=_source_port,

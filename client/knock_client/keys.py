@@ -85,6 +85,17 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
 def write_key_file(path: str | os.PathLike[str], key: bytes, overwrite: bool = False) -> Path:
     """Create a key file with mode 0600 from the first byte on (never a readable moment)."""
     path = Path(path).expanduser()
+    # A fresh account has no ~/.config/knock: make the missing folders, private ones.
+    missing = [folder for folder in path.parents if not folder.exists()]
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise KeyFileError(
+                f"key file {path}: cannot create its folder {folder}: {error.strerror}"
+            ) from None
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     try:
         fd = os.open(path, flags, 0o600)
