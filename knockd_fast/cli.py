@@ -69,6 +69,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     warning = mismatch(config.grants.backend, config.grants.nft_table)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    from .preflight import host_warnings
+
+    for line in host_warnings(config):
+        print(f"warning: {config.path}: {line}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ engine, the replay cache or libiptc: it must load none of them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from knock_client.keys import write_key_file
+from knockd_fast.config import load_config
+from knockd_fast.preflight import host_warnings
 
 HEAVY = ("numpy", "sqlite3", "_sqlite3", "iptc", "knockd_fast._capture_c")
 RUN_CLI = """
@@ -103,3 +106,36 @@ def test_status_that_cannot_read_the_lock_says_it_cannot_tell(config: Path) -> N
         f"knockd-fast: cannot tell whether it runs (state directory {config.parent / 'state'}, "
         f"backend dry-run): {config.parent / 'state' / 'knockd-fast.pid'}: Not a directory"
     )
+
+
+def test_check_config_warns_of_an_interface_this_host_lacks_and_names_those_it_has(
+    config: Path,
+) -> None:
+    import socket
+
+    config.write_text(config.read_text().replace('"eth0"', '"kfnope0"'))
+    done, report = cli("check-config", "-c", str(config))
+    assert report["code"] == 0, "a warning: the interface may appear later"
+    present = ", ".join(name for _, name in socket.if_nameindex())
+    assert done.stderr.splitlines()[0] == (
+        f"warning: {config}: capture.interface: no interface 'kfnope0' here (this host has: "
+        f"{present}); the daemon will not start until it exists"
+    )
+
+
+def test_a_key_file_root_does_not_own_is_warned_about(config: Path) -> None:
+    """The daemon (root) refuses a key file another user owns; check-config run as that user
+    loads it, so the host check says so. Loaded here without the keys, as such a run sees
+    them pass."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    key = config.parent / "alice.key"
+    os.chown(key, 65534, 65534)  # nobody
+    warnings = [line for line in host_warnings(load_config(config, load_keys=False))
+                if "key_file" in line]  # fmt: skip
+    assert warnings == [
+        f"users[0].key_file: {key} belongs to nobody, not root: the daemon (root) refuses "
+        f"it; run: chown root {key}"
+    ]
+    os.chown(key, 0, 0)
+    assert not [line for line in host_warnings(load_config(config)) if "key_file" in line]
