@@ -700,7 +700,8 @@ cdef inline bint knock4_fast(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t
     cdef const uint8_t *ip = p + link
     cdef const uint8_t *l4 = ip + 20
     cdef uint32_t total, avail, dport, port, segment, digit, i, address
-    cdef Digit *d
+    cdef uint64_t src[2]
+    cdef uint64_t dst[2]
     if caplen < link + 20 + 8:  # IPv4 without options and a UDP header: the shortest taken
         return False
     # Ethertype IPv4 (no VLAN tag), then version 4 with a 20-byte header (no options); on raw
@@ -738,15 +739,11 @@ cdef inline bint knock4_fast(Engine *e, const pcap.pcap_pkthdr *h, const uint8_t
         return False
     if segment == e.nseg[0] - 1 and (digit & e.pad_mask[0]):
         return False
-    d = next_digit(e)
-    d.src[0] = 0
-    d.src[1] = mapped_low_word(ip + 12)
-    d.dst[0] = 0
-    d.dst[1] = mapped_low_word(ip + 16)
-    d.sport = be16(l4) if e.by_port else 0
-    d.segment = <uint8_t>segment
-    d.fam = 0
-    d.digit = <uint16_t>digit
+    src[0] = 0
+    src[1] = mapped_low_word(ip + 12)
+    dst[0] = 0
+    dst[1] = mapped_low_word(ip + 16)
+    set_digit(next_digit(e), src, dst, be16(l4) if e.by_port else 0, 0, segment, digit)
     return True
 
 

@@ -7,22 +7,6 @@ import time
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, NamedTuple
 
-# The keys of a decision's JSON line, in order: the live log's and `knockd-fast replay
-# --json`'s alike (a replay's interface is null: the packets come from a file).
-JSON_KEYS = (
-    "time",
-    "source",
-    "destination",
-    "user",
-    "action",
-    "port",
-    "proto",
-    "verdict",
-    "reason",
-    "detail",
-    "interface",
-)
-
 
 class Decision(NamedTuple):
     """One line of the decision log: who knocked, for what, and what we decided.
@@ -99,3 +83,8 @@ def _string(value: str | None) -> str:
 
 def _integer(value: int | None) -> str:
     return "null" if value is None else int.__repr__(value)
+
+
+# The keys of a decision's JSON line, in order: the live log's and `knockd-fast replay
+# --json`'s alike (a replay's interface is null: the packets come from a file).
+JSON_KEYS = tuple(Decision(0.0, "", "", None, None, None, None, "", "", "").as_json())

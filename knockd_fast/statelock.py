@@ -28,9 +28,8 @@ BUSY_PAUSE = 0.02
 class StateLock:
     """The exclusive lock on a state directory, held while the object is open."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
-        self.path = path
 
     @classmethod
     def acquire(cls, state_dir: Path) -> StateLock:
@@ -58,7 +57,7 @@ class StateLock:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, path)
+        return cls(fd)
 
     def release(self) -> None:
         """Let go of the lock (the file stays; its PID is cleared)."""
