@@ -9,11 +9,18 @@ from .decisions import iso_time
 from .firewall.base import Grant
 
 
+def _soonest_first(grants: Iterable[Grant], now: float) -> list[tuple[Grant, int]]:
+    """Each grant with the seconds it has left at ``now``, soonest expiry first."""
+    return [
+        (grant, max(0, grant.expires - int(now)))
+        for grant in sorted(grants, key=lambda g: g.expires)
+    ]
+
+
 def describe_grants(grants: Iterable[Grant], now: float) -> list[str]:
     """One line per grant, soonest expiry first, with the time it has left."""
     lines = []
-    for grant in sorted(grants, key=lambda g: g.expires):
-        left = max(0, grant.expires - int(now))
+    for grant, left in _soonest_first(grants, now):
         where = f" -> {grant.destination}" if grant.destination else ""
         lines.append(
             f"{grant.source}{where} {grant.port}/{grant.proto} user={grant.user} "
@@ -32,9 +39,9 @@ def grants_json(grants: Iterable[Grant], now: float) -> list[dict[str, object]]:
             "proto": grant.proto,
             "user": grant.user,
             "expires": iso_time(grant.expires),
-            "seconds_left": max(0, grant.expires - int(now)),
+            "seconds_left": left,
         }
-        for grant in sorted(grants, key=lambda g: g.expires)
+        for grant, left in _soonest_first(grants, now)
     ]
 
 

@@ -139,3 +139,25 @@ def test_a_key_file_root_does_not_own_is_warned_about(config: Path) -> None:
     ]
     os.chown(key, 0, 0)
     assert not [line for line in host_warnings(load_config(config)) if "key_file" in line]
+
+
+def test_status_lists_grants_soonest_first_in_text_and_json_alike() -> None:
+    from knockd_fast.firewall.base import Grant
+    from knockd_fast.status import describe_grants, grants_json
+
+    now = 1_800_000_000
+    late = Grant("198.51.100.7", "tcp", 22, None, now + 125, "alice")
+    soon = Grant("192.0.2.2", "udp", 53, "192.0.2.1", now + 59, "bob")
+    gone = Grant("203.0.113.9", "tcp", 443, None, now - 5, "carol")  # past: 0 s left
+    assert describe_grants([late, soon, gone], now + 0.9) == [
+        "203.0.113.9 443/tcp user=carol expires in 0m00s (2027-01-15T07:59:55.000Z)",
+        "192.0.2.2 -> 192.0.2.1 53/udp user=bob expires in 0m59s (2027-01-15T08:00:59.000Z)",
+        "198.51.100.7 22/tcp user=alice expires in 2m05s (2027-01-15T08:02:05.000Z)",
+    ]
+    listed = grants_json([late, soon, gone], now + 0.9)
+    assert [(g["user"], g["seconds_left"]) for g in listed] == [
+        ("carol", 0), ("bob", 59), ("alice", 125)]  # fmt: skip
+    assert listed[1] == {
+        "source": "192.0.2.2", "destination": "192.0.2.1", "port": 53, "proto": "udp",
+        "user": "bob", "expires": "2027-01-15T08:00:59.000Z", "seconds_left": 59,
+    }  # fmt: skip
