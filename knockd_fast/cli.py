@@ -14,14 +14,17 @@ import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from knockd_fast import __version__
 
 from .benchmark import WORKLOAD_NAMES
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .errors import StartError
 from .logs import setup_logging
+
+if TYPE_CHECKING:
+    from .metrics import MetricsPublisher
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -111,6 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config.state_dir,
             describe_error(error),
         )
+    publisher = _metrics_publisher(config, IMPLEMENTATION)  # before the firewall is touched
     try:
         destinations = protected_destinations(config)
         captures = open_captures(config, destinations)
@@ -123,7 +127,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise StartError(str(error)) from None
     replay = ReplayCache.for_state_dir(config.state_dir, time.time(), config.knock.window)
     doorman = Doorman(
-        config, captures, firewall, replay, sinks=[LogSink(as_json=args.json)], grants=kept
+        config,
+        captures,
+        firewall,
+        replay,
+        sinks=[LogSink(as_json=args.json)],
+        grants=kept,
+        publisher=publisher,
     )
     log.info(
         "knockd-fast %s on %s protecting %s; %d users; grants kept %d, expired %d",
@@ -143,6 +153,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if lock is not None:
             lock.release()
     return 0
+
+
+def _metrics_publisher(config: Config, implementation: str) -> MetricsPublisher:
+    """The metrics' outlets, the endpoint listening already (a taken port stops the start)."""
+    from .metrics import MetricsPublisher
+
+    build = {
+        "version": __version__,
+        "knock_client": _knock_client_version(),
+        "libpcap": _libpcap_version().removeprefix("libpcap version "),
+        "engine": implementation,
+    }
+    publisher = MetricsPublisher(config.metrics, config.state_dir, build)
+    try:
+        publisher.start()
+    except OSError as error:
+        raise StartError(
+            f"{config.path}: metrics.listen: cannot listen on {config.metrics.listen_text}: "
+            f"{error.strerror or error}"
+        ) from None
+    if config.metrics.listen is not None:
+        log.info("metrics: http://%s/metrics", config.metrics.listen_text)
+    return publisher
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -272,9 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="one JSON object per decision")
     replay.set_defaults(func=_cmd_replay)
 
-    status = with_config(
-        "status", "whether the daemon runs; live grants and their remaining time"
-    )
+    status = with_config("status", "whether the daemon runs; live grants and their remaining time")
     status.add_argument("--json", action="store_true", help="the same as one JSON object")
     status.set_defaults(func=_cmd_status)
 

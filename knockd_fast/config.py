@@ -151,6 +151,21 @@ class GrantSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: where the Prometheus metrics go besides the state directory's file."""
+
+    listen: tuple[IPAddress, int] | None = None  # the HTTP endpoint's address and port
+    textfile: Path | None = None  # a file for node_exporter's textfile collector
+
+    @property
+    def listen_text(self) -> str:
+        if self.listen is None:
+            return ""
+        address, port = self.listen
+        return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+@dataclass(frozen=True)
 class LimitSettings:
     """``[limits]``: the caps of every user whose ``[[users]]`` entry does not set its own."""
 
@@ -203,6 +218,7 @@ class Config:
     state_dir: Path
     users: Mapping[int, User]  # by id; read-only (types.MappingProxyType)
     limits: LimitSettings = LimitSettings()  # the defaults; each User holds its own caps
+    metrics: MetricsSettings = MetricsSettings()
 
 
 # --- reloading ------------------------------------------------------------------------
@@ -229,6 +245,7 @@ RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("grants.ipset_name", lambda c: c.grants.ipset_name),
     ("grants.ipset_maxelem", lambda c: c.grants.ipset_maxelem),
     ("state.directory", lambda c: c.state_dir),
+    ("metrics.listen", lambda c: c.metrics.listen_text),
 )
 
 
@@ -253,8 +270,14 @@ def reloaded(running: Config, fresh: Config) -> tuple[Config, list[str]]:
         default_timeout=fresh.grants.default_timeout,
         max_timeout=fresh.grants.max_timeout,
     )
+    metrics = dataclasses.replace(fresh.metrics, listen=running.metrics.listen)
     effective = dataclasses.replace(
-        fresh, knock=knock, capture=running.capture, grants=grants, state_dir=running.state_dir
+        fresh,
+        knock=knock,
+        capture=running.capture,
+        grants=grants,
+        state_dir=running.state_dir,
+        metrics=metrics,
     )
     return effective, pending
 
@@ -427,7 +450,9 @@ class _Reader:
     # -- sections --
 
     def config(self, data: _Section, path: Path, load_keys: bool) -> Config:
-        self.no_unknown(data, "", ("knock", "capture", "grants", "limits", "state", "users"))
+        self.no_unknown(
+            data, "", ("knock", "capture", "grants", "limits", "state", "metrics", "users")
+        )
         knock = self.knock(self.table(data, "knock", "knock"))
         capture = self.capture(self.table(data, "capture", "capture"))
         grants = self.grants(self.table(data, "grants", "grants"))
@@ -440,6 +465,7 @@ class _Reader:
         unsafe = insecure_path(state_dir)
         if unsafe:  # the replay cache lives there: whoever can write it can reopen replays
             raise self.error("state.directory", unsafe)
+        metrics = self.metrics(self.table(data, "metrics", "metrics"))
         users = self.users(data.get("users", _REQUIRED), load_keys, limits)
         if grants.backend == "nftables":
             for index, user in enumerate(users.values()):
@@ -458,6 +484,7 @@ class _Reader:
             state_dir=state_dir,
             users=types.MappingProxyType(users),
             limits=limits,
+            metrics=metrics,
         )
 
     def knock(self, section: _Section) -> KnockSettings:
@@ -496,6 +523,39 @@ class _Reader:
         window = self.integer(section, p, "window", 30, 1, MAX_WINDOW)
         group_by = self.choice(section, p, "group_by", GROUP_BY_ADDRESS_AND_PORT, GROUP_BY)
         return KnockSettings(layout, frozenset(modes), float(timeout), window, group_by)
+
+    def metrics(self, section: _Section) -> MetricsSettings:
+        p = "metrics"
+        self.no_unknown(section, p, ("listen", "textfile"))
+        listen = section.get("listen", "")
+        if not isinstance(listen, str):
+            raise self.error(f"{p}.listen", f"expected a string, got {_describe(listen)}")
+        textfile = section.get("textfile", "")
+        if not isinstance(textfile, str):
+            raise self.error(f"{p}.textfile", f"expected a string, got {_describe(textfile)}")
+        return MetricsSettings(
+            listen=self.listen_address(f"{p}.listen", listen) if listen else None,
+            textfile=self.path(textfile) if textfile else None,
+        )
+
+    def listen_address(self, key: str, text: str) -> tuple[IPAddress, int]:
+        """``ADDRESS:PORT`` (an IPv6 address in brackets); no names: nothing is resolved."""
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            host = text
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise self.error(key, f"{text!r}: put an IPv6 address in brackets, [::1]:9477")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise self.error(
+                key, f"{text!r} is not ADDRESS:PORT with an IP address, e.g. 127.0.0.1:9477"
+            ) from None
+        if not (colon and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+            raise self.error(key, f"{text!r}: the port must be 1..65535, e.g. 127.0.0.1:9477")
+        return address, int(port_text)
 
     def capture(self, section: _Section) -> CaptureSettings:
         p = "capture"

@@ -36,7 +36,7 @@ from .judging import MIN_BACKLOG, Backlog, Judge
 from .logs import flush_logs
 from .replay import ReplayCache
 from .sinks import DecisionSink
-from .stats import CaptureStats, DoormanStats, counters_text
+from .stats import CaptureStats, DoormanStats, LatencyHistogram, StatsPublisher, counters_text
 
 log = logging.getLogger("knockd_fast")
 
@@ -168,6 +168,7 @@ class Doorman:
         clock: Callable[[], float] = time.time,
         worker: FirewallWorker | None = None,
         grants: Sequence[Grant] = (),
+        publisher: StatsPublisher | None = None,
     ):
         self.config = config
         self.capture_settings = config.capture  # [capture] changes apply at the next start
@@ -180,6 +181,10 @@ class Doorman:
         self.judge = Judge(config, replay, grants)
         self.backlog = Backlog(max(MIN_BACKLOG, config.capture.table_size), clock)
         self.decided: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.latency = LatencyHistogram()
+        self.worker.track(grants)
+        self.publisher = publisher
+        self.started = clock()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.close_unentitled("start")
@@ -216,8 +221,11 @@ class Doorman:
                     last_prune = self.clock()
                     self.replay.prune(last_prune)
                 self._to_sinks("tick", self.clock())
+                turn_end = time.monotonic()
+                if self.publisher is not None and self.publisher.due(turn_end):
+                    self.publisher.publish(self.stats(), turn_end)
                 flush_logs()
-                pause = pacer.pause(time.monotonic(), packets, len(self.backlog))
+                pause = pacer.pause(turn_end, packets, len(self.backlog))
                 if pause:
                     self._stop.wait(pause)
         finally:
@@ -229,7 +237,10 @@ class Doorman:
             self.judge_backlog(None)
             self._to_sinks("close")
             self.worker.stop()
-            self._log_stop(self.stats())
+            stats = self.stats()
+            if self.publisher is not None:
+                self.publisher.close(stats)
+            self._log_stop(stats)
             flush_logs()
 
     def stats(self) -> DoormanStats:
@@ -252,6 +263,11 @@ class Doorman:
             firewall_dropped=sum(self.worker.queue.dropped.values()),
             replay_entries=len(self.replay),
             replay_degraded=self.replay.degraded,
+            judging_latency=self.latency.snapshot(),
+            grants_live=self.worker.live,
+            grant_changes=dict(self.worker.changes),
+            firewall_pending=self.worker.pending(),
+            started=self.started,
         )
 
     def _log_stop(self, stats: DoormanStats) -> None:
@@ -301,6 +317,8 @@ class Doorman:
         decisions, changes = self.judge.judge_slice(self.backlog, limit, self.clock)
         if decisions:
             self.decided.update((d.verdict, d.reason) for d in decisions)
+            judged_at = self.clock()
+            self.latency.observe(judged_at - d.time for d in decisions)
             self._to_sinks("write", decisions)
         self.worker.submit(changes)
         return len(decisions)
@@ -358,6 +376,8 @@ class Doorman:
         self.config = fresh
         self.judge.config = fresh
         self.replay.raise_window(fresh.knock.window)
+        if self.publisher is not None:
+            self.publisher.reconfigure(fresh)
         self.close_unentitled("reload")
         log.info("reloaded %s: %d users", fresh.path, len(fresh.users))
 

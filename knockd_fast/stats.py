@@ -8,8 +8,51 @@ loop turn, never per packet.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .config import Config
+
+# Upper bounds (seconds) of the judging-latency buckets: from a turn that judges at once
+# (under a millisecond) to a backlog seconds deep under a flood.
+LATENCY_BOUNDS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Observations per bucket (not cumulative; the last is above every bound), and sum."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class LatencyHistogram:
+    """Seconds from a knock's capture to its decision, counted per bucket on the loop's
+    thread: one bisect per decision, no lock (the exporters read ``snapshot()``)."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS) -> None:
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self._total = 0.0
+
+    def observe(self, latencies: Iterable[float]) -> None:
+        bounds, counts = self.bounds, self._counts
+        for latency in latencies:
+            counts[bisect.bisect_left(bounds, latency)] += 1
+            self._total += latency
+
+    def snapshot(self) -> Histogram:
+        return Histogram(self.bounds, tuple(self._counts), self._total)
 
 
 @dataclass(frozen=True)
@@ -35,6 +78,11 @@ class DoormanStats:
     firewall_dropped: int  # changes refused because the firewall queue was full
     replay_entries: int  # messages remembered against replays
     replay_degraded: str | None  # why the replay cache went on in memory only, or None
+    judging_latency: Histogram  # capture to decision, of every completion judged
+    grants_live: int  # grants in the firewall as the firewall thread knows them
+    grant_changes: Mapping[str, int]  # opened, extended, kept, closed, expired -> how many
+    firewall_pending: int  # changes handed to the firewall thread, not yet taken
+    started: float  # when the daemon started (time.time())
 
     def capture_totals(self) -> dict[str, int]:
         """The capture counters summed over the interfaces, in the engine's order."""
@@ -51,3 +99,16 @@ class DoormanStats:
 
 def counters_text(counters: Mapping[str, int]) -> str:
     return " ".join(f"{name}={value}" for name, value in counters.items())
+
+
+class StatsPublisher(Protocol):
+    """Where the loop's snapshots go (``metrics.MetricsPublisher``): ``due`` is asked every
+    turn and must be cheap; ``publish`` gets a snapshot only when it said yes."""
+
+    def due(self, now: float) -> bool: ...  # now: time.monotonic()
+
+    def publish(self, stats: DoormanStats, now: float) -> None: ...
+
+    def reconfigure(self, config: Config) -> None: ...  # SIGHUP: the effective config
+
+    def close(self, stats: DoormanStats) -> None: ...  # the run is over: its last counters

@@ -746,6 +746,7 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
         '[grants]\nbackend = "ipset"\ndefault_timeout = 60\nmax_timeout = 600\n'
         'chain = "KF"\nhooks = ["INPUT"]\nipset_name = "kfa"\nipset_maxelem = 1024\n'
         f'[state]\ndirectory = "{tmp_path / "s1"}"\n'
+        '[metrics]\nlisten = "127.0.0.1:9477"\n'
         '[[users]]\nid = 1\nname = "a"\nkey_file = "a.key"\nallow = ["22/tcp"]\n'
     )
     file_text = (
@@ -758,6 +759,7 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
         'ipset_maxelem = 2048\n'
         f'[state]\ndirectory = "{tmp_path / "s2"}"\n'
         '[limits]\nmax_grants = 3\n'
+        '[metrics]\nlisten = "[::1]:9478"\ntextfile = "k.prom"\n'
         '[[users]]\nid = 2\nname = "b"\nkey_file = "a.key"\nallow = ["23/tcp"]\n'
     )
     (tmp_path / "run.toml").write_text(running_text)
@@ -776,5 +778,52 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
         fresh.path, fresh.users, fresh.limits)  # fmt: skip
     assert (effective.knock.window, effective.knock.modes) == (45, fresh.knock.modes)
     assert (effective.grants.default_timeout, effective.grants.max_timeout) == (90, 900)
+    assert "metrics.listen 127.0.0.1:9477 -> [::1]:9478" in pending
+    assert effective.metrics.textfile == tmp_path / "k.prom"
     assert reloaded(effective, fresh)[1] == pending, "still named at the next reload"
     assert reloaded(running, running) == (running, [])
+
+
+# --- [metrics] ------------------------------------------------------------------------
+
+
+def test_metrics_default_to_no_endpoint_and_no_textfile(conf) -> None:
+    """A port-knocking host opens no port for its metrics unless told to."""
+    metrics = load_config(conf(MINIMAL_USER)).metrics
+    assert (metrics.listen, metrics.textfile, metrics.listen_text) == (None, None, "")
+
+
+@pytest.mark.parametrize(
+    ("text", "address", "port"),
+    [("127.0.0.1:9477", "127.0.0.1", 9477), ("[::1]:1", "::1", 1), ("[2001:db8::1]:65535",
+     "2001:db8::1", 65535), ("0.0.0.0:9477", "0.0.0.0", 9477)],
+)  # fmt: skip
+def test_metrics_listen_takes_an_address_and_a_port(conf, text, address, port) -> None:
+    metrics = load_config(conf(f'[metrics]\nlisten = "{text}"\ntextfile = "m/k.prom"\n'
+                               + MINIMAL_USER)).metrics  # fmt: skip
+    assert metrics.listen == (ipaddress.ip_address(address), port)
+    assert metrics.listen_text == text
+    assert metrics.textfile == conf.dir / "m" / "k.prom"  # relative to the file, as key_file
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ('"localhost:9477"', "is not ADDRESS:PORT with an IP address"),
+        ('"127.0.0.1"', "the port must be 1..65535"),
+        ('"127.0.0.1:0"', "the port must be 1..65535"),
+        ('"127.0.0.1:65536"', "the port must be 1..65535"),
+        ('"127.0.0.1:-1"', "the port must be 1..65535"),
+        ('"::1:9477"', "put an IPv6 address in brackets"),
+        ('":9477"', "is not ADDRESS:PORT"),
+        ("9477", "expected a string, got integer 9477"),
+    ],
+)
+def test_a_bad_metrics_listen_names_the_key(conf, value, reason) -> None:
+    text = error_of(conf(f"[metrics]\nlisten = {value}\n" + MINIMAL_USER))
+    assert ": metrics.listen: " in text and reason in text, text
+
+
+def test_an_unknown_metrics_key_is_an_error(conf) -> None:
+    text = error_of(conf('[metrics]\nport = 9477\n' + MINIMAL_USER))
+    assert "metrics.port: unknown key (known: listen, textfile)" in text

@@ -50,6 +50,9 @@ SWEEP_SECONDS = 1.0  # how often expired grants are removed
 # the firewall stalls for long (a lock held for minutes): about 25 MB at most.
 MAX_PENDING_CHANGES = 65_536
 COMPLAIN_SECONDS = 60  # at most one "queue full" warning per minute
+# What a change carried out did to the firewall, as the metrics count it: "kept" is an open
+# that found a grant lasting longer already (an open never shortens one).
+GRANT_CHANGES = ("opened", "extended", "kept", "closed", "expired")
 
 
 class ChangeQueue:
@@ -188,6 +191,19 @@ class FirewallWorker(threading.Thread):
         self.applied = 0  # changes carried out (opens and closes, not sweeps)
         self.failed = 0  # changes and sweeps given up on, after every attempt
         self.retried = 0  # attempts after a failure
+        self.changes = dict.fromkeys(GRANT_CHANGES, 0)  # fixed keys: read from other threads
+        # Each live grant's expiry as this thread last saw it: tells an open from an
+        # extension, and counts the live grants, without asking the kernel.
+        self._live: dict[GrantKey, int] = {}
+
+    def track(self, grants: Sequence[Grant]) -> None:
+        """The grants the firewall holds (read back at start): what later changes count from."""
+        self._live = {grant.key: grant.expires for grant in grants}
+
+    @property
+    def live(self) -> int:
+        """Grants in the firewall, as the changes and sweeps carried out leave it."""
+        return len(self._live)
 
     def submit(self, changes: Sequence[GrantChange]) -> None:
         """Several changes, applied in order; one hand-over for the lot, never waiting."""
@@ -284,17 +300,25 @@ class FirewallWorker(threading.Thread):
         log.info(self._report_line(change, outcome))
 
     def _report_line(self, change: GrantChange, outcome: ChangeOutcome) -> str:
-        """The log line of one change carried out."""
+        """The log line of one change carried out (counted in ``changes``)."""
         grant = change.grant
         if change.action == Action.CLOSE:
+            self._live.pop(grant.key, None)
+            self.changes["closed"] += bool(outcome)
             verb = "closed" if outcome else "no grant to close for"
             return f"{self.tag}: {verb} {describe(grant, expiry=False)}"
-        if isinstance(outcome, Grant) and outcome.expires > grant.expires:
-            return f"{self.tag}: kept {describe(outcome)}"  # an open never shortens
+        held = self._live.get(grant.key)
+        in_force = outcome if isinstance(outcome, Grant) else grant
+        self._live[grant.key] = in_force.expires
+        if in_force.expires > grant.expires:
+            self.changes["kept"] += 1
+            return f"{self.tag}: kept {describe(in_force)}"  # an open never shortens
+        self.changes["extended" if held is not None and held > self.clock() else "opened"] += 1
         return f"{self.tag}: opened {describe(grant)}"
 
     def _read_back(self) -> None:
         live = self.firewall.grants()  # the backend's view is reset to what the kernel holds
+        self.track(live)
         log.info("%s: grants read back from the firewall: %d live", self.tag, len(live))
         flush_logs()
 
@@ -310,6 +334,8 @@ class FirewallWorker(threading.Thread):
 
     def _expire(self) -> None:
         for gone in self.firewall.expire(int(self.clock())):
+            self._live.pop(gone.key, None)
+            self.changes["expired"] += 1
             log.info("%s: expired %s", self.tag, describe(gone, expiry=False))
 
     def _attempts(self, what: str, grant: Grant | None, operation: Callable) -> None:
@@ -367,10 +393,12 @@ class FirewallWorker(threading.Thread):
     def _resync(self) -> list[Grant] | None:
         """The grants read back from the firewall (the backend's view is reset to them)."""
         try:
-            return self.firewall.grants()
+            live = self.firewall.grants()
         except FirewallError as error:
             log.error("firewall: cannot read back the grants: %s", error)
             return None
+        self.track(live)
+        return live
 
 
 def describe(grant: Grant, expiry: bool = True) -> str:
