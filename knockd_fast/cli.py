@@ -233,8 +233,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .firewall import registry
     from .firewall.base import FirewallError
+    from .metrics import STATE_FILE, read_published
     from .statelock import describe_error, running_pid
-    from .status import describe_grants, grants_json, running_line
+    from .status import counters_json, counters_lines, describe_grants, grants_json, running_line
 
     config = load_config(args.config, load_keys=False)
     try:
@@ -248,6 +249,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         grants = firewall.grants() if firewall.persistent else None
     except FirewallError as error:
         raise _Failure(str(error)) from None
+    counters_path = config.state_dir / STATE_FILE
+    try:
+        published = read_published(counters_path)
+        unreadable = None
+    except (OSError, ValueError) as error:  # not ours to crash on: say so, show the rest
+        published, unreadable = None, f"counters: cannot read {counters_path}: {error}"
     now = time.time()
     if args.json:
         print(json.dumps({
@@ -256,6 +263,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "state_directory": str(config.state_dir),
             "backend": backend,
             "grants": grants_json(grants, now) if grants is not None else None,
+            "counters": counters_json(published, now),
         }, indent=2))  # fmt: skip
     else:
         print(running_line(pid, unknown, config.state_dir, backend, bool(grants)))
@@ -263,6 +271,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"backend {backend}: no grants are kept in a firewall")
         else:
             print("\n".join(describe_grants(grants, now)) or "no live grants")
+        counters = [unreadable] if unreadable else counters_lines(
+            published, counters_path, now, running=pid is not None
+        )  # fmt: skip
+        if counters:
+            print("\n" + "\n".join(counters))
     # The LSB status codes: 0 running, 3 not running, 4 unknown.
     if unknown is not None:
         return EXIT_STATUS_UNKNOWN

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -345,3 +346,87 @@ class MetricsPublisher:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+# --- reading the published file back (``knockd-fast status``) ----------------------------
+
+
+@dataclass(frozen=True)
+class InterfaceCounters:
+    interface: str
+    up: bool
+    packets: int
+    dropped_by_kernel: int
+    dropped_by_interface: int
+    completions: int
+
+
+@dataclass(frozen=True)
+class Published:
+    """What ``status`` shows of a ``metrics.prom`` file."""
+
+    time: float  # when the loop took the snapshot
+    interfaces: tuple[InterfaceCounters, ...]
+    decisions: Mapping[tuple[str, str], int]  # (verdict, reason) -> count
+    backlog: int
+    backend: str
+    grants: int
+    grant_changes: Mapping[str, int]
+    firewall_failures: int
+    replay_degraded: bool
+
+
+def read_published(path: Path) -> Published | None:
+    """The counters of ``path`` (the state directory's ``metrics.prom``); None when there is
+    no such file or it holds no snapshot yet. OSError and ValueError go to the caller."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    if PREFIX + "last_snapshot_timestamp_seconds" not in samples:
+        return None
+
+    def by(name: str, label: str) -> dict[str, int]:
+        return {labels[label]: int(value) for labels, value in samples.get(PREFIX + name, [])}
+
+    def one(name: str) -> float:
+        return samples[PREFIX + name][0][1]
+
+    dropped: dict[tuple[str, str], int] = {
+        (labels["interface"], labels["by"]): int(value)
+        for labels, value in samples.get(PREFIX + "capture_dropped_packets_total", [])
+    }
+    packets = by("capture_packets_total", "interface")
+    completions = by("completions_total", "interface")
+    interfaces = tuple(
+        InterfaceCounters(
+            name,
+            bool(up),
+            packets.get(name, 0),
+            dropped.get((name, "kernel"), 0),
+            dropped.get((name, "interface"), 0),
+            completions.get(name, 0),
+        )
+        for name, up in by("capture_up", "interface").items()
+    )
+    grants = samples.get(PREFIX + "grants", [({"backend": "?"}, 0.0)])[0]
+    return Published(
+        time=one("last_snapshot_timestamp_seconds"),
+        interfaces=interfaces,
+        decisions={
+            (labels["verdict"], labels["reason"]): int(value)
+            for labels, value in samples.get(PREFIX + "decisions_total", [])
+        },
+        backlog=int(one("backlog_completions")),
+        backend=grants[0]["backend"],
+        grants=int(grants[1]),
+        grant_changes=by("grant_changes_total", "change"),
+        firewall_failures=int(one("firewall_failures_total")),
+        replay_degraded=bool(one("replay_cache_degraded")),
+    )

@@ -1,12 +1,21 @@
-"""``knockd-fast status``: whether the daemon runs, and the live grants a backend holds."""
+"""``knockd-fast status``: whether the daemon runs, the live grants a backend holds, and the
+counters the daemon last published (``metrics.prom`` in the state directory)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .decisions import iso_time
 from .firewall.base import Grant
+
+if TYPE_CHECKING:
+    from .metrics import Published
+
+# Counters older than this while the daemon runs: its loop has not turned for a while (it
+# rewrites them every metrics.FILE_SECONDS).
+STALE_SECONDS = 20
 
 
 def _soonest_first(grants: Iterable[Grant], now: float) -> list[tuple[Grant, int]]:
@@ -63,3 +72,78 @@ def running_line(
         else ": no knock is judged"
     )
     return f"knockd-fast is not running ({where}){after}"
+
+
+def counters_lines(published: Published | None, path: Path, now: float, running: bool) -> list[str]:
+    """The daemon's counters as its last ``metrics.prom`` has them: per interface, the
+    judging and the firewall; or why there are none."""
+    from .metrics import FILE_SECONDS
+
+    if published is None:
+        if running:
+            return [f"counters: none yet (the daemon writes {path} every {FILE_SECONDS:.0f} s)"]
+        return []
+    age = max(0, int(now - published.time))
+    if not running:
+        when = f"the last the daemon wrote, at {iso_time(published.time)}"
+    elif age > STALE_SECONDS:
+        when = f"at {iso_time(published.time)}, {age} s old: the daemon's loop may be stuck"
+    else:
+        when = f"at {iso_time(published.time)} ({age} s ago)"
+    lines = [f"counters {when}:"]
+    for counters in published.interfaces:
+        state = "captured" if counters.up else "LOST (retried every second)"
+        lines.append(
+            f"  {counters.interface}: {state}, {counters.packets} packets read, "
+            f"{counters.dropped_by_kernel} dropped by the kernel, "
+            f"{counters.dropped_by_interface} by the interface, "
+            f"{counters.completions} messages"
+        )
+    verdicts: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    for (verdict, reason), count in published.decisions.items():
+        verdicts[verdict] = verdicts.get(verdict, 0) + count
+        if verdict != "accepted":
+            rejected[reason] = rejected.get(reason, 0) + count
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(rejected.items()))
+    lines.append(
+        f"  judged {sum(verdicts.values())}: accepted {verdicts.get('accepted', 0)}, rejected "
+        f"{sum(rejected.values())}{f' ({reasons})' if reasons else ''}; backlog {published.backlog}"
+        + ("; replay cache in memory only (see the log)" if published.replay_degraded else "")
+    )
+    changes = ", ".join(f"{change} {count}" for change, count in published.grant_changes.items())
+    lines.append(
+        f"  firewall {published.backend}: {published.grants} live grants; {changes}; "
+        f"{published.firewall_failures} failures"
+    )
+    return lines
+
+
+def counters_json(published: Published | None, now: float) -> dict[str, object] | None:
+    """``counters_lines`` as one JSON object (None: no counters published)."""
+    if published is None:
+        return None
+    return {
+        "time": iso_time(published.time),
+        "seconds_old": max(0, int(now - published.time)),
+        "interfaces": [
+            {
+                "interface": c.interface,
+                "up": c.up,
+                "packets": c.packets,
+                "dropped_by_kernel": c.dropped_by_kernel,
+                "dropped_by_interface": c.dropped_by_interface,
+                "completions": c.completions,
+            }
+            for c in published.interfaces
+        ],
+        "decisions": [
+            {"verdict": verdict, "reason": reason, "count": count}
+            for (verdict, reason), count in sorted(published.decisions.items())
+        ],
+        "backlog": published.backlog,
+        "grants": published.grants,
+        "grant_changes": dict(published.grant_changes),
+        "firewall_failures": published.firewall_failures,
+        "replay_degraded": published.replay_degraded,
+    }

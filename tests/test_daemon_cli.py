@@ -93,6 +93,7 @@ def test_status_names_the_running_daemon_by_the_lock_it_holds(
         "state_directory": str(config.parent / "state"),
         "backend": "dry-run",
         "grants": None,
+        "counters": None,  # the lock's holder is no daemon: it publishes none
     }
 
 

@@ -499,3 +499,36 @@ def test_a_reread_request_reads_the_grants_back_on_the_thread(caplog) -> None:
         worker.stop()
     assert fw.calls.count("grants") == 1
     assert "firewall (dry run): grants read back from the firewall: 1 live" in messages(caplog)
+
+
+# --- what the metrics count -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["one by one", "one transaction"])
+def test_changes_are_counted_by_what_they_did_and_live_grants_follow(batching) -> None:
+    """An open of a new key, one of a live key (extended), one that finds a longer grant
+    (kept), a close that finds a grant and one that does not, an expiry: each counted as
+    what it did to the firewall, the live grants as the firewall holds them."""
+    now = [NOW]
+    fw = Batching() if batching else Flaky()
+    worker = FirewallWorker(fw, clock=lambda: now[0], sleep=lambda _: None)
+    fw.open(grant_for(9))
+    worker.track(fw.grants())  # read back at start: live, and no change of this run
+
+    def until(n: int, expires: int) -> Grant:
+        return Grant(grant_for(n).source, "tcp", 22, ALICE.destination, expires, "alice")
+
+    worker.apply_all([
+        opening(grant_for(1)),
+        opening(grant_for(2)),
+        opening(until(1, NOW + 90)),  # a live grant lasting longer: extended
+        opening(until(2, NOW + 30)),  # asks for less than the live one holds: kept
+        GrantChange(Action.CLOSE, grant_for(9)),
+        GrantChange(Action.CLOSE, grant_for(7)),  # nothing to close: no change
+    ])  # fmt: skip
+    assert worker.changes == {"opened": 2, "extended": 1, "kept": 1, "closed": 1, "expired": 0}
+    assert worker.live == len(fw.grants()) == 2
+    now[0] = NOW + 120
+    worker.sweep()
+    assert worker.changes["expired"] == 2
+    assert worker.live == len(fw.grants()) == 0
