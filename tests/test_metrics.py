@@ -322,3 +322,23 @@ def test_an_unwritable_textfile_is_one_warning_and_the_state_file_still_written(
     ]
     assert (tmp_path / STATE_FILE).is_file()
     assert list(tmp_path.iterdir()) == [tmp_path / STATE_FILE], "no temporary left behind"
+
+
+def test_every_metric_the_admin_guide_names_is_exported() -> None:
+    """The guide's table, scrape config and alert rules name only series that exist."""
+    import re
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "admin.md").read_text()
+    section = guide[guide.index("## 13. Metrics") :]
+    named = set(re.findall(r"knockd_fast_[a-z_]+", section))
+    collector = DoormanCollector({"version": "x"})
+    collector.update(snapshot())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    exported = {name for name, _ in parse(generate_latest(registry).decode())}
+    families = {name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+                for name in exported}  # fmt: skip
+    assert named <= exported | families, named - exported - families
+    assert len(named) > 20
