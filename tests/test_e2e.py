@@ -99,6 +99,12 @@ def firewall_caught_up(h, port: int) -> None:
     h.wait_log(rf"^firewall: no grant to close for {port}/tcp ")
 
 
+def status_grants(h) -> list[str]:
+    """The grant lines of ``knockd-fast status`` (after its first line, before the counters)."""
+    text = h.knockd("status", "-c", str(h.config_path)).stdout
+    return text.split("\n\n")[0].splitlines()[1:]
+
+
 def sealed(user: User, claimed: str, timestamp: int, port: int = PORT) -> bytes:
     knock = Knock(
         Action.OPEN,
@@ -162,8 +168,8 @@ def test_grant_expires_by_itself(e2e):
     assert time.time() >= expires, "expired before its time"  # late is fine on a busy box
     assert not h.can_connect(SERVER_V4, PORT)
     assert h.grant_rules() == []
-    status = h.knockd("status", "-c", str(h.config_path)).stdout.splitlines()
-    assert status[1:] == ["no live grants"], status
+    status = status_grants(h)
+    assert status == ["no live grants"], status
     h.stop()
 
 
@@ -870,8 +876,8 @@ def test_xtables_lock_held_during_a_knock_delays_the_grant_until_released(e2e):
     h.wait_log(rf"^firewall: open failed \({ADD_GRANT}{BUSY}\); retrying in 0\.1 s$")
     # Nothing is granted while the lock is held, and nobody claims otherwise.
     assert h.grant_rules() == []
-    status = h.knockd("status", "-c", str(h.config_path)).stdout.splitlines()
-    assert status[1:] == ["no live grants"], status
+    status = status_grants(h)
+    assert status == ["no live grants"], status
     released = h.mark()
     holder.release()
     h.wait_log(
@@ -918,7 +924,7 @@ def test_xtables_lock_held_past_every_retry_fails_cleanly_and_knocks_work_after(
     # No phantom grant: the firewall, `status` and reachability agree, lock still held.
     rules = h.grant_rules()
     assert len(rules) == 1 and "--dport 2223 " in rules[0], rules
-    status = h.knockd("status", "-c", str(h.config_path)).stdout.splitlines()[1:]
+    status = status_grants(h)
     assert len(status) == 1 and " 2223/tcp user=alice " in status[0], status
     assert not h.can_connect(SERVER_V4, PORT)
     assert h.can_connect(SERVER_V4, PORT_B)
