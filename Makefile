@@ -10,9 +10,10 @@ IN_VENV := env PATH="$(CURDIR)/$(VENV)/bin:$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV
 
 # Debian packages: compiler, libpcap headers (found via pkg-config), and the tools the
 # end-to-end tests drive (ip netns/veth, iptables, tcpdump; nft and ipset: the CLIs, for the
-# tests to inspect and sabotage the nftables and ipset backends). pyenv's python3 brings venv.
+# tests to inspect and sabotage the nftables and ipset backends; groff: the man pages' test
+# renders them). pyenv's python3 brings venv.
 DEB_PACKAGES := build-essential pkg-config libpcap-dev iptables iproute2 tcpdump nftables \
-                libnftables1 ipset
+                libnftables1 ipset groff-base
 # Remaking the venv is keyed on these: a change reinstalls and rebuilds the extension.
 STAMP        := $(VENV)/.stamp
 STAMP_DEPS   := pyproject.toml setup.py client/pyproject.toml \
