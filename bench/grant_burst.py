@@ -137,7 +137,7 @@ def main() -> int:
         with open(log_path, "w") as log_file:
             daemon = subprocess.Popen(["ip", "netns", "exec", server, *argv], stderr=log_file)
         deadline = time.monotonic() + 20
-        started_line = re.compile(rf"^knockd-fast {re.escape(__version__)} on ", re.M)
+        started_line = re.compile(rf'"event": "start", "version": "{re.escape(__version__)}"')
         while not started_line.search(log_path.read_text()):
             if time.monotonic() > deadline or daemon.poll() is not None:
                 print(log_path.read_text(), file=sys.stderr)
@@ -163,9 +163,12 @@ def main() -> int:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
         text = log_path.read_text()
-    stop = re.search(r"^stopped: (.*)$", text, re.M)
-    counters = dict(item.split("=") for item in stop.group(1).split()) if stop else {}
-    decisions = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    # With --json every line is one JSON object: decisions have a verdict, the stop line
+    # its counters.
+    entries = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    decisions = [entry for entry in entries if "verdict" in entry]
+    stops = [entry["counters"] for entry in entries if entry.get("event") == "stop"]
+    counters = stops[-1] if stops else {}
     result = {
         "backend": args.backend,
         "sources": args.sources,

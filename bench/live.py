@@ -346,15 +346,18 @@ class KnockdFast(Daemon):
                 ["ip", "netns", "exec", self.w.server, *argv], stdout=out, stderr=out
             )
         self.log = LineLog(path)
-        self.log.wait_for(r"^knockd-fast \S+ on ", 30)
+        self.log.wait_for(r"knockd-fast \S+ on ", 30)  # the start line (a JSON object's text)
         return self
 
     def decisions(self) -> list[dict]:
         found = []
         for _, line in self.log.lines:
+            # With --json every line is an object: the decisions are those with a verdict.
             if line.startswith("{"):
                 with contextlib.suppress(ValueError):
-                    found.append(json.loads(line))
+                    entry = json.loads(line)
+                    if "verdict" in entry:
+                        found.append(entry)
         return found
 
     def completed(self) -> int:

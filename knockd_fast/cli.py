@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from knockd_fast import __version__
 from .benchmark import WORKLOAD_NAMES
 from .config import Config, ConfigError, load_config
 from .errors import StartError
-from .logs import setup_logging
+from .logs import Event, flush_logs, json_line, setup_logging
 
 if TYPE_CHECKING:
     from .metrics import MetricsPublisher
@@ -135,14 +136,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
         grants=kept,
         publisher=publisher,
     )
+    protecting = ", ".join(map(str, destinations)) or "any address"
+    text = (
+        f"knockd-fast {__version__} on {config.capture.label} protecting {protecting}; "
+        f"{len(config.users)} users; grants kept {len(kept)}, expired {len(removed)}"
+    )
     log.info(
-        "knockd-fast %s on %s protecting %s; %d users; grants kept %d, expired %d",
-        __version__,
-        config.capture.label,
-        ", ".join(map(str, destinations)) or "any address",
-        len(config.users),
-        len(kept),
-        len(removed),
+        Event(
+            text,
+            "start",
+            version=__version__,
+            pid=os.getpid(),
+            interfaces=list(config.capture.interfaces),
+            destinations=[str(address) for address in destinations],
+            users=len(config.users),
+            backend=config.grants.backend,
+            grants_kept=len(kept),
+            grants_expired=len(removed),
+        )
     )
     doorman.install_signal_handlers()
     tune_garbage_collector()
@@ -282,6 +293,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if pid is not None else EXIT_NOT_RUNNING
 
 
+def _fail(text: str, as_json: bool) -> None:
+    """The one line of a failed command, on standard error."""
+    flush_logs()  # the lines logged before it come first
+    print(json_line("error", text, event="exit") if as_json else text, file=sys.stderr)
+
+
 class _Failure(Exception):
     """A run-time failure reported as one line."""
 
@@ -353,18 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `run --json`: every line of the log is a JSON object (the other commands' --json is
+    # their report on standard output; their few log lines stay text).
+    json_log = args.func is _cmd_run and args.json
     setup_logging(
         verbose=getattr(args, "verbose", False),
         syslog=getattr(args, "syslog", False),
         per_turn=args.func is _cmd_run,
+        as_json=json_log,
     )
     try:
         return args.func(args)
     except ConfigError as error:
-        print(f"knockd-fast: error: {error}", file=sys.stderr)
+        _fail(f"knockd-fast: error: {error}", json_log)
         return EXIT_CONFIG
     except (StartError, _Failure) as error:
-        print(f"knockd-fast: error: {error}", file=sys.stderr)
+        _fail(f"knockd-fast: error: {error}", json_log)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

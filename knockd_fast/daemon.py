@@ -31,9 +31,9 @@ from knock_client.protocol import Action
 from .capture_spec import BLOCK_TIMEOUT_MS, CaptureError
 from .config import CaptureSettings, Config, ConfigError, IPAddress, load_config, reloaded
 from .firewall.base import Firewall, Grant, GrantChange
-from .firewall.worker import FirewallWorker, describe
+from .firewall.worker import FirewallWorker, describe, grant_fields
 from .judging import MIN_BACKLOG, Backlog, Judge
-from .logs import flush_logs
+from .logs import Event, flush_logs
 from .replay import ReplayCache
 from .sinks import DecisionSink
 from .stats import CaptureStats, DoormanStats, LatencyHistogram, StatsPublisher, counters_text
@@ -275,10 +275,11 @@ class Doorman:
         when there are several."""
         if len(stats.captures) > 1:
             for capture in stats.captures:
+                text = f"stopped capture on {capture.interface}: {counters_text(capture.counters)}"
                 log.info(
-                    "stopped capture on %s: %s", capture.interface, counters_text(capture.counters)
+                    Event(text, "stop", interface=capture.interface, counters=capture.counters)
                 )
-        log.info("stopped: %s", stats.stop_line())
+        log.info(Event(f"stopped: {stats.stop_line()}", "stop", counters=stats.stop_counters()))
 
     def read(self, capture: Capture) -> int:
         """Read what one capture holds (at most ``PUMP_BATCHES`` dispatches) into the
@@ -358,14 +359,13 @@ class Doorman:
         try:
             fresh = load_config(self.config.path)
         except ConfigError as error:
-            log.error("reload failed, keeping the running configuration: %s", error)
+            text = f"reload failed, keeping the running configuration: {error}"
+            log.error(Event(text, "reload", error=str(error)))
             return
         fresh, pending = reloaded(self.config, fresh)
         if pending:
-            log.warning(
-                "reload: these apply at the next restart, it runs as started until then: %s",
-                "; ".join(pending),
-            )
+            text = "reload: these apply at the next restart, it runs as started until then: "
+            log.warning(Event(text + "; ".join(pending), "reload", pending=pending))
         from ._capture import admission_of
 
         for capture in self.captures:
@@ -379,12 +379,14 @@ class Doorman:
         if self.publisher is not None:
             self.publisher.reconfigure(fresh)
         self.close_unentitled("reload")
-        log.info("reloaded %s: %d users", fresh.path, len(fresh.users))
+        text = f"reloaded {fresh.path}: {len(fresh.users)} users"
+        log.info(Event(text, "reload", users=len(fresh.users)))
 
     def close_unentitled(self, when: str) -> None:
         """Close, through the worker, the live grants of users the configuration no longer
         has, and those for ports their users may no longer open; ``when`` heads the log."""
         revoked = self.judge.limits.revoke(self.config.users, self.clock())
         for grant, why in revoked:
-            log.info("%s: closing %s (%s)", when, describe(grant, expiry=False), why)
+            text = f"{when}: closing {describe(grant, expiry=False)} ({why})"
+            log.info(Event(text, "firewall", change="revoking", why=why, **grant_fields(grant)))
         self.worker.submit([GrantChange(Action.CLOSE, grant) for grant, _ in revoked])

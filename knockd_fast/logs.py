@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import logging.handlers
 import math
@@ -13,6 +14,62 @@ import time
 from collections.abc import Sequence
 
 log = logging.getLogger("knockd_fast")
+DECISIONS_LOGGER = "knockd_fast.decisions"  # its lines are JSON already in JSON mode
+
+
+class Event(str):
+    """A log line that also carries fields: the text logs show it as is, the JSON log
+    (``run --json``) as ``{"time", "level", "event", ...fields, "message"}``."""
+
+    fields: dict[str, object]
+
+    def __new__(cls, text: str, event: str, **fields: object) -> Event:
+        line = super().__new__(cls, text)
+        line.fields = {"event": event, **fields}
+        return line
+
+
+class Lines(tuple):
+    """Several lines as one record (``log_lines``): one write, each line its own in JSON."""
+
+    def __str__(self) -> str:
+        return "\n".join(self)
+
+
+class JsonFormatter(logging.Formatter):
+    """Every record as JSON objects, one per line, each with its time and level: what a
+    log system reads without parsing text. Decision lines are JSON already (``LogSink``)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__()
+        self.prefix = prefix  # syslog's "knockd-fast[PID]: "
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == DECISIONS_LOGGER:
+            lines = record.msg if isinstance(record.msg, Lines) else (record.getMessage(),)
+            return "\n".join(self.prefix + line for line in lines)
+        lines = record.msg if isinstance(record.msg, Lines) else (record.msg,)
+        head = {"time": _iso_time(record.created), "level": record.levelname.lower()}
+        out = []
+        for line in lines:
+            fields = line.fields if isinstance(line, Event) else {}
+            text = str(line) if isinstance(record.msg, Lines) else record.getMessage()
+            entry = {**head, **fields, "message": text}
+            if record.exc_info:
+                entry["error"] = self.formatException(record.exc_info)
+            out.append(self.prefix + json.dumps(entry, default=str))
+        return "\n".join(out)
+
+
+def json_line(level: str, text: str, **fields: object) -> str:
+    """One JSON log line outside logging (the exit line of a start that failed)."""
+    return json.dumps({"time": _iso_time(time.time()), "level": level, **fields, "message": text})
+
+
+def _iso_time(seconds: float) -> str:
+    from .decisions import iso_time  # one format of time in every line
+
+    return iso_time(seconds)
 
 
 class TurnFlushedHandler(logging.StreamHandler):
@@ -68,7 +125,7 @@ def log_lines(logger: logging.Logger, lines: Sequence[str], level: int = logging
     if not lines or not logger.isEnabledFor(level):
         return
     if _only_turn_flushed(logger):
-        logger.log(level, "\n".join(lines))  # no arguments: a "%" in a line is kept as is
+        logger.log(level, Lines(lines))  # no arguments: a "%" in a line is kept as is
         return
     for line in lines:
         logger.log(level, line)
@@ -135,10 +192,13 @@ def syslog_unavailable(address: str = SYSLOG_SOCKET) -> str | None:
     return f"{address}: {reason}"
 
 
-def setup_logging(verbose: bool = False, syslog: bool = False, per_turn: bool = False) -> None:
-    """Log lines of ``knockd_fast.*`` as bare messages: to syslog, to standard error once
-    per loop turn (``per_turn``: the daemon), or to standard error as they come. Syslog
-    asked for but not there: standard error, and a warning that says so."""
+def setup_logging(
+    verbose: bool = False, syslog: bool = False, per_turn: bool = False, as_json: bool = False
+) -> None:
+    """Log lines of ``knockd_fast.*`` as bare messages (``as_json``: as JSON objects): to
+    syslog, to standard error once per loop turn (``per_turn``: the daemon), or to standard
+    error as they come. Syslog asked for but not there: standard error, and a warning that
+    says so."""
     # A line per decision and per firewall action: skip what no format here uses (the
     # caller's file and line is a walk up the stack per record; see the logging HOWTO,
     # "Optimization").
@@ -147,14 +207,14 @@ def setup_logging(verbose: bool = False, syslog: bool = False, per_turn: bool = 
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     missing = syslog_unavailable(SYSLOG_SOCKET) if syslog else None
     if syslog and missing is None:
+        prefix = f"knockd-fast[{os.getpid()}]: "
         handler: logging.Handler = SyslogHandler(SYSLOG_SOCKET)
-        handler.setFormatter(logging.Formatter(f"knockd-fast[{os.getpid()}]: %(message)s"))
-    elif per_turn:
-        handler = TurnFlushedHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(
+            JsonFormatter(prefix) if as_json else logging.Formatter(prefix + "%(message)s")
+        )
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler = TurnFlushedHandler() if per_turn else logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter() if as_json else logging.Formatter("%(message)s"))
     log.addHandler(handler)
     if missing is not None:
         log.warning("--syslog: cannot log to syslog (%s); logging to standard error", missing)

@@ -16,13 +16,14 @@ import collections
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import Protocol, TextIO
 
 from .decisions import Decision, iso_time
-from .logs import log_lines
+from .logs import DECISIONS_LOGGER, log_lines
 
-decisions_log = logging.getLogger("knockd_fast.decisions")
+decisions_log = logging.getLogger(DECISIONS_LOGGER)
 
 
 class DecisionSink(Protocol):
@@ -93,7 +94,9 @@ class LogSink:
             counts = sorted(self._rejected.items(), key=lambda item: (-item[1], item[0]))
             if self.as_json:
                 shown = {r: {"count": n, "shown": self._shown[r]} for r, n in counts}
-                line = json.dumps({"rejections": shown, "since": since, "until": end})
+                # "time" as every JSON log line has: the interval's end (the stop's time).
+                at = end or iso_time(time.time())
+                line = json.dumps({"time": at, "rejections": shown, "since": since, "until": end})
             else:
                 parts = ", ".join(f"{r} {n} ({self._shown[r]} shown)" for r, n in counts)
                 line = f"rejections {since} to {end or 'the stop'}: {parts}"

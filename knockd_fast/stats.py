@@ -92,9 +92,13 @@ class DoormanStats:
                 totals[name] = totals.get(name, 0) + value
         return totals
 
+    def stop_counters(self) -> dict[str, int]:
+        """The capture counters summed, and the backlog's drops: what ``stopped:`` logs."""
+        return {**self.capture_totals(), "backlog_dropped": self.backlog_dropped}
+
     def stop_line(self) -> str:
-        """``packets=... pcap_ifdropped=0 backlog_dropped=0``: what ``stopped:`` logs."""
-        return counters_text({**self.capture_totals(), "backlog_dropped": self.backlog_dropped})
+        """``packets=... pcap_ifdropped=0 backlog_dropped=0``."""
+        return counters_text(self.stop_counters())
 
 
 def counters_text(counters: Mapping[str, int]) -> str:

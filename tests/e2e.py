@@ -415,8 +415,10 @@ class Harness:
             return len(self.lines)
 
     def log(self, since: int = 0) -> str:
+        """The log from line ``since`` as text: each JSON line's ``message`` (the daemon runs
+        with ``--json``: every line is a JSON object), decision lines as they are."""
         with self._changed:
-            return "\n".join(self.lines[since:])
+            return "\n".join(map(log_text, self.lines[since:]))
 
     def _wait(self, find: Callable[[str], Any], timeout: float, since: int | None, what: str):
         start = self.cursor if since is None else since
@@ -438,10 +440,11 @@ class Harness:
                 self._changed.wait(min(left, 0.5))
 
     def wait_log(self, pattern: str, timeout: float = 5.0, since: int | None = None) -> str:
-        """The first plain log line from ``since`` (default: the last action) matching."""
+        """The text (``log_text``) of the first log line from ``since`` (default: the last
+        action) that ``pattern`` matches."""
         regex = re.compile(pattern)
         return self._wait(
-            lambda line: line if regex.search(line) else None,
+            lambda line: log_text(line) if regex.search(log_text(line)) else None,
             timeout,
             since,
             f"log line matching {pattern!r}",
@@ -570,6 +573,19 @@ class Harness:
                 **settings,
             )
         )
+
+
+def log_text(line: str) -> str:
+    """A log line's text: the ``message`` of a JSON log object, else the line itself (a
+    decision's JSON line, or a line of a daemon run without ``--json``)."""
+    if line.startswith("{"):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return line
+        if isinstance(entry, dict) and isinstance(entry.get("message"), str):
+            return entry["message"]
+    return line
 
 
 def _decision(line: str) -> dict[str, Any] | None:

@@ -99,6 +99,17 @@ def firewall_caught_up(h, port: int) -> None:
     h.wait_log(rf"^firewall: no grant to close for {port}/tcp ")
 
 
+def json_messages(stderr: str) -> list[str]:
+    """The messages of a ``run --json`` standard error, each line a JSON object with its
+    time and level (the exit line of a failed start too)."""
+    messages = []
+    for line in stderr.splitlines():
+        entry = json.loads(line)
+        assert {"time", "level", "message"} <= entry.keys(), line
+        messages.append(entry["message"])
+    return messages
+
+
 def status_grants(h) -> list[str]:
     """The grant lines of ``knockd-fast status`` (after its first line, before the counters)."""
     text = h.knockd("status", "-c", str(h.config_path)).stdout
@@ -355,7 +366,7 @@ def test_a_second_daemon_on_the_same_state_directory_is_refused_and_changes_noth
     second = h.knockd("run", "-c", str(h.config_path), "--json")
     state = h.directory / "state"
     assert second.returncode == 1, second
-    assert second.stderr.splitlines() == [
+    assert json_messages(second.stderr) == [
         f"knockd-fast: error: another knockd-fast (pid {h.proc.pid}) runs on {state}; "
         "stop it first"
     ], second.stderr
@@ -415,7 +426,7 @@ def test_a_broken_configuration_is_one_line_and_exit_2(netns, tmp_path, case):
     path.write_text(text)
     done = ns_run(netns, [*knockd_command(), "run", "-c", path, "--json"], timeout=20)
     assert done.returncode == 2, done
-    lines = done.stderr.splitlines()
+    lines = json_messages(done.stderr)
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"knockd-fast: error: {path}: {key}"), lines[0]
     assert done.stdout == ""
@@ -439,7 +450,7 @@ def test_a_missing_interface_is_one_line_and_exit_1(netns, tmp_path, destination
     )
     done = ns_run(netns, [*knockd_command(), "run", "-c", path, "--json"], timeout=20)
     assert done.returncode == 1, done
-    lines = done.stderr.splitlines()
+    lines = json_messages(done.stderr)
     assert len(lines) == 1 and lines[0].startswith("knockd-fast: error: interface kfnope0: "), lines
     assert "KNOCKD-FAST" not in ns_run(netns, ["iptables-legacy", "-S"]).stdout
 
@@ -537,6 +548,44 @@ def test_sighup_reloads_users_and_keeps_running_on_a_broken_file(e2e):
     assert h.can_connect(SERVER_V4, PORT)
     assert h.running()
     h.stop()
+
+
+@live
+def test_with_json_every_log_line_is_one_json_object_with_its_time(e2e):
+    """`run --json`: the start, decisions, firewall changes (with their grant's fields),
+    expiry, reloads (a setting waiting for a restart, a refused file) and the stop line are
+    each one JSON object with a time: nothing for a log system to parse out of text."""
+    h = e2e(default_timeout=2)
+    open_and_wait(h, SERVER_V4)
+    h.wait_log(r"^firewall: expired 2222/tcp ", timeout=8)
+    h.write_config(default_timeout=2, extra={"knock": {"digit_bits": 10}})
+    h.send_signal(signal.SIGHUP)
+    h.wait_log(r"^reloaded ")
+    h.config_path.write_text("[knock\nthis is not TOML\n")
+    h.send_signal(signal.SIGHUP)
+    h.wait_log(r"^reload failed, keeping the running configuration: ")
+    h.stop()
+    entries = [json.loads(line) for line in h.lines]
+    for entry in entries:
+        assert isinstance(entry, dict) and "time" in entry, entry
+        assert iso_seconds(entry["time"]) == pytest.approx(time.time(), abs=60), entry
+
+    def event(name: str, **fields) -> dict:
+        return next(e for e in entries if e.get("event") == name and fields.items() <= e.items())
+
+    start = event("start")
+    assert (start["version"], start["pid"], start["interfaces"]) == (
+        __version__, h.proc.pid, [h.interface])  # fmt: skip
+    opened = event("firewall", change="opened")
+    assert {k: opened[k] for k in ("port", "proto", "source", "destination", "user")} == {
+        "port": PORT, "proto": "tcp", "source": CLIENT_V4, "destination": SERVER_V4,
+        "user": "alice"}  # fmt: skip
+    assert opened["level"] == "info" and opened["message"].startswith("firewall: opened 2222/tcp")
+    assert event("firewall", change="expired", port=PORT)["source"] == CLIENT_V4
+    assert event("reload", level="warning")["pending"] == ["knock.digit_bits 8 -> 10"]
+    assert event("reload", level="error")["error"].startswith(f"{h.config_path}: ")
+    assert event("stop")["counters"]["packets"] > 0
+    assert sum("verdict" in e for e in entries) == 1, "the knock's decision"
 
 
 @live

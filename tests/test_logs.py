@@ -129,3 +129,32 @@ def test_syslog_asked_for_but_missing_logs_to_stderr_and_says_so(monkeypatch, tm
         f"--syslog: cannot log to syslog ({tmp_path / 'log'}: No such file or directory); "
         "logging to standard error\n"
     )
+
+
+def test_json_lines_one_object_per_line_with_time_level_and_fields(daemon_logger) -> None:
+    """A batch of lines stays one write but each line is its own object; an ``Event``
+    carries its fields; an exception is a field, not lines of text after the object."""
+    import json
+
+    from knockd_fast.logs import Event, JsonFormatter
+
+    logger, written = daemon_logger
+    logger.handlers = [h for h in logger.handlers if type(h) is TurnFlushedHandler]
+    logger.handlers[0].setFormatter(JsonFormatter())
+    log_lines(logger, [Event("firewall: opened", "firewall", port=22), "100% of 50%s"])
+    logger.warning("reload: %s", "pending")
+    try:
+        raise ValueError("bug")
+    except ValueError:
+        logger.exception("internal error")
+    logger.handlers[0].flush_now()
+    entries = [json.loads(line) for line in written.getvalue().splitlines()]
+    assert [(e["level"], e["message"]) for e in entries] == [
+        ("info", "firewall: opened"),
+        ("info", "100% of 50%s"),
+        ("warning", "reload: pending"),
+        ("error", "internal error"),
+    ]
+    assert (entries[0]["event"], entries[0]["port"]) == ("firewall", 22)
+    assert all(e["time"].endswith("Z") for e in entries)
+    assert "ValueError: bug" in entries[3]["error"]

@@ -20,7 +20,7 @@ from knock_client.protocol import Action
 
 from ..addresses import address_text
 from ..decisions import iso_time
-from ..logs import flush_logs, log_lines
+from ..logs import Event, flush_logs, log_lines
 from .base import (
     MAX_BATCH,
     AppliesBatches,
@@ -299,22 +299,39 @@ class FirewallWorker(threading.Thread):
     def _report(self, change: GrantChange, outcome: ChangeOutcome) -> None:
         log.info(self._report_line(change, outcome))
 
-    def _report_line(self, change: GrantChange, outcome: ChangeOutcome) -> str:
+    def _report_line(self, change: GrantChange, outcome: ChangeOutcome) -> Event:
         """The log line of one change carried out (counted in ``changes``)."""
         grant = change.grant
         if change.action == Action.CLOSE:
             self._live.pop(grant.key, None)
             self.changes["closed"] += bool(outcome)
             verb = "closed" if outcome else "no grant to close for"
-            return f"{self.tag}: {verb} {describe(grant, expiry=False)}"
+            return self._event(
+                f"{verb} {describe(grant, expiry=False)}",
+                "closed" if outcome else "nothing_to_close",
+                grant,
+            )
         held = self._live.get(grant.key)
         in_force = outcome if isinstance(outcome, Grant) else grant
         self._live[grant.key] = in_force.expires
         if in_force.expires > grant.expires:
             self.changes["kept"] += 1
-            return f"{self.tag}: kept {describe(in_force)}"  # an open never shortens
-        self.changes["extended" if held is not None and held > self.clock() else "opened"] += 1
-        return f"{self.tag}: opened {describe(grant)}"
+            return self._event(f"kept {describe(in_force)}", "kept", in_force)  # never shortened
+        change = "extended" if held is not None and held > self.clock() else "opened"
+        self.changes[change] += 1
+        return self._event(f"opened {describe(grant)}", change, grant)
+
+    def _event(self, text: str, change: str, grant: Grant | None, **fields: object) -> Event:
+        """A firewall line: ``firewall: TEXT``, and for the JSON log the change with its
+        grant's fields."""
+        return Event(
+            f"{self.tag}: {text}",
+            "firewall",
+            change=change,
+            backend=self.firewall.name,
+            **(grant_fields(grant) if grant is not None else {}),
+            **fields,
+        )
 
     def _read_back(self) -> None:
         live = self.firewall.grants()  # the backend's view is reset to what the kernel holds
@@ -336,7 +353,7 @@ class FirewallWorker(threading.Thread):
         for gone in self.firewall.expire(int(self.clock())):
             self._live.pop(gone.key, None)
             self.changes["expired"] += 1
-            log.info("%s: expired %s", self.tag, describe(gone, expiry=False))
+            log.info(self._event(f"expired {describe(gone, expiry=False)}", "expired", gone))
 
     def _attempts(self, what: str, grant: Grant | None, operation: Callable) -> None:
         for attempt, pause in enumerate((*self.retries, None)):
@@ -386,7 +403,12 @@ class FirewallWorker(threading.Thread):
                 outcome = f"not extended: {text} stays until {iso_time(held.expires)}"
             else:
                 outcome = f"in the firewall after all: {text}"
-        log.error("firewall: %s failed after %d attempts: %s; %s", what, attempts, error, outcome)
+        text = f"firewall: {what} failed after {attempts} attempts: {error}; {outcome}"
+        fields = grant_fields(grant) if grant is not None else {}
+        log.error(
+            Event(text, "firewall", change="failed", backend=self.firewall.name, **fields,
+                  operation=what)
+        )  # fmt: skip
         if live is not None:
             log.warning("firewall: view reconciled from the firewall: %d live grants", len(live))
 
@@ -399,6 +421,18 @@ class FirewallWorker(threading.Thread):
             return None
         self.track(live)
         return live
+
+
+def grant_fields(grant: Grant) -> dict[str, object]:
+    """A grant as the JSON log's fields."""
+    return {
+        "port": grant.port,
+        "proto": grant.proto,
+        "source": address_text(grant.source),
+        "destination": address_text(grant.destination) if grant.destination else None,
+        "user": grant.user,
+        "expires": iso_time(grant.expires),
+    }
 
 
 def describe(grant: Grant, expiry: bool = True) -> str:
