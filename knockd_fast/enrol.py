@@ -333,7 +333,9 @@ def handout(config: Config, user: User, host: str | None, profile: str | None = 
         f"digit_bits = {layout.digit_bits}",
         f"spa_port = {layout.spa_port}",
         "#",
-        "# 3. Knock, then connect within the server's window:",
+        f"# 3. Knock, then connect: the port stays open for you {config.grants.default_timeout} "
+        "s (your clock must be",
+        f"#    within {config.knock.window} s of the server's):",
         f"#      knock open {profile} {port}/{proto}",
     ]
     return "\n".join(lines) + "\n"
