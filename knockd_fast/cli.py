@@ -240,7 +240,7 @@ def _cmd_user_add(args: argparse.Namespace) -> int:
     from .enrol import add_user, handout
 
     allow = [spec.strip() for item in args.allow for spec in item.split(",") if spec.strip()]
-    source = int(args.source) if args.source.isdecimal() else args.source
+    source = int(args.source) if args.source.isascii() and args.source.isdigit() else args.source
     config, user = add_user(args.config, args.name, allow, source, args.id, args.key_file)
     print(handout(config, user, args.host, args.profile), end="")
     print(

@@ -91,8 +91,8 @@ def add_user(
         original = _read(target)
         # A file with no user yet fails to load for that alone: the first user is added to
         # it blind, and the loader then judges the whole file with that user in it.
-        first = _users_tables(target, original) is None
-        before = None if first else load_config(target, load_keys=False)
+        no_users = _users_tables(target, original) is None
+        before = None if no_users else load_config(target, load_keys=False)
         known = {} if before is None else dict(before.users)
         if user_id is None:
             user_id = _free_id(target, known)
@@ -105,7 +105,7 @@ def add_user(
         with _candidate(target, text) as candidate:
             checked = _reload(target, candidate, load_keys=False)  # every rule but the key's
             user = checked.users.get(user_id)
-            if user is None or user.name != name:  # the loader found the id but not this name
+            if user is None or user.name != name:  # tomlkit wrote the name as another string
                 raise ConfigError(target, where, "the new table did not load as written")
             if before is not None:
                 _same_but_users(target, before, checked, {**known, user_id: user})
@@ -418,9 +418,14 @@ def _same_but_users(target: Path, before: Config, after: Config, users: dict[int
 
 
 def _commit(target: Path, candidate: Path) -> None:
-    os.replace(candidate, target)
-    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
+        os.replace(candidate, target)
+    except OSError as error:
+        raise ConfigError(target, None, f"cannot replace it: {error.strerror}") from None
+    # The rename is done: a directory that cannot be synced costs durability, not the edit.
+    with contextlib.suppress(OSError):
+        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)  # so the rename itself survives a crash
+        finally:
+            os.close(directory)
