@@ -1,4 +1,4 @@
-"""``knockd-fast run|replay|status|check-config|bench|version``.
+"""``knockd-fast run|replay|status|check-config|bench|user|version``.
 
 Every failure to start is one line on stderr and a non-zero exit (2: the configuration,
 1: the machine: interface, firewall, capture file), never a traceback.
@@ -299,6 +299,54 @@ def _fail(text: str, as_json: bool) -> None:
     print(json_line("error", text, event="exit") if as_json else text, file=sys.stderr)
 
 
+def _cmd_user_add(args: argparse.Namespace) -> int:
+    from .enrol import add_user, handout
+
+    allow = [spec.strip() for item in args.allow for spec in item.split(",") if spec.strip()]
+    source = int(args.source) if args.source.isascii() and args.source.isdigit() else args.source
+    config, user = add_user(args.config, args.name, allow, source, args.id, args.key_file)
+    print(handout(config, user, args.host, args.profile), end="")
+    print(
+        f"knockd-fast: added user {user.name!r} (id {user.id}) to {config.path.name}, key in "
+        f"{user.key_file} (mode 0600); hand the text above to them over a channel you "
+        "trust. A running daemon takes the user on `systemctl reload knockd-fast` (SIGHUP)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_user_remove(args: argparse.Namespace) -> int:
+    from .enrol import remove_user
+
+    removal = remove_user(args.config, args.name, keep_key=args.keep_key)
+    print(
+        f"knockd-fast: removed user {args.name!r} (id {removal.user.id}); "
+        f"{removal.key_file_note}. A running daemon closes their grants on "
+        "`systemctl reload knockd-fast` (SIGHUP)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_user_list(args: argparse.Namespace) -> int:
+    from .enrol import list_users
+
+    rows = list_users(args.config)
+    if args.json:
+        print(json.dumps([row.as_json() for row in rows], indent=2))
+        return 0
+    table = [("NAME", "ID", "ALLOW", "SOURCE", "KEY FILE", "KEY")]
+    table += [
+        (r.name, str(r.id), ",".join(r.allow) or "-", r.source, r.key_file, r.key_state)
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, row[-1]]))
+    return 0
+
+
 class _Failure(Exception):
     """A run-time failure reported as one line."""
 
@@ -365,6 +413,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = with_config("check-config", "load the configuration and the keys, and say why not")
     check.set_defaults(func=_cmd_check_config)
+
+    user = sub.add_parser("user", help="enrol, list or remove users ([[users]] of the config)")
+    user_sub = user.add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    add = user_sub.add_parser("add", help="make a key, add the user, print what to hand them")
+    add.add_argument("name", metavar="NAME", help="the user's name (unique; in logs and rules)")
+    add.add_argument(
+        "--allow", action="append", required=True, metavar="PORT/PROTO[,...]",
+        help="what they may open, e.g. 22/tcp (repeatable)",
+    )  # fmt: skip
+    add.add_argument(
+        "--source", default="exact", metavar="exact|any|N",
+        help="how their claimed address must match the real one (default exact)",
+    )  # fmt: skip
+    add.add_argument("--id", type=int, metavar="N", help="user id (default: the lowest free)")
+    add.add_argument(
+        "--key-file", metavar="FILE",
+        help="the server's copy of their key, relative to the config (default keys/NAME.key)",
+    )  # fmt: skip
+    add.add_argument("--host", help="this server's name or address, for their profile")
+    add.add_argument("--profile", metavar="NAME", help="their profile's name (default from --host)")
+    add.set_defaults(func=_cmd_user_add)
+    remove = user_sub.add_parser("remove", help="remove the user and delete their key file")
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--keep-key", action="store_true", help="leave their key file in place")
+    remove.set_defaults(func=_cmd_user_remove)
+    listing = user_sub.add_parser("list", help="users, what they may open, their key files")
+    listing.add_argument("--json", action="store_true", help="as a JSON array")
+    listing.set_defaults(func=_cmd_user_list)
+    for command in (add, remove, listing):
+        command.add_argument(
+            "-c", "--config", required=True, metavar="FILE", help="configuration file (TOML)"
+        )
     return parser
 
 
