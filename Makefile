@@ -153,6 +153,40 @@ bench-quick: bench-tools
 	$(BENCH_RUN) flood --quick
 	$(BENCH_RUN) sweep --quick
 
+# Debian packages (docs/admin.md, "Install from the Debian packages"): knockd-fast and
+# python3-knock-client, built with Debian's own tools from packaging/debian/. The tracked
+# tree (plus new files not ignored) is copied to build/deb/knockd-fast/ with that directory
+# as debian/, so the checkout stays clean; the .debs land in build/deb/.
+# PATH: Debian's python3 first (a pyenv or venv python3 would build for the wrong
+# interpreter and miss Debian's cython3 and numpy).
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all-dev \
+                      python3-setuptools python3-wheel cython3 python3-numpy libpcap-dev \
+                      pkg-config dpkg-dev
+DEB_DIR  := build/deb
+DEB_ENV  := env -u VIRTUAL_ENV -u PYTHONPATH -u PYTHONHOME -u KNOCKD_FAST_NO_EXTENSIONS \
+            -u KNOCKD_FAST_DEBUG PATH=/usr/sbin:/usr/bin:/sbin:/bin
+.PHONY: deb deb-check
+deb:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(DEB_BUILD_PACKAGES)"
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/knockd-fast
+	git ls-files -z --cached --others --exclude-standard \
+	  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(DEB_DIR)/knockd-fast
+	cp -r packaging/debian $(DEB_DIR)/knockd-fast/debian
+	@# One version: the changelog's must be both distributions' __version__.
+	@cd $(DEB_DIR)/knockd-fast && v=$$(dpkg-parsechangelog -S Version) && \
+	for f in knockd_fast/__init__.py client/knock_client/__init__.py; do \
+	  grep -q "^__version__ = \"$$v\"$$" $$f || \
+	    { echo "deb: packaging/debian/changelog says $$v, $$f does not" >&2; exit 1; }; \
+	done
+	cd $(DEB_DIR)/knockd-fast && $(DEB_ENV) dpkg-buildpackage -us -uc -b
+	@ls -l $(DEB_DIR)/*.deb
+
+# Installs the built packages with apt, checks them (version, check-config, the demo on
+# /usr/bin, the capture and protocol tests against the installed modules) and purges them
+# and whatever they pulled in, also on failure. Root; not part of `make test`.
+deb-check: deb
+	$(DEB_ENV) bash packaging/deb-check.sh $(DEB_DIR)
+
 clean:
 	rm -rf build client/build *.egg-info client/*.egg-info .hypothesis .pytest_cache
 	rm -f knockd_fast/_capture_c*.so _ext/*.c $(STAMP)

@@ -1,5 +1,6 @@
 """What ``check-config`` says about this host beyond the file: the capture interfaces that
-do not exist here, and key files the daemon (root) would refuse as another user's.
+do not exist here, key files the daemon (root) would refuse as another user's, and a
+backend whose Python requirement is missing or too old (pyroute2 for ipset).
 
 Warnings, not errors: an interface may be created later (a VPN's, a bridge's), and a check
 may run on another machine than the daemon's. Each is one line naming the key.
@@ -12,11 +13,14 @@ import pwd
 import socket
 
 from .config import Config
+from .firewall.registry import requirement_problem
 
 
 def host_warnings(config: Config) -> list[str]:
     """One line per finding, each starting with the dotted key it concerns."""
-    return [*_interface_warnings(config), *_key_owner_warnings(config)]
+    problem = requirement_problem(config.grants.backend)
+    backend = [f"grants.backend: {problem}"] if problem else []
+    return [*_interface_warnings(config), *_key_owner_warnings(config), *backend]
 
 
 def _interface_warnings(config: Config) -> list[str]:

@@ -10,12 +10,15 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from knock_client.keys import write_key_file
 from knockd_fast.config import load_config
+from knockd_fast.firewall import registry
+from knockd_fast.firewall.base import FirewallError
 from knockd_fast.preflight import host_warnings
 
 HEAVY = ("numpy", "sqlite3", "_sqlite3", "iptc", "knockd_fast._capture_c")
@@ -162,3 +165,41 @@ def test_status_lists_grants_soonest_first_in_text_and_json_alike() -> None:
         "source": "192.0.2.2", "destination": "192.0.2.1", "port": 53, "proto": "udp",
         "user": "bob", "expires": "2027-01-15T08:00:59.000Z", "seconds_left": 59,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("installed", "found"),
+    [("0.7.2", "0.7.2 installed"), ("0.10.1", "0.10.1 installed"), (None, "not installed")],
+)
+def test_the_ipset_backend_names_the_pyroute2_it_needs(
+    config: Path, monkeypatch: pytest.MonkeyPatch, installed: str | None, found: str
+) -> None:
+    """Debian 12's python3-pyroute2 (0.7.2) imports but is not the IPSet the backend is
+    written for: selecting the backend fails with one line, check-config warns, and the
+    other backends do not care (nothing imports pyroute2 before the ipset backend is chosen)."""
+
+    def version(dist: str) -> str:
+        assert dist == "pyroute2"
+        if installed is None:
+            raise metadata.PackageNotFoundError(dist)
+        return installed
+
+    monkeypatch.setattr(registry.metadata, "version", version)
+    expected = (
+        f"the ipset backend needs pyroute2 >= 0.9.7, < 0.10 ({found}; Debian 12's "
+        "python3-pyroute2 is 0.7): pip install 'pyroute2>=0.9.7,<0.10' into the daemon's "
+        'Python, or use grants.backend = "nftables" or "iptables"'
+    )
+    with pytest.raises(FirewallError) as raised:
+        registry.backend_class("ipset")
+    assert str(raised.value) == expected
+    config.write_text(config.read_text().replace('"dry-run"', '"ipset"'))
+    assert f"grants.backend: {expected}" in host_warnings(load_config(config))
+    for name in ("iptables", "nftables", "dry-run"):
+        assert registry.requirement_problem(name) is None
+
+
+def test_pyroute2_0_9_satisfies_the_ipset_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    for good in ("0.9.7", "0.9.12", "0.9.7.post1"):
+        monkeypatch.setattr(registry.metadata, "version", lambda dist, good=good: good)
+        assert registry.requirement_problem("ipset") is None
