@@ -82,6 +82,14 @@ cdef enum:
     KIND_KNOCK = 1             # completion record kinds
     KIND_SPA = 2
 
+cdef enum:  # failed-knock reports (capture_spec.FAILED_*)
+    FAILED_TIMED_OUT = 1
+    FAILED_REFUSED_VERSION = 2
+    FAILED_REFUSED_USER = 3
+    FAILED_RING_CAPACITY = 256
+    MIN_REPORTED_DIGITS = 4
+    SWEEP_SLOTS = 65536
+
 cdef enum:  # Engine.error: why the loop stopped; dispatch() raises CaptureError
     ERROR_NONE = 0
     ERROR_RING_FULL = 1
@@ -139,6 +147,18 @@ ctypedef struct Completion:
     uint8_t alt_segment[N_ALT]
     uint16_t alt_digit[N_ALT]
 
+# Layout of one record of capture_spec.FAILED_KNOCK_DTYPE: a knock that failed before
+# judging, with its source (``failed_knocks()``).
+ctypedef struct FailedKnock:
+    uint8_t reason
+    uint8_t family
+    uint8_t filled
+    uint8_t alternatives
+    uint16_t sport
+    uint16_t segments
+    int64_t first_sec
+    uint8_t source[16]
+
 # A knock digit between parsing and table work (see ``defer_digit``): one cache line,
 # filled with whole words (addresses as the keys' raw bytes, IPv4-mapped for IPv4).
 ctypedef struct Digit:
@@ -189,6 +209,10 @@ ctypedef struct Engine:
     Completion *ring
     uint32_t ring_capacity
     uint32_t ring_count
+    # failed knocks, reported with their source (sweep(), refusals of whole knocks)
+    FailedKnock *failed
+    uint32_t failed_count
+    uint32_t sweep_pos          # the slot the next sweep() starts at
     # accounting
     uint64_t counters[N_COUNTERS]
     Digit pipe[PIPE_SIZE]       # digits parsed, their table work not yet done (defer_digit)
@@ -296,6 +320,49 @@ cdef inline int64_t index_position_of(const Engine *e, const Slot *slot) noexcep
 cdef inline void free_slot(Engine *e, Slot *slot) noexcept nogil:
     # Eviction and completion start from the slot: its kept hash finds the entry.
     release_slot(e, slot, index_position_of(e, slot))
+
+
+# A table key's first 12 bytes when it holds an IPv4 address (IPv4-mapped IPv6).
+cdef const char *IPV4_MAPPED = b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xff\xff"
+
+
+cdef void report_failed(Engine *e, const Slot *slot, uint8_t reason) noexcept nogil:
+    """Keep a failed knock's source and digit counts for ``failed_knocks()``, while there is
+    room (a full ring drops the report; the counters still count the knock)."""
+    if e.failed_count >= FAILED_RING_CAPACITY:
+        return
+    cdef FailedKnock *f = &e.failed[e.failed_count]
+    cdef const uint8_t *key = <const uint8_t *>slot.key
+    cdef int fam = 0 if memcmp(key, IPV4_MAPPED, 12) == 0 else 1
+    e.failed_count += 1
+    f.reason = reason
+    f.family = 4 if fam == 0 else 6
+    f.filled = <uint8_t>slot.nfilled
+    f.alternatives = slot.nalt
+    f.sport = slot.sport
+    f.segments = <uint16_t>e.nseg[fam]
+    f.first_sec = slot.first_us // 1000000
+    memcpy(f.source, key, 16)
+
+
+cdef uint32_t sweep_slots(Engine *e, int64_t now_us) noexcept nogil:
+    """Free the partial knocks older than the timeout among the next ``SWEEP_SLOTS`` slots
+    (reporting those with at least ``MIN_REPORTED_DIGITS`` digits); how many were freed.
+    Without it a partial knock waits in its slot until the ring hands the slot out again,
+    which on a quiet host may be never, and its failure goes unseen."""
+    cdef uint32_t n, freed = 0
+    cdef uint32_t budget = SWEEP_SLOTS if SWEEP_SLOTS < e.capacity else e.capacity
+    cdef Slot *slot
+    for n in range(budget):
+        slot = &e.slots[e.sweep_pos]
+        e.sweep_pos = e.sweep_pos + 1 if e.sweep_pos + 1 < e.capacity else 0
+        if slot.state == STATE_PARTIAL and now_us - slot.first_us > e.timeout_us:
+            if slot.nfilled >= MIN_REPORTED_DIGITS:
+                report_failed(e, slot, FAILED_TIMED_OUT)
+            free_slot(e, slot)
+            e.counters[C_EXPIRED] += 1
+            freed += 1
+    return freed
 
 
 cdef inline void prefetch_victims(const Engine *e) noexcept nogil:
@@ -564,6 +631,9 @@ cdef void knock_digit(Engine *e, const Digit *d) noexcept nogil:
         refusal = knock_refusal(e, slot)
         if refusal:
             e.counters[refusal] += 1
+            report_failed(
+                e, slot,
+                FAILED_REFUSED_VERSION if refusal == C_REFUSED_VERSION else FAILED_REFUSED_USER)
             free_slot(e, slot)
             return
     if not ring_reserve(e):
@@ -976,6 +1046,7 @@ cdef class CaptureEngine:
     cdef cnp.ndarray _slots
     cdef cnp.ndarray _index
     cdef cnp.ndarray _ring
+    cdef cnp.ndarray _failed
     cdef readonly double knock_timeout
     cdef readonly object group_by
     cdef readonly object admission
@@ -1036,6 +1107,8 @@ cdef class CaptureEngine:
         self._ring = np.zeros(ring_capacity, dtype=spec.COMPLETION_DTYPE)
         e.ring = <Completion *>cnp.PyArray_DATA(self._ring)
         e.ring_capacity = ring_capacity
+        self._failed = np.zeros(FAILED_RING_CAPACITY, dtype=spec.FAILED_KNOCK_DTYPE)
+        e.failed = <FailedKnock *>cnp.PyArray_DATA(self._failed)
 
     cdef _set_admission(self, admission):
         cdef Engine *e = &self.e
@@ -1205,6 +1278,23 @@ cdef class CaptureEngine:
         self.e.ring_count = 0
         return self._ring[:count].copy()
 
+    def sweep(self, now):
+        """Free the partial knocks that timed out by ``now`` (seconds, as packet times) among
+        the next ``capture_spec.SWEEP_SLOTS`` slots; how many (counted in ``expired``).
+        Call it between dispatches, every few seconds: ``failed_knocks()`` reports them."""
+        cdef int64_t now_us = spec.time_us(now)
+        cdef uint32_t freed
+        with nogil:
+            freed = sweep_slots(&self.e, now_us)
+        return freed
+
+    def failed_knocks(self):
+        """The failed knocks reported since the last call, oldest first (a copy): records of
+        ``capture_spec.FAILED_KNOCK_DTYPE``, at most ``FAILED_RING_CAPACITY``."""
+        count = self.e.failed_count
+        self.e.failed_count = 0
+        return self._failed[:count].copy()
+
     def forget(self, address, port=0):
         """Drop the partial knock of ``address`` (from source ``port`` when grouping by
         port), if any (the daemon's one way back in)."""
@@ -1245,6 +1335,11 @@ def _check_layouts():
     # The C structs and the shared numbers must agree with capture_spec.
     assert sizeof(Slot) == 128, sizeof(Slot)
     assert sizeof(Completion) == spec.COMPLETION_DTYPE.itemsize
+    assert sizeof(FailedKnock) == spec.FAILED_KNOCK_DTYPE.itemsize
+    assert (FAILED_TIMED_OUT, FAILED_REFUSED_VERSION, FAILED_REFUSED_USER) == (
+        spec.FAILED_TIMED_OUT, spec.FAILED_REFUSED_VERSION, spec.FAILED_REFUSED_USER)
+    assert (FAILED_RING_CAPACITY, MIN_REPORTED_DIGITS, SWEEP_SLOTS) == (
+        spec.FAILED_RING_CAPACITY, spec.MIN_REPORTED_DIGITS, spec.SWEEP_SLOTS)
     assert (N_ALT, ALT_PER_SEGMENT, MSG_CAP, MAX_TAGS, MAX_EXT, MAX_DESTINATIONS) == (
         spec.MAX_ALTERNATIVES, spec.ALTERNATIVES_PER_SEGMENT, spec.MESSAGE_CAPACITY,
         spec.MAX_VLAN_TAGS, spec.MAX_IPV6_EXTENSION_HEADERS, spec.MAX_DESTINATIONS)

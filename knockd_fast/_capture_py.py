@@ -78,6 +78,10 @@ __all__ = ["COMPLETION_DTYPE", "COUNTER_NAMES", "CaptureEngine", "CaptureError"]
     _REFUSED_USER,
 ) = range(len(COUNTER_NAMES))
 _REFUSAL_COUNTER = {"refused_version": _REFUSED_VERSION, "refused_user": _REFUSED_USER}
+_REFUSAL_REPORT = {
+    "refused_version": capture_spec.FAILED_REFUSED_VERSION,
+    "refused_user": capture_spec.FAILED_REFUSED_USER,
+}
 
 _SPA_LENGTHS = (MESSAGE_LEN_IPV4, MESSAGE_LEN_IPV6)
 _USEC_PER_SEC = 1_000_000
@@ -160,6 +164,11 @@ class CaptureEngine:
 
         self._ring = np.zeros(self._ring_capacity, dtype=COMPLETION_DTYPE)
         self._ring_count = 0
+        self._failed = np.zeros(
+            capture_spec.FAILED_RING_CAPACITY, dtype=capture_spec.FAILED_KNOCK_DTYPE
+        )
+        self._failed_count = 0
+        self._sweep_pos = 0
         self._counters = [0] * len(COUNTER_NAMES)
 
         self._reader: CaptureReader | None = None
@@ -287,6 +296,52 @@ class CaptureEngine:
         counters = dict(zip(COUNTER_NAMES, self._counters, strict=True))
         counters.update(dict.fromkeys(PCAP_COUNTER_NAMES, 0))
         return counters
+
+    def sweep(self, now: float) -> int:
+        """Free the partial knocks that timed out by ``now`` among the next
+        ``SWEEP_SLOTS`` slots; how many (counted in ``expired``); see the C engine."""
+        now_us = capture_spec.time_us(now)
+        timeout = self._knock_timeout_us
+        capacity = self._capacity
+        slot_key = self._slot_key
+        freed = 0
+        for _ in range(min(capture_spec.SWEEP_SLOTS, capacity)):
+            slot = self._sweep_pos
+            self._sweep_pos = slot + 1 if slot + 1 < capacity else 0
+            key = slot_key[slot]
+            if key is not None and now_us - self._slot_first[slot] > timeout:
+                if self._slot_filled[slot] >= capture_spec.MIN_REPORTED_DIGITS:
+                    self._report(slot, capture_spec.FAILED_TIMED_OUT)
+                del self._index[key]
+                slot_key[slot] = None
+                self._counters[_EXPIRED] += 1
+                freed += 1
+        return freed
+
+    def failed_knocks(self) -> np.ndarray:
+        """The failed knocks reported since the last call, oldest first (a copy)."""
+        count = self._failed_count
+        self._failed_count = 0
+        return self._failed[:count].copy()
+
+    def _report(self, slot: int, reason: int) -> None:
+        """Keep a failed knock's source and digit counts, while there is room."""
+        if self._failed_count >= capture_spec.FAILED_RING_CAPACITY:
+            return
+        key = self._slot_key[slot]
+        assert key is not None
+        family = 4 if key[:12] == IPV4_MAPPED_PREFIX else 6
+        self._failed[self._failed_count] = (
+            reason,
+            family,
+            self._slot_filled[slot],
+            len(self._slot_alternatives[slot]),
+            int.from_bytes(key[16:18], "big") if self._by_port else 0,
+            self._family[family][0],
+            self._slot_first[slot] // _USEC_PER_SEC,
+            list(key[:16]),
+        )
+        self._failed_count += 1
 
     def forget(
         self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | str, port: int = 0
@@ -551,13 +606,16 @@ class CaptureEngine:
                 value = value << bits | held
             message = (value >> pad).to_bytes(length, "big")
             alternatives = self._slot_alternatives[slot]
-            del index[key]
-            slot_key[slot] = None
             if self._admission.user_ids is not None:
                 refusal = self._admission.header_refusal(self._headers(digits, alternatives))
                 if refusal is not None:
                     counters[_REFUSAL_COUNTER[refusal]] += 1
+                    self._report(slot, _REFUSAL_REPORT[refusal])
+                    del index[key]
+                    slot_key[slot] = None
                     return
+            del index[key]
+            slot_key[slot] = None
             self._complete(
                 KIND_KNOCK, family, message, alternatives, sec, usec, source, destination
             )

@@ -144,11 +144,59 @@ def _completion_dtype() -> Any:
     )
 
 
+# Knocks that failed before judging, reported with their source (``failed_knocks()``), so
+# that the daemon can say why a client gets nowhere: a client whose base_port or digit_bits
+# differ from the server's sends digits that land in the wrong segments (partial knocks that
+# time out, often with conflicting digits), or that assemble into a refused header.
+FAILED_TIMED_OUT = 1  # a partial knock older than knock_timeout, freed by sweep()
+FAILED_REFUSED_VERSION = 2  # a whole knock whose header is not version 1
+FAILED_REFUSED_USER = 3  # a whole knock whose header names no configured user
+FAILED_REASONS = {
+    FAILED_TIMED_OUT: "timed_out",
+    FAILED_REFUSED_VERSION: "refused_version",
+    FAILED_REFUSED_USER: "refused_user",
+}
+# Reports kept between two failed_knocks(); past it they are dropped (the counters still
+# count them). A timed-out partial knock is reported only with at least MIN_REPORTED_DIGITS
+# digits: fewer is a scan or a stray packet, not a client trying.
+FAILED_RING_CAPACITY = 256
+MIN_REPORTED_DIGITS = 4
+# Slots one sweep() looks at (a 64-byte line each: ~2 ms at 65,536); the next call goes on
+# where it stopped, so a bigger table is swept over several calls.
+SWEEP_SLOTS = 65536
+
+
+def _failed_knock_dtype() -> Any:
+    import numpy as np
+
+    return np.dtype(
+        [
+            ("reason", "u1"),  # FAILED_*
+            ("family", "u1"),
+            ("filled", "u1"),  # segments that got a digit
+            ("alternatives", "u1"),  # conflicting digits kept
+            ("sport", "<u2"),  # the knock's source port when grouping by port, else 0
+            ("segments", "<u2"),  # segments of a whole message of its family
+            ("first_sec", "<i8"),  # when its first digit came
+            ("source", "u1", 16),
+        ],
+        align=True,
+    )
+
+
+def time_us(seconds: float) -> int:
+    """A time in whole microseconds, as both engines take it (``sweep``)."""
+    return round(seconds * 1_000_000)
+
+
+_LAZY_DTYPES = {"COMPLETION_DTYPE": _completion_dtype, "FAILED_KNOCK_DTYPE": _failed_knock_dtype}
+
+
 def __getattr__(name: str) -> Any:
-    # COMPLETION_DTYPE, the record layout, is built on first use: the limits above are read
-    # by the configuration (`check-config`), which has no reason to load numpy.
-    if name == "COMPLETION_DTYPE":
-        dtype = globals()[name] = _completion_dtype()
+    # The record layouts are built on first use: the limits above are read by the
+    # configuration (`check-config`), which has no reason to load numpy.
+    if name in _LAZY_DTYPES:
+        dtype = globals()[name] = _LAZY_DTYPES[name]()
         return dtype
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

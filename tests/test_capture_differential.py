@@ -45,7 +45,12 @@ from hypothesis.control import current_build_context
 from streams import ALL_LINKTYPES, BATCH_SIZES, KNOCK_DST, T0, Stream
 
 from knock_client.protocol import KnockLayout, open_message
-from knockd_fast.capture_spec import COMPLETION_DTYPE, COUNTER_NAMES, key_address
+from knockd_fast.capture_spec import (
+    COMPLETION_DTYPE,
+    COUNTER_NAMES,
+    FAILED_KNOCK_DTYPE,
+    key_address,
+)
 
 ENGINES = twins.engines()
 needs_both = pytest.mark.skipif(
@@ -78,13 +83,14 @@ class Run:
     """What one engine gave for one stream: per dispatch (packets read, records drained,
     stats, active sources), or the exception it raised."""
 
-    steps: list[tuple[int, np.ndarray, dict[str, int], int]]
+    # per dispatch: packets read, records drained, stats, active sources, failed knocks
+    steps: list[tuple[int, np.ndarray, dict[str, int], int, np.ndarray]]
     error: str | None = None  # the exception's class name: messages differ between twins
     exception: Exception | None = None
 
     @property
     def records(self) -> np.ndarray:
-        parts = [records for _n, records, _stats, _active in self.steps]
+        parts = [step[1] for step in self.steps]
         return np.concatenate(parts) if parts else np.zeros(0, COMPLETION_DTYPE)
 
     @property
@@ -102,21 +108,30 @@ def run_engine(
     path: str,
     batches: Sequence[int] | None = None,
     forgets: Sequence[tuple[int, str]] | None = None,
+    sweeps: bool = True,
 ) -> Run:
-    """Read ``path`` with a fresh engine: dispatch and drain until dispatch returns 0."""
+    """Read ``path`` with a fresh engine: dispatch and drain until dispatch returns 0; with
+    ``sweeps``, after each dispatch sweep() at the time of the last packet read (as the
+    daemon sweeps between reads) and take the failed knocks."""
     schedule = stream.batches if batches is None else batches
     forgets = stream.forgets if forgets is None else forgets
     run = Run([])
+    read = 0
     try:
         engine = engine_cls(stream.layout, **stream.engine_kwargs())
         engine.open_file(path)
         for number in itertools.count():
             count = engine.dispatch(max_packets=schedule[number % len(schedule)])
             records = engine.drain()
+            read += count
             for at, address in forgets:
                 if at == number:
                     engine.forget(address)
-            run.steps.append((count, records, engine.stats(), engine.active_sources()))
+            failed = np.zeros(0, FAILED_KNOCK_DTYPE)
+            if sweeps and read:
+                engine.sweep(T0 + stream.packets[read - 1][0] / 1_000_000)
+                failed = engine.failed_knocks()
+            run.steps.append((count, records, engine.stats(), engine.active_sources(), failed))
             if count == 0:
                 break
             if number > len(stream.packets) + 1:
@@ -198,6 +213,11 @@ def runs_difference(runs: dict[str, Run], per_step: bool = True) -> str | None:
             return f"stats() after dispatch #{number}: {step_a[2]} vs {step_b[2]}"
         if step_a[3] != step_b[3]:
             return f"active_sources() after dispatch #{number}: {step_a[3]} vs {step_b[3]}"
+        if step_a[4].tobytes() != step_b[4].tobytes():
+            return (
+                f"failed_knocks() after dispatch #{number}: {step_a[4].tolist()} vs "
+                f"{step_b[4].tolist()}"
+            )
     return None
 
 
@@ -333,10 +353,10 @@ def test_batch_sizes_do_not_matter(stream: Stream, schedules: list[list[int]]) -
         path = os.path.join(directory, f"stream.{stream.fmt}")
         stream.write(path)
         for name, engine_cls in ENGINES.items():
-            reference = run_engine(engine_cls, stream, path, batches=(-1,), forgets=())
+            reference = run_engine(engine_cls, stream, path, (-1,), forgets=(), sweeps=False)
             check_counts(reference, len(stream.packets))
             for schedule in [[1], *schedules]:
-                other = run_engine(engine_cls, stream, path, batches=schedule, forgets=())
+                other = run_engine(engine_cls, stream, path, schedule, forgets=(), sweeps=False)
                 difference = runs_difference({"-1": reference, str(schedule): other}, False)
                 assert difference is None, f"{name}: {difference}"
 
