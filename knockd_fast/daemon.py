@@ -35,6 +35,7 @@ from .firewall.worker import FirewallWorker, describe, grant_fields
 from .judging import MIN_BACKLOG, Backlog, Judge
 from .logs import Event, flush_logs
 from .replay import ReplayCache
+from .sdnotify import ServiceNotifier
 from .sinks import DecisionSink
 from .stats import CaptureStats, DoormanStats, LatencyHistogram, StatsPublisher, counters_text
 
@@ -199,10 +200,13 @@ class Doorman:
 
     def run(self) -> None:
         self.worker.start()
+        service = ServiceNotifier.from_environment()  # systemd's Type=notify and watchdog
+        service.ready(f"capturing on {self.capture_settings.label}, {self.firewall.name} backend")
         last_prune = self.clock()
         pacer = TurnPacer()
         try:
             while not self._stop.is_set():
+                service.turn()
                 live = [c for c in self.captures if c.lost_at is None]
                 wait = 0.0 if len(self.backlog) else WAIT_SECONDS
                 if live:
@@ -216,7 +220,8 @@ class Doorman:
                         self._reopen(capture)
                 if self._reload.is_set():
                     self._reload.clear()
-                    self.reload()
+                    with service.reloading():
+                        self.reload()
                 if self.clock() - last_prune > PRUNE_SECONDS:
                     last_prune = self.clock()
                     self.replay.prune(last_prune)
@@ -229,6 +234,7 @@ class Doorman:
                 if pause:
                     self._stop.wait(pause)
         finally:
+            service.stopping()
             live = [c for c in self.captures if c.lost_at is None]
             if live:  # packets of the last moments are in a block not yet handed over
                 time.sleep(2 * BLOCK_TIMEOUT_MS / 1000)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from .registry import KINDS
 
+# /proc/self/net, not its /proc/net symlink: the unit's ProcSubset=pid hides the latter.
 LEGACY_TABLE_FILES = {
-    "ip": Path("/proc/net/ip_tables_names"),
-    "ip6": Path("/proc/net/ip6_tables_names"),
+    "ip": Path("/proc/self/net/ip_tables_names"),
+    "ip6": Path("/proc/self/net/ip6_tables_names"),
 }
 
 
