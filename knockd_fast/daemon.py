@@ -32,6 +32,7 @@ from .capture_spec import BLOCK_TIMEOUT_MS, CaptureError
 from .config import CaptureSettings, Config, ConfigError, IPAddress, load_config, reloaded
 from .firewall.base import Firewall, Grant, GrantChange
 from .firewall.worker import FirewallWorker, describe, grant_fields
+from .hints import SWEEP_SECONDS, FailedKnockHints
 from .judging import MIN_BACKLOG, Backlog, Judge
 from .logs import Event, flush_logs
 from .replay import ReplayCache
@@ -183,6 +184,7 @@ class Doorman:
         self.backlog = Backlog(max(MIN_BACKLOG, config.capture.table_size), clock)
         self.decided: collections.Counter[tuple[str, str]] = collections.Counter()
         self.latency = LatencyHistogram()
+        self.hints = FailedKnockHints(config.knock.layout)  # the running layout: kept on reload
         self.worker.track(grants)
         self.publisher = publisher
         self.started = clock()
@@ -203,6 +205,7 @@ class Doorman:
         service = ServiceNotifier.from_environment()  # systemd's Type=notify and watchdog
         service.ready(f"capturing on {self.capture_settings.label}, {self.firewall.name} backend")
         last_prune = self.clock()
+        next_sweep = self.clock() + SWEEP_SECONDS
         pacer = TurnPacer()
         try:
             while not self._stop.is_set():
@@ -222,6 +225,9 @@ class Doorman:
                     self._reload.clear()
                     with service.reloading():
                         self.reload()
+                if self.clock() >= next_sweep:
+                    next_sweep = self.clock() + SWEEP_SECONDS
+                    self.sweep_failed_knocks()
                 if self.clock() - last_prune > PRUNE_SECONDS:
                     last_prune = self.clock()
                     self.replay.prune(last_prune)
@@ -248,6 +254,18 @@ class Doorman:
                 self.publisher.close(stats)
             self._log_stop(stats)
             flush_logs()
+
+    def sweep_failed_knocks(self) -> None:
+        """Free the partial knocks that timed out, and hint at sources whose knocks keep
+        failing before they can be judged (``hints``)."""
+        now = self.clock()
+        for capture in self.captures:
+            if capture.lost_at is None:
+                capture.engine.sweep(now)
+                self.hints.observe(capture.engine.failed_knocks(), capture.interface, now)
+        hint = self.hints.hint(now)
+        if hint is not None:
+            log.warning(hint)
 
     def stats(self) -> DoormanStats:
         """Every counter of the daemon, at this moment (call it on the loop's thread)."""

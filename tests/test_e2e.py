@@ -589,6 +589,23 @@ def test_with_json_every_log_line_is_one_json_object_with_its_time(e2e):
 
 
 @live
+def test_a_client_with_another_digit_bits_gets_a_hint_in_the_log(e2e):
+    """Its digits land in the wrong segments: nothing is judged, but after its second try
+    the log says whose knocks keep failing and what to compare (issue 13: nothing at all)."""
+    h = e2e(extra={"knock": {"knock_timeout": 1}})
+    for _ in range(2):
+        h.knock("open", SERVER_V4, f"{PORT}/tcp", "--digit-bits", "10")
+    hint = h.wait_log(r"^hint: knocks keep failing", timeout=15)
+    assert f"2 from {CLIENT_V4} on {h.interface} (timed out with 9 of 34 digits)" in hint, hint
+    assert "base_port 20000, digit_bits 8" in hint
+    assert h.decisions() == [], "nothing reached the judge"
+    entry = next(json.loads(line) for line in h.lines if '"event": "hint"' in line)
+    assert entry["level"] == "warning" and entry["sources"][0]["source"] == CLIENT_V4
+    open_and_wait(h, SERVER_V4)  # the right layout still opens
+    h.stop()
+
+
+@live
 def test_sighup_that_takes_a_port_away_closes_its_grant_in_the_kernel(e2e):
     h = e2e(ports=(PORT, PORT_B), users=[User(7, "alice", ["2222/tcp", "2223/tcp"])])
     open_and_wait(h, SERVER_V4, PORT)
