@@ -47,7 +47,7 @@ log = logging.getLogger("knockd_fast")
 PREFIX = "knockd_fast_"
 STATE_FILE = "metrics.prom"  # in the state directory
 SNAPSHOT_SECONDS = 0.25  # the freshest a scrape sees; a snapshot costs some 10 µs
-FILE_SECONDS = 5.0  # how often the files are rewritten (node_exporter reads on scrape)
+FILE_SECONDS = 2.0  # how often the files are rewritten (~1 ms each): `status` is this fresh
 COMPLAIN_SECONDS = 60.0  # at most one "cannot write" warning per file per minute
 
 # Each capture engine counter (capture_spec, docs/capture.md) -> (metric, its help, the

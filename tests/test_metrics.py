@@ -175,7 +175,7 @@ def test_a_scrape_of_a_running_daemon_counts_a_known_workload(metrics_doorman, t
     # The endpoint listens on loopback only: from the client the port is closed.
     assert not h.can_connect(SERVER_V4, port)
 
-    # `status` reads the counters back from the state directory's file, rewritten every 5 s.
+    # `status` reads the counters back from the state directory's file, rewritten every 2 s.
     state_file = h.directory / "state" / STATE_FILE
     deadline = time.monotonic() + 10
     while read_published(state_file).grant_changes["closed"] != 1:
@@ -318,7 +318,7 @@ def test_an_unwritable_textfile_is_one_warning_and_the_state_file_still_written(
     warnings = [r.getMessage() for r in caplog.records if r.name == "knockd_fast"]
     assert warnings == [
         f"metrics: cannot write {settings.textfile} (No such file or directory); "
-        "retrying every 5 s"
+        "retrying every 2 s"
     ]
     assert (tmp_path / STATE_FILE).is_file()
     assert list(tmp_path.iterdir()) == [tmp_path / STATE_FILE], "no temporary left behind"
