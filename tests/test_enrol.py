@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -62,7 +63,22 @@ def server(tmp_path: Path) -> Path:
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
+    """``knockd-fast ARGS`` in this process. main() sets logging up for the process (a
+    handler on the capture's stderr, the level, logging's flags): put it back, or the
+    tests after this one log into a closed stream."""
+    daemon_log = logging.getLogger("knockd_fast")
+    handlers, level = daemon_log.handlers[:], daemon_log.level
+    flags = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {name: getattr(logging, name) for name in flags}
+    try:
+        code = cli.main(list(args))
+    finally:
+        for handler in daemon_log.handlers[:]:
+            if handler not in handlers:
+                daemon_log.removeHandler(handler)
+        daemon_log.setLevel(level)
+        for name, value in saved.items():
+            setattr(logging, name, value)
     out, err = capsys.readouterr()
     return code, out, err
 

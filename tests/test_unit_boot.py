@@ -4,8 +4,9 @@ PID 1 here is not systemd, so systemd boots in a container: ``systemd-nspawn`` (
 systemd-container; skipped without it, or point ``KNOCKD_FAST_NSPAWN`` at the binary) on
 an overlay of this machine's root (writes go to a scratch directory, in a mount namespace
 of the test's own), inside the server namespace of ``netns.two_hosts``. Only the unit's
-ExecStart= is changed (to this checkout's console script) and, where this interpreter
-lives under /root or /home, ProtectHome=tmpfs plus a read-only bind of it.
+ExecStart= is changed (to this checkout's console script) and, where this interpreter or
+this checkout lies under /root or /home (which the unit hides: then ProtectHome=tmpfs) or
+under /tmp or /var/tmp (a CI clone; the unit's are private), a read-only bind of it.
 
 Proven: the unit starts (Type=notify: READY=1 reaches systemd, STATUS= shown), a knock
 opens a dropped port, a reload works, a stopped loop is killed by the watchdog (SIGABRT,
@@ -44,12 +45,28 @@ SCRIPT = Path(sys.executable).with_name("knockd-fast")
 TEST_WATCHDOG_SECONDS = 3  # the shipped 30 s, shortened for the watchdog's part only
 
 
-def _python_drop_in() -> str:
-    """ProtectHome=yes hides /root and /home: show this interpreter's prefix if it is there."""
-    prefix = Path(os.path.realpath(sys.base_prefix))
-    if not str(prefix).startswith(("/root/", "/home/")):
+def _tmp_paths() -> list[str]:
+    """This interpreter's prefix and this checkout where they lie under /tmp or /var/tmp (a
+    CI clone): the container mounts a /tmp of its own, so they are bound into it."""
+    paths = {str(path) for path in (Path(os.path.realpath(sys.base_prefix)), ROOT.resolve())}
+    return sorted(path for path in paths if path.startswith(("/tmp/", "/var/tmp/")))
+
+
+def _paths_drop_in() -> str:
+    """The unit hides /root and /home (ProtectHome=) and gives the daemon a /tmp and
+    /var/tmp of its own (PrivateTmp=): show it this interpreter's prefix and this checkout
+    (the venv, the editable install) where they lie there, read-only."""
+    paths = {str(path) for path in (Path(os.path.realpath(sys.base_prefix)), ROOT.resolve())}
+    hidden = sorted(
+        path for path in paths if path.startswith(("/root/", "/home/", "/tmp/", "/var/tmp/"))
+    )
+    if not hidden:
         return ""
-    return f"[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths={prefix}\n"
+    lines = ["[Service]"]
+    if any(path.startswith(("/root/", "/home/")) for path in hidden):
+        lines.append("ProtectHome=tmpfs")
+    lines.append("BindReadOnlyPaths=" + " ".join(hidden))
+    return "\n".join(lines) + "\n"
 
 
 class Container:
@@ -66,7 +83,7 @@ class Container:
             "ExecStart=/usr/local/bin/knockd-fast ", f"ExecStart={SCRIPT} "
         )
         (units / "knockd-fast.service").write_text(unit)
-        (units / "knockd-fast.service.d/python.conf").write_text(_python_drop_in())
+        (units / "knockd-fast.service.d/paths.conf").write_text(_paths_drop_in())
         (units / "knockd-boot-test.target").write_text(
             "[Unit]\nDescription=knockd-fast boot test\nWants=knockd-fast.service\n"
         )
@@ -83,6 +100,7 @@ class Container:
             NSPAWN, "-D", str(self.merged), "--register=no", "--keep-unit",
             "--link-journal=no", "--capability=CAP_NET_ADMIN",
             f"--network-namespace-path=/run/netns/{netns}",
+            *(f"--bind-ro={path}" for path in _tmp_paths()),
             "-b", "--", "systemd.unit=knockd-boot-test.target",
         ]  # fmt: skip
         self.console = open(scratch / "console.log", "wb")
