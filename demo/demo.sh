@@ -73,6 +73,9 @@ default_timeout = 60
 [state]
 directory = "$work/state"
 
+[metrics]
+listen = "127.0.0.1:9477"
+
 [[users]]
 id = 7
 name = "alice"
@@ -131,6 +134,18 @@ socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(
     bytes.fromhex(sent["message"]), ("192.0.2.1", sent["ports"][0]))
 PY
 sleep 0.5
+
+step "Prometheus: the daemon's metrics, served on 127.0.0.1:9477 inside the server only"
+in_server python3 -c "
+import urllib.request
+text = urllib.request.urlopen('http://127.0.0.1:9477/metrics', timeout=5).read().decode()
+shown = ('knockd_fast_decisions_total', 'knockd_fast_grant_changes_total', 'knockd_fast_grants{',
+         'knockd_fast_capture_packets_total', 'knockd_fast_completions_total',
+         'knockd_fast_judging_latency_seconds_count', 'knockd_fast_capture_dropped_packets_total')
+for line in text.splitlines():
+    if line.startswith(shown) and not line.endswith(' 0.0'):
+        print('  ', line)
+"
 
 step "the daemon's decisions (one line each)"
 kill "$daemon_pid"

@@ -298,6 +298,7 @@ class MetricsPublisher:
         self._server: WSGIServer | None = None
         self._next_snapshot = 0.0
         self._next_file = 0.0
+        self._written_changes: dict[str, int] = {}
         self._complained: dict[Path, float] = {}
 
     def start(self) -> None:
@@ -311,8 +312,12 @@ class MetricsPublisher:
     def publish(self, stats: DoormanStats, now: float) -> None:
         self._next_snapshot = now + SNAPSHOT_SECONDS
         self.collector.update(stats)
-        if now >= self._next_file:
+        # Also at once when a grant changed, so that `status` right after a knock agrees
+        # with the grants it lists (at most every SNAPSHOT_SECONDS, as snapshots come).
+        changed = stats.grant_changes != self._written_changes
+        if now >= self._next_file or changed:
             self._next_file = now + FILE_SECONDS
+            self._written_changes = dict(stats.grant_changes)
             self.write_files()
 
     def reconfigure(self, config: Config) -> None:

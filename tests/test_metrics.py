@@ -342,3 +342,17 @@ def test_every_metric_the_admin_guide_names_is_exported() -> None:
                 for name in exported}  # fmt: skip
     assert named <= exported | families, named - exported - families
     assert len(named) > 20
+
+
+def test_a_grant_change_rewrites_the_state_file_at_once(tmp_path: Path) -> None:
+    """`status` right after a knock lists the grant: its counters must not lag 2 s behind."""
+    publisher = MetricsPublisher(MetricsSettings(), tmp_path, {"version": "x"})
+    publisher.publish(snapshot(), now=0.0)
+    same = snapshot(time=1_800_000_001.0)
+    publisher.publish(same, now=0.5)  # nothing changed, the 2 s not over: not rewritten
+    assert read_published(tmp_path / STATE_FILE).time == 1_800_000_000.5
+    changed = snapshot(time=1_800_000_002.0, grant_changes={
+        "opened": 4, "extended": 1, "kept": 0, "closed": 1, "expired": 1})  # fmt: skip
+    publisher.publish(changed, now=0.75)
+    published = read_published(tmp_path / STATE_FILE)
+    assert (published.time, published.grant_changes["opened"]) == (1_800_000_002.0, 4)
