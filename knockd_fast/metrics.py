@@ -46,7 +46,7 @@ log = logging.getLogger("knockd_fast")
 
 PREFIX = "knockd_fast_"
 STATE_FILE = "metrics.prom"  # in the state directory
-SNAPSHOT_SECONDS = 0.25  # the freshest a scrape sees; a snapshot: engine.stats() is 1.5 µs an interface
+SNAPSHOT_SECONDS = 0.25  # the freshest a scrape sees (engine.stats(): 1.5 µs an interface)
 FILE_SECONDS = 2.0  # how often the files are rewritten (~1 ms each): `status` is this fresh
 COMPLAIN_SECONDS = 60.0  # at most one "cannot write" warning per file per minute
 
