@@ -96,7 +96,31 @@ nspawn:
 	  "systemd-container=$$version" >/dev/null 2>&1; } || \
 	echo "nspawn: systemd-container $$version is not installable here: the unit boot test will skip"
 
-test: lint nspawn
+# Debian's redis-server for the fleet's tests (tests/redis_server.py starts its own, on a
+# port of its own, and stops it by PID): installed, never run as a service. Where no
+# policy-rc.d refuses service starts (a container's does), one does so during the install,
+# and the unit the package enables is disabled again.
+.PHONY: redis
+redis:
+	@command -v redis-server >/dev/null && exit 0; \
+	sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	policy=/usr/sbin/policy-rc.d; made=""; \
+	if [ ! -e $$policy ]; then \
+	  printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null; $$sudo chmod 755 $$policy; \
+	  made=1; \
+	fi; \
+	echo "redis: installing redis-server (not started: the tests start their own)"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	  redis-server >/dev/null 2>&1 || { $$sudo apt-get update -qq >/dev/null 2>&1; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	  redis-server >/dev/null; }; rc=$$?; \
+	if [ -n "$$made" ]; then \
+	  $$sudo rm -f $$policy; \
+	  $$sudo deb-systemd-helper disable redis-server.service >/dev/null 2>&1 || true; \
+	fi; \
+	exit $$rc
+
+test: lint nspawn redis
 	$(PYTEST) tests
 ifneq ($(strip $(PURE_TWIN_TESTS)),)
 	KNOCKD_FAST_NO_EXTENSIONS=1 $(PYTEST) $(PURE_TWIN_TESTS)
