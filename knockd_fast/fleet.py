@@ -1,20 +1,40 @@
 """The fleet: several gateways sharing what one of them accepted, through Redis (issue 14).
 
-This module holds the fleet-wide replay claims: every message a gateway accepts is claimed
+This module holds the fleet-wide replay claims, and the signed grant events the gateways
+will exchange on a Redis stream.
+
+Replay claims: every message a gateway accepts is claimed
 with ``SET kf:replay:<user>:<siv> <gateway> NX GET EX <seconds>``, all of one judging
 slice in one pipelined round trip. A message another gateway claimed first comes back
 with that gateway's name: it is a replay there. The local replay cache stays the first
 check and the durable one; Redis holds no keys, only who accepted which message.
 
-Not wired into the daemon yet (issue 14 is in progress): the claims client and its tests
-against Debian's redis-server come first.
+Grant events: Redis is not trusted with the firewall. Every grant change one gateway
+makes is an event (open, close; an extension is an open with a later expiry, an expiry a
+close) that the others apply only if its HMAC-SHA256 under the fleet key verifies, and
+only once: each gateway numbers its events (``seq``, from its clock in nanoseconds, so a
+restart goes on upwards), and a receiver keeps the highest number seen per gateway. So
+someone who can write to Redis but holds no fleet key can open no port anywhere, nor play
+a captured event again.
+
+Not wired into the daemon yet (issue 14 is in progress): these blocks and their tests come
+first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac
+
+from .firewall.base import Grant
 
 REPLAY_PREFIX = "kf:replay:"
 # One attempt per round trip, each bounded: the loop that judges must never wait long on
@@ -98,3 +118,140 @@ def _text(value: bytes | str) -> str:
 
 def _why(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+# --- signed grant events -----------------------------------------------------------------
+
+EVENT_VERSION = "1"
+EVENT_ACTIONS = ("open", "close")
+MAX_EVENT_SKEW = 60.0  # seconds an event's time may differ from the receiver's clock
+MAX_EVENT_BYTES = 1024  # an event's fields together: a grant is about 200 bytes
+
+
+class EventRejected(Exception):
+    """An event a gateway does not apply; ``str()`` is one line saying why (for the log)."""
+
+
+@dataclass(frozen=True)
+class GrantEvent:
+    gateway: str  # who made the change
+    seq: int  # its number: higher than every earlier event of that gateway
+    time: float  # when (unix seconds)
+    action: str  # "open" | "close"
+    grant: Grant  # expiry absolute, so every gateway's kernel timeout agrees
+
+
+def _grant_fields(grant: Grant) -> dict[str, object]:
+    return {
+        "source": str(grant.source),
+        "proto": grant.proto,
+        "port": grant.port,
+        "destination": str(grant.destination) if grant.destination else None,
+        "expires": grant.expires,
+        "user": grant.user,
+    }
+
+
+def _signed_bytes(fields: Mapping[str, str]) -> bytes:
+    # Every field but the MAC, in one canonical order: nothing unsigned can change meaning.
+    return json.dumps(
+        {key: fields[key] for key in ("v", "gw", "seq", "t", "ev")},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+def _mac(key: bytes, data: bytes) -> hmac.HMAC:
+    mac = hmac.HMAC(key, hashes.SHA256())
+    mac.update(data)
+    return mac
+
+
+class EventSigner:
+    """Makes this gateway's events: numbered upwards, signed with the fleet key."""
+
+    def __init__(
+        self, key: bytes, gateway: str, clock_ns: Callable[[], int] = time.time_ns
+    ) -> None:
+        if len(key) < 32:
+            raise ValueError("a fleet key has at least 32 bytes")
+        self._key = key
+        self.gateway = gateway
+        self._clock_ns = clock_ns
+        self._last_seq = 0
+
+    def sign(self, action: str, grant: Grant) -> dict[str, str]:
+        """The stream entry's fields of one grant change."""
+        if action not in EVENT_ACTIONS:
+            raise ValueError(f"event action {action!r} is not one of {EVENT_ACTIONS}")
+        now_ns = self._clock_ns()
+        self._last_seq = seq = max(self._last_seq + 1, now_ns)  # upwards even if the clock stalls
+        fields = {
+            "v": EVENT_VERSION,
+            "gw": self.gateway,
+            "seq": str(seq),
+            "t": repr(now_ns / 1e9),
+            "ev": json.dumps({"action": action, **_grant_fields(grant)}, sort_keys=True),
+        }
+        fields["mac"] = _mac(self._key, _signed_bytes(fields)).finalize().hex()
+        return fields
+
+
+class EventVerifier:
+    """Checks the events read from the stream: authentic, fresh, not seen before, well
+    formed; keeps the highest number seen per gateway (``seen``)."""
+
+    def __init__(
+        self, key: bytes, clock: Callable[[], float] = time.time, max_skew: float = MAX_EVENT_SKEW
+    ) -> None:
+        self._key = key
+        self._clock = clock
+        self.max_skew = max_skew
+        self.seen: dict[str, int] = {}
+
+    def verify(self, raw: Mapping[bytes | str, bytes | str]) -> GrantEvent:
+        """The event of one stream entry; EventRejected says why not (one line)."""
+        fields = {_text(name): _text(value) for name, value in raw.items()}
+        if sum(len(name) + len(value) for name, value in fields.items()) > MAX_EVENT_BYTES:
+            raise EventRejected("event too large")
+        missing = {"v", "gw", "seq", "t", "ev", "mac"} - fields.keys()
+        if missing:
+            raise EventRejected(f"event without {', '.join(sorted(missing))}")
+        if fields["v"] != EVENT_VERSION:
+            raise EventRejected(f"event version {fields['v'][:16]!r}, this gateway reads 1")
+        try:
+            tag = bytes.fromhex(fields["mac"])
+        except ValueError:
+            raise EventRejected("event MAC is not hex") from None
+        try:  # first, and in constant time: nothing unauthenticated is parsed further
+            _mac(self._key, _signed_bytes(fields)).verify(tag)
+        except InvalidSignature:
+            raise EventRejected(
+                f"event from {fields['gw'][:64]!r} fails its MAC: not made with the fleet key"
+            ) from None
+        gateway = fields["gw"]
+        try:
+            seq, moment = int(fields["seq"]), float(fields["t"])
+            body = json.loads(fields["ev"])
+            action = body["action"]
+            grant = Grant(
+                ipaddress.ip_address(body["source"]),
+                body["proto"],
+                body["port"],
+                ipaddress.ip_address(body["destination"]) if body["destination"] else None,
+                body["expires"],
+                body["user"],
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise EventRejected(f"event from {gateway!r} is malformed: {error}") from None
+        if action not in EVENT_ACTIONS:
+            raise EventRejected(f"event from {gateway!r}: unknown action {action!r}")
+        if not math.isfinite(moment) or abs(moment - self._clock()) > self.max_skew:
+            raise EventRejected(
+                f"event {seq} from {gateway!r} is dated {moment:.0f}, more than "
+                f"{self.max_skew:.0f} s from this gateway's clock"
+            )
+        if seq <= self.seen.get(gateway, 0):
+            raise EventRejected(f"event {seq} from {gateway!r} was seen before (a replay)")
+        self.seen[gateway] = seq
+        return GrantEvent(gateway, seq, moment, action, grant)

@@ -1,23 +1,33 @@
 """Fleet-wide replay claims against Debian's redis-server, started here on loopback and
-stopped by its PID (tests/redis_server.py). Issue 14, part 1's building block."""
+stopped by its PID (tests/redis_server.py), and the signed grant events (issue 14)."""
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import time
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from redis_server import REDIS_SERVER, RedisServer
 
-from knockd_fast.fleet import Claim, FleetUnavailable, ReplayClaims, claim_key
-
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server is not installed (make test installs it)"
+from knockd_fast.firewall.base import Grant
+from knockd_fast.fleet import (
+    Claim,
+    EventRejected,
+    EventSigner,
+    EventVerifier,
+    FleetUnavailable,
+    ReplayClaims,
+    claim_key,
 )
 
 
 @pytest.fixture
 def redis_server(tmp_path):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
     server = RedisServer.start(tmp_path / "redis")
     try:
         yield server
@@ -79,3 +89,86 @@ def test_nothing_to_claim_costs_no_round_trip() -> None:
 def test_a_gateway_name_with_spaces_or_none_is_refused(name: str) -> None:
     with pytest.raises(ValueError):
         ReplayClaims(object(), name)
+
+
+# --- signed grant events ------------------------------------------------------------------
+
+FLEET_KEY = bytes(range(32))
+NOW = 1_800_000_000.0
+GRANT = Grant(ipaddress.ip_address("192.0.2.2"), "tcp", 22, ipaddress.ip_address("192.0.2.1"),
+              int(NOW) + 300, "alice")  # fmt: skip
+
+
+def signer(gateway: str = "gw1", key: bytes = FLEET_KEY, at: float = NOW) -> EventSigner:
+    return EventSigner(key, gateway, clock_ns=lambda: int(at * 1e9))
+
+
+def verifier(at: float = NOW) -> EventVerifier:
+    return EventVerifier(FLEET_KEY, clock=lambda: at)
+
+
+def test_an_event_signed_with_the_fleet_key_is_applied_once() -> None:
+    fields = signer().sign("open", GRANT)
+    receiver = verifier()
+    event = receiver.verify(fields)
+    assert (event.gateway, event.action, event.grant) == ("gw1", "open", GRANT)
+    with pytest.raises(EventRejected, match=r"was seen before \(a replay\)"):
+        receiver.verify(fields)
+
+
+def test_events_of_one_gateway_number_upwards_across_a_restart_and_a_stalled_clock() -> None:
+    first = signer()
+    a, b = first.sign("open", GRANT), first.sign("close", GRANT)  # same clock reading
+    restarted = signer(at=NOW + 1)  # a new process: its numbers start from its clock
+    c = restarted.sign("open", GRANT)
+    receiver = verifier(NOW + 1)
+    assert [receiver.verify(f).seq for f in (a, b, c)] == sorted({int(f["seq"]) for f in (a, b, c)})
+
+
+def test_an_event_without_the_fleet_key_opens_nothing() -> None:
+    forged = signer(key=b"\x01" * 32).sign("open", GRANT)
+    with pytest.raises(EventRejected, match="fails its MAC: not made with the fleet key"):
+        verifier().verify(forged)
+
+
+@given(field=st.sampled_from(["v", "gw", "seq", "t", "ev", "mac"]), junk=st.text(max_size=40))
+def test_any_change_to_a_signed_event_is_refused(field: str, junk: str) -> None:
+    fields = signer().sign("open", GRANT)
+    assume(junk != fields[field])
+    with pytest.raises(EventRejected):
+        verifier().verify({**fields, field: junk})
+
+
+@given(st.dictionaries(st.text(max_size=8), st.text(max_size=60), max_size=8))
+def test_garbage_entries_are_refused_in_one_line(raw: dict) -> None:
+    with pytest.raises(EventRejected) as info:
+        verifier().verify(raw)
+    assert "\n" not in str(info.value)
+
+
+def test_an_old_or_future_event_is_refused() -> None:
+    fields = signer(at=NOW - 120).sign("open", GRANT)
+    with pytest.raises(EventRejected, match="more than 60 s from this gateway's clock"):
+        verifier().verify(fields)
+
+
+def test_events_travel_on_a_redis_stream_and_a_forged_entry_is_ignored(redis_server) -> None:
+    """The transport the fleet will use: XADD by one gateway (and by someone without the
+    key), XREAD by another, which applies only what verifies."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    gw1 = EventSigner(FLEET_KEY, "gw1")
+    client.xadd("kf:grants", gw1.sign("open", GRANT))
+    client.xadd("kf:grants", {**gw1.sign("close", GRANT), "ev": '{"action": "open"}'})
+    client.xadd("kf:grants", EventSigner(b"\x02" * 32, "gw9").sign("open", GRANT))
+    receiver = EventVerifier(FLEET_KEY)
+    applied, refused = [], []
+    for _, entries in client.xread({"kf:grants": "0"}):
+        for _, raw in entries:
+            try:
+                applied.append(receiver.verify(raw))
+            except EventRejected as error:
+                refused.append(str(error))
+    assert [(e.gateway, e.action) for e in applied] == [("gw1", "open")]
+    assert len(refused) == 2 and all("fails its MAC" in why for why in refused), refused
