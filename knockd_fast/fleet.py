@@ -34,7 +34,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
 
-from .firewall.base import Grant
+from .firewall.base import Grant, format_key
 
 REPLAY_PREFIX = "kf:replay:"
 # One attempt per round trip, each bounded: the loop that judges must never wait long on
@@ -209,8 +209,12 @@ class EventVerifier:
         self.max_skew = max_skew
         self.seen: dict[str, int] = {}
 
-    def verify(self, raw: Mapping[bytes | str, bytes | str]) -> GrantEvent:
-        """The event of one stream entry; EventRejected says why not (one line)."""
+    def verify(
+        self, raw: Mapping[bytes | str, bytes | str], snapshot: bool = False
+    ) -> GrantEvent:
+        """The event of one stream entry; EventRejected says why not (one line). A
+        ``snapshot`` entry (the live grants a joining gateway loads) may be old: it must
+        verify and its grant must still be live; it is not numbered against the stream's."""
         fields = {_text(name): _text(value) for name, value in raw.items()}
         if sum(len(name) + len(value) for name, value in fields.items()) > MAX_EVENT_BYTES:
             raise EventRejected("event too large")
@@ -246,6 +250,11 @@ class EventVerifier:
             raise EventRejected(f"event from {gateway!r} is malformed: {error}") from None
         if action not in EVENT_ACTIONS:
             raise EventRejected(f"event from {gateway!r}: unknown action {action!r}")
+        if snapshot:
+            if grant.expires <= self._clock():
+                raise EventRejected(f"snapshot grant from {gateway!r} has expired")
+            self.seen[gateway] = max(seq, self.seen.get(gateway, 0))
+            return GrantEvent(gateway, seq, moment, action, grant)
         if not math.isfinite(moment) or abs(moment - self._clock()) > self.max_skew:
             raise EventRejected(
                 f"event {seq} from {gateway!r} is dated {moment:.0f}, more than "
@@ -255,3 +264,70 @@ class EventVerifier:
             raise EventRejected(f"event {seq} from {gateway!r} was seen before (a replay)")
         self.seen[gateway] = seq
         return GrantEvent(gateway, seq, moment, action, grant)
+
+
+# --- the bus: the live grants and the stream of changes, kept in step --------------------
+
+STREAM = "kf:grants"  # every change, in order
+LIVE = "kf:live"  # the live grants: grant key -> the signed event that opened it
+STREAM_LENGTH = 100_000  # changes kept (approximately): a gateway away longer loads LIVE
+
+
+def grant_field(grant: Grant) -> str:
+    """A grant's field in LIVE: its key, as logs write it (``198.51.100.7 22/tcp``)."""
+    return format_key(grant.key)
+
+
+class GrantBus:
+    """The fleet's grant changes on Redis. ``publish`` adds a change to the stream and to
+    the live grants in one transaction, so the two never disagree; ``join`` reads the live
+    grants and the stream's last entry in one transaction: a gateway that applies the
+    snapshot and then follows the stream from there misses no change and sees none twice."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def publish(self, fields: Mapping[str, str], action: str, grant: Grant) -> str:
+        """One signed change (``EventSigner.sign``); the stream entry's id."""
+        import redis
+
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(STREAM, dict(fields), maxlen=STREAM_LENGTH, approximate=True)
+        if action == "open":
+            pipe.hset(LIVE, grant_field(grant), json.dumps(dict(fields)))
+        else:
+            pipe.hdel(LIVE, grant_field(grant))
+        try:
+            entry_id = pipe.execute()[0]
+        except redis.RedisError as error:
+            raise FleetUnavailable(f"redis: {_why(error)}") from None
+        return _text(entry_id)
+
+    def join(self) -> tuple[list[Mapping[str, str]], str]:
+        """(the live grants' signed events, the stream id to follow from)."""
+        import redis
+
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(LIVE)
+        pipe.xrevrange(STREAM, count=1)
+        try:
+            live, last = pipe.execute()
+        except redis.RedisError as error:
+            raise FleetUnavailable(f"redis: {_why(error)}") from None
+        snapshot = []
+        for raw in live.values():
+            try:
+                snapshot.append(json.loads(raw))
+            except ValueError:
+                snapshot.append({})  # the verifier refuses it, and says so
+        return snapshot, _text(last[0][0]) if last else "0-0"
+
+    def follow(self, after: str, block_ms: int = 1000, count: int = 512):
+        """The stream's entries after ``after``: [(id, fields)], waiting up to ``block_ms``."""
+        import redis
+
+        try:
+            found = self.client.xread({STREAM: after}, count=count, block=block_ms)
+        except redis.RedisError as error:
+            raise FleetUnavailable(f"redis: {_why(error)}") from None
+        return [(_text(entry_id), raw) for _, entries in found or () for entry_id, raw in entries]

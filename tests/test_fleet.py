@@ -4,6 +4,7 @@ stopped by its PID (tests/redis_server.py), and the signed grant events (issue 1
 from __future__ import annotations
 
 import ipaddress
+import json
 import secrets
 import time
 
@@ -14,13 +15,16 @@ from redis_server import REDIS_SERVER, RedisServer
 
 from knockd_fast.firewall.base import Grant
 from knockd_fast.fleet import (
+    LIVE,
     Claim,
     EventRejected,
     EventSigner,
     EventVerifier,
     FleetUnavailable,
+    GrantBus,
     ReplayClaims,
     claim_key,
+    grant_field,
 )
 
 
@@ -172,3 +176,56 @@ def test_events_travel_on_a_redis_stream_and_a_forged_entry_is_ignored(redis_ser
                 refused.append(str(error))
     assert [(e.gateway, e.action) for e in applied] == [("gw1", "open")]
     assert len(refused) == 2 and all("fails its MAC" in why for why in refused), refused
+
+
+def test_a_joining_gateway_loads_the_live_grants_then_follows_missing_none_twice(
+    redis_server,
+) -> None:
+    """The snapshot and the stream position come from one transaction: applying the one and
+    then following the other gives every live grant exactly once."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    bus, gw1 = GrantBus(client), EventSigner(FLEET_KEY, "gw1")
+
+    def grant(port: int) -> Grant:
+        return Grant(GRANT.source, "tcp", port, GRANT.destination, int(time.time()) + 300, "alice")
+
+    def change(action: str, port: int) -> None:
+        bus.publish(gw1.sign(action, grant(port)), action, grant(port))
+
+    change("open", 22)
+    change("open", 443)
+    change("close", 22)
+    # Someone who can write to Redis, without the fleet key, adds a live "grant".
+    client.hset(LIVE, "198.51.100.66 22/tcp", json.dumps(EventSigner(b"\x03" * 32, "gw9").sign(
+        "open", grant(22))))  # fmt: skip
+    receiver, live, refused, applied = EventVerifier(FLEET_KEY), {}, [], []
+
+    def apply(raw, snapshot: bool = False) -> None:
+        try:
+            event = receiver.verify(raw, snapshot=snapshot)
+        except EventRejected as error:
+            refused.append(str(error))
+            return
+        applied.append((event.gateway, event.seq))
+        key = grant_field(event.grant)
+        if event.action == "open":
+            live[key] = event.grant
+        else:
+            live.pop(key, None)
+
+    snapshot, position = bus.join()
+    for raw in snapshot:
+        apply(raw, snapshot=True)
+    assert sorted(live) == ["192.0.2.2 -> 192.0.2.1 443/tcp"]
+    assert len(refused) == 1 and "fails its MAC" in refused[0]
+    change("open", 8443)
+    change("close", 443)
+    entries = bus.follow(position, block_ms=100)
+    assert len(entries) == 2, "only what came after the snapshot"
+    for _, raw in entries:
+        apply(raw)
+    assert sorted(live) == ["192.0.2.2 -> 192.0.2.1 8443/tcp"]
+    assert bus.follow(entries[-1][0], block_ms=50) == []
+    assert len(applied) == len(set(applied)) == 3, "the 443 open once, then two changes"
