@@ -1,11 +1,11 @@
 """The fleet: several gateways sharing what one of them accepted, through Redis (issue 14).
 
-This module holds the fleet-wide replay claims, and the signed grant events the gateways
-will exchange on a Redis stream.
+This module holds the three pieces the gateways share through Redis: replay claims,
+signed grant events, and the bus that carries them.
 
-Replay claims: every message a gateway accepts is claimed
-with ``SET kf:replay:<user>:<siv> <gateway> NX GET EX <seconds>``, all of one judging
-slice in one pipelined round trip. A message another gateway claimed first comes back
+Replay claims: every message a gateway accepts is claimed with
+``SET kf:replay:<user>:<siv> <gateway> NX GET EX <seconds>``, all of one judging slice in
+one pipelined round trip. A message another gateway claimed first comes back
 with that gateway's name: it is a replay there. The local replay cache stays the first
 check and the durable one; Redis holds no keys, only who accepted which message.
 
@@ -16,6 +16,10 @@ only once: each gateway numbers its events (``seq``, from its clock in nanosecon
 restart goes on upwards), and a receiver keeps the highest number seen per gateway. So
 someone who can write to Redis but holds no fleet key can open no port anywhere, nor play
 a captured event again.
+
+The bus: a stream of the changes and a hash of the live grants, kept in step by one
+transaction per change, so that a gateway that joins loads the live grants and follows the
+stream from exactly where they were read.
 
 Not wired into the daemon yet (issue 14 is in progress): these blocks and their tests come
 first.
@@ -61,12 +65,27 @@ def claim_key(user_id: int, siv: bytes) -> str:
     return f"{REPLAY_PREFIX}{user_id}:{siv.hex()}"
 
 
+MIN_FLEET_KEY_BYTES = 32
+
+
+def check_gateway(name: str) -> str:
+    """A gateway's name, as claims and events carry it: not empty, no spaces."""
+    if not name or any(c.isspace() for c in name):
+        raise ValueError(f"gateway name {name!r}: no spaces, not empty")
+    return name
+
+
+def check_fleet_key(key: bytes) -> bytes:
+    if len(key) < MIN_FLEET_KEY_BYTES:
+        raise ValueError(f"a fleet key has at least {MIN_FLEET_KEY_BYTES} bytes, not {len(key)}")
+    return key
+
+
 class ReplayClaims:
     """Fleet-wide claims of accepted messages, for the gateway named ``gateway``."""
 
     def __init__(self, client: Any, gateway: str) -> None:
-        if not gateway or any(c.isspace() for c in gateway):
-            raise ValueError(f"gateway name {gateway!r}: no spaces, not empty")
+        check_gateway(gateway)
         self.client = client
         self.gateway = gateway
         self._own = gateway.encode()
@@ -173,10 +192,8 @@ class EventSigner:
     def __init__(
         self, key: bytes, gateway: str, clock_ns: Callable[[], int] = time.time_ns
     ) -> None:
-        if len(key) < 32:
-            raise ValueError("a fleet key has at least 32 bytes")
-        self._key = key
-        self.gateway = gateway
+        self._key = check_fleet_key(key)
+        self.gateway = check_gateway(gateway)
         self._clock_ns = clock_ns
         self._last_seq = 0
 
@@ -204,7 +221,7 @@ class EventVerifier:
     def __init__(
         self, key: bytes, clock: Callable[[], float] = time.time, max_skew: float = MAX_EVENT_SKEW
     ) -> None:
-        self._key = key
+        self._key = check_fleet_key(key)
         self._clock = clock
         self.max_skew = max_skew
         self.seen: dict[str, int] = {}

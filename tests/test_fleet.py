@@ -229,3 +229,11 @@ def test_a_joining_gateway_loads_the_live_grants_then_follows_missing_none_twice
     assert sorted(live) == ["192.0.2.2 -> 192.0.2.1 8443/tcp"]
     assert bus.follow(entries[-1][0], block_ms=50) == []
     assert len(applied) == len(set(applied)) == 3, "the 443 open once, then two changes"
+
+
+@pytest.mark.parametrize("key", [b"", b"\x00" * 31])
+def test_a_fleet_key_shorter_than_32_bytes_is_refused(key: bytes) -> None:
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        EventSigner(key, "gw1")
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        EventVerifier(key)
