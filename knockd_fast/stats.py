@@ -31,10 +31,6 @@ class Histogram:
     counts: tuple[int, ...]
     total: float
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
 
 class LatencyHistogram:
     """Seconds from a knock's capture to its decision, counted per bucket on the loop's

@@ -1,6 +1,6 @@
 """Fixtures shared by the test files: the capture twins, the `knock` command, its environment,
-a key, a netns, two hosts, a holder of a state directory's lock; and the ``extension``
-marker (skipped in the pure-twin run)."""
+a key, a netns, two hosts, a started daemon in them (``e2e``), a holder of a state
+directory's lock; and the ``extension`` marker (skipped in the pure-twin run)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from types import ModuleType
 
 import pytest
 import twins
+from e2e import doorman
 from netns import NetnsUnavailable, network_namespace, two_hosts
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
@@ -100,6 +101,20 @@ def hosts() -> Iterator[tuple[str, str, str]]:
     """Two hosts on a veth (``netns.two_hosts``): (server namespace, client namespace,
     server interface); deleted afterwards, always."""
     yield from _in_namespaces(two_hosts())
+
+
+@pytest.fixture
+def e2e(tmp_path):
+    """``e2e(**options)``: a started ``Harness`` (tests/e2e.py ``doorman``), torn down after."""
+    with contextlib.ExitStack() as stack:
+
+        def make(**options):
+            try:
+                return stack.enter_context(doorman(tmp_path / "e2e", **options))
+            except NetnsUnavailable as error:
+                pytest.skip(f"network namespaces unavailable: {error}")
+
+        yield make
 
 
 # Takes a state directory's lock as `knockd-fast run` does, says so, and holds it.

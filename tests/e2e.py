@@ -443,8 +443,13 @@ class Harness:
         """The text (``log_text``) of the first log line from ``since`` (default: the last
         action) that ``pattern`` matches."""
         regex = re.compile(pattern)
+
+        def find(line: str) -> str | None:
+            text = log_text(line)
+            return text if regex.search(text) else None
+
         return self._wait(
-            lambda line: log_text(line) if regex.search(log_text(line)) else None,
+            find,
             timeout,
             since,
             f"log line matching {pattern!r}",

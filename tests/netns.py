@@ -29,6 +29,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +69,13 @@ def ip(*args: str, batch: str | None = None) -> None:
 
 
 # --- namespaces ------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (free in a fresh namespace too, on its loopback)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def namespace_name(prefix: str = "kf") -> str:

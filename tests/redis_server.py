@@ -17,14 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from netns import free_port
+
 REDIS_SERVER = shutil.which("redis-server")
 START_TIMEOUT = 10.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

@@ -55,20 +55,6 @@ def family_args(family: int) -> tuple[str, ...]:
     return ("-6",) if family == 6 else ("-4",)
 
 
-@pytest.fixture
-def e2e(tmp_path):
-    """``e2e(**options)``: a started ``Harness`` (tests/e2e.py ``doorman``), torn down after."""
-    with contextlib.ExitStack() as stack:
-
-        def make(**options):
-            try:
-                return stack.enter_context(doorman(tmp_path / "e2e", **options))
-            except NetnsUnavailable as error:
-                pytest.skip(f"network namespaces unavailable: {error}")
-
-        yield make
-
-
 def iso_seconds(stamp: str) -> float:
     """Unix seconds of a decision's ``time`` (``2026-11-27T10:46:26.123Z``)."""
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

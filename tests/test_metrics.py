@@ -4,19 +4,17 @@ and ``status`` reading its counters back. The mapping of every counter is checke
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import secrets
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from e2e import SERVER_V4, doorman, knockd_command, ns_run
-from netns import NetnsUnavailable
+from e2e import SERVER_V4, knockd_command, ns_run
+from netns import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from knock_client.protocol import Action, Knock, KnockLayout, Proto, seal
@@ -73,12 +71,6 @@ def scrape_until(h, port: int, ready, timeout: float = 10.0) -> Samples:
         time.sleep(0.1)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:  # any port free here is free in a fresh namespace too
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def forged(claimed: str) -> bytes:
     """alice's user id, sealed with a key that is not hers: authentic to no one."""
     knock = Knock(
@@ -88,25 +80,13 @@ def forged(claimed: str) -> bytes:
     return seal(knock, secrets.token_bytes(64))
 
 
-@pytest.fixture
-def metrics_doorman(tmp_path):
-    def make(**options):
-        try:
-            return stack.enter_context(doorman(tmp_path / "e2e", **options))
-        except NetnsUnavailable as error:
-            pytest.skip(f"network namespaces unavailable: {error}")
-
-    with contextlib.ExitStack() as stack:
-        yield make
-
-
 @pytest.mark.netns
 @pytest.mark.extension
-def test_a_scrape_of_a_running_daemon_counts_a_known_workload(metrics_doorman, tmp_path):
+def test_a_scrape_of_a_running_daemon_counts_a_known_workload(e2e, tmp_path):
     port = free_port()
     textfile = tmp_path / "textfile" / "knockd_fast.prom"
     textfile.parent.mkdir()
-    h = metrics_doorman(
+    h = e2e(
         extra={"metrics": {"listen": f"127.0.0.1:{port}", "textfile": str(textfile)}}
     )
     h.wait_log(rf"^metrics: http://127\.0\.0\.1:{port}/metrics$", since=0)
@@ -215,10 +195,10 @@ def test_a_scrape_of_a_running_daemon_counts_a_known_workload(metrics_doorman, t
 @pytest.mark.netns
 @pytest.mark.extension
 def test_a_metrics_port_already_taken_stops_the_start_before_the_firewall(
-    metrics_doorman,
+    e2e,
 ) -> None:
     port = free_port()
-    h = metrics_doorman(start=False, extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
+    h = e2e(start=False, extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
     code = (
         f"import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', {port})); "
         "s.listen(); print('ready', flush=True); sys.stdin.read()"

@@ -8,7 +8,6 @@ credentials as systemd reads them (``NotifyAccess=main`` accepts only the main p
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -20,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e import SERVER_V4, doorman
-from netns import NetnsUnavailable
+from e2e import SERVER_V4
 
 from knockd_fast.sdnotify import ServiceNotifier, socket_address, watchdog_period
 
@@ -243,20 +241,6 @@ def test_send_failure_is_logged_once_and_never_raised(tmp_path, caplog):
 
 
 # --- the real daemon --------------------------------------------------------------------
-
-
-@pytest.fixture
-def e2e(tmp_path):
-    """``e2e(**options)``: a started ``Harness`` (tests/e2e.py ``doorman``), torn down after."""
-    with contextlib.ExitStack() as stack:
-
-        def make(**options):
-            try:
-                return stack.enter_context(doorman(tmp_path / "e2e", **options))
-            except NetnsUnavailable as error:
-                pytest.skip(f"network namespaces unavailable: {error}")
-
-        yield make
 
 
 @pytest.fixture

@@ -321,11 +321,13 @@ class FirewallWorker(threading.Thread):
         self.changes[change] += 1
         return self._event(f"opened {describe(grant)}", change, grant)
 
-    def _event(self, text: str, change: str, grant: Grant | None, **fields: object) -> Event:
-        """A firewall line: ``firewall: TEXT``, and for the JSON log the change with its
-        grant's fields."""
+    def _event(
+        self, text: str, change: str, grant: Grant | None, tag: str | None = None, **fields: object
+    ) -> Event:
+        """A firewall line: ``TAG: TEXT`` (the worker's tag by default), and for the JSON log
+        the change with its grant's fields."""
         return Event(
-            f"{self.tag}: {text}",
+            f"{tag or self.tag}: {text}",
             "firewall",
             change=change,
             backend=self.firewall.name,
@@ -403,12 +405,8 @@ class FirewallWorker(threading.Thread):
                 outcome = f"not extended: {text} stays until {iso_time(held.expires)}"
             else:
                 outcome = f"in the firewall after all: {text}"
-        text = f"firewall: {what} failed after {attempts} attempts: {error}; {outcome}"
-        fields = grant_fields(grant) if grant is not None else {}
-        log.error(
-            Event(text, "firewall", change="failed", backend=self.firewall.name, **fields,
-                  operation=what)
-        )  # fmt: skip
+        text = f"{what} failed after {attempts} attempts: {error}; {outcome}"
+        log.error(self._event(text, "failed", grant, tag="firewall", operation=what))
         if live is not None:
             log.warning("firewall: view reconciled from the firewall: %d live grants", len(live))
 
