@@ -77,7 +77,37 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
     for line in host_warnings(config):
         print(f"warning: {config.path}: {line}", file=sys.stderr)
+    for line in fleet_lines(config):
+        print(line, file=sys.stderr)
     return 0
+
+
+# Per-flow ECMP hashes each packet's 5-tuple: a knock's packets (one port each) scatter
+# over the gateways, and no gateway sees a whole knock. Packets are not shipped between
+# gateways (that would let anyone who can reach one gateway feed the others).
+KNOCK_MODE_IN_A_FLEET = (
+    "knock mode (syn, udp) needs every packet of one knock at one gateway: it works behind "
+    "an HA pair (one gateway active at a time) or a balancer that hashes on the source "
+    "address only; behind per-flow ECMP or anycast a knock's packets are scattered over "
+    'the gateways and it fails: there use single-packet mode only (knock.modes = ["spa"]), '
+    "which every gateway judges alone"
+)
+
+
+def fleet_lines(config: Config) -> list[str]:
+    """What ``check-config`` (and the start) say of ``[fleet]``."""
+    fleet = config.fleet
+    if not fleet.enabled:
+        return []
+    where = fleet.url.split("://", 1)[1].split("/", 1)[0]
+    tls = "TLS" if fleet.url.startswith("rediss://") else "no TLS"
+    lines = [
+        f"fleet: gateway {fleet.gateway} shares claims and grants through redis at {where} "
+        f"({tls}); while it is unreachable: {fleet.on_unavailable}"
+    ]
+    if config.knock.knock_mode:
+        lines.append(f"note: {config.path}: fleet: {KNOCK_MODE_IN_A_FLEET}")
+    return lines
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -155,6 +185,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             grants_expired=len(removed),
         )
     )
+    for line in fleet_lines(config):
+        log.info(line)
     doorman.install_signal_handlers()
     tune_garbage_collector()
     try:

@@ -16,6 +16,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import stat
 import tomllib
 import types
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from knock_client.cli import UsageError, parse_port_spec
-from knock_client.keys import KeyFileError, load_key
+from knock_client.keys import KeyFileError, load_key, read_private_file
 from knock_client.protocol import (
     MAX_USER_ID,
     MESSAGE_LEN_IPV4,
@@ -165,6 +166,35 @@ class MetricsSettings:
         return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
+FLEET_ON_UNAVAILABLE = ("local", "refuse")
+_FLEET_URL = re.compile(r"rediss?://[^\s]+")
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """``[fleet]``: the gateways this one shares replay claims and grants with, through
+    Redis (docs/admin.md, "A fleet of gateways"). Off while ``url`` is empty.
+
+    ``key`` (the fleet key, from ``key_file``) and ``password`` (from ``password_file``)
+    are left out of ``repr``: a logged settings object never shows a secret."""
+
+    url: str = ""  # redis://HOST:PORT/DB, or rediss:// for TLS
+    gateway: str = ""  # this gateway's name in claims and events (default: the host name)
+    key_file: Path | None = None
+    username: str = ""  # a Redis ACL user; "" is the default user
+    password_file: Path | None = None
+    tls_ca_file: Path | None = None  # the CA that signed the server's certificate
+    tls_cert_file: Path | None = None  # this gateway's client certificate, if Redis asks
+    tls_key_file: Path | None = None
+    on_unavailable: str = "local"  # FLEET_ON_UNAVAILABLE
+    key: bytes = field(default=b"", repr=False)
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
 @dataclass(frozen=True)
 class LimitSettings:
     """``[limits]``: the caps of every user whose ``[[users]]`` entry does not set its own."""
@@ -219,6 +249,7 @@ class Config:
     users: Mapping[int, User]  # by id; read-only (types.MappingProxyType)
     limits: LimitSettings = LimitSettings()  # the defaults; each User holds its own caps
     metrics: MetricsSettings = MetricsSettings()
+    fleet: FleetSettings = FleetSettings()
 
 
 # --- reloading ------------------------------------------------------------------------
@@ -246,6 +277,15 @@ RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("grants.ipset_maxelem", lambda c: c.grants.ipset_maxelem),
     ("state.directory", lambda c: c.state_dir),
     ("metrics.listen", lambda c: c.metrics.listen_text),
+    # The link to the fleet is made once; a reload changes only what it does while down.
+    ("fleet.url", lambda c: c.fleet.url),
+    ("fleet.gateway", lambda c: c.fleet.gateway),
+    ("fleet.key_file", lambda c: c.fleet.key_file),
+    ("fleet.username", lambda c: c.fleet.username),
+    ("fleet.password_file", lambda c: c.fleet.password_file),
+    ("fleet.tls_ca_file", lambda c: c.fleet.tls_ca_file),
+    ("fleet.tls_cert_file", lambda c: c.fleet.tls_cert_file),
+    ("fleet.tls_key_file", lambda c: c.fleet.tls_key_file),
 )
 
 
@@ -271,6 +311,7 @@ def reloaded(running: Config, fresh: Config) -> tuple[Config, list[str]]:
         max_timeout=fresh.grants.max_timeout,
     )
     metrics = dataclasses.replace(fresh.metrics, listen=running.metrics.listen)
+    fleet = dataclasses.replace(running.fleet, on_unavailable=fresh.fleet.on_unavailable)
     effective = dataclasses.replace(
         fresh,
         knock=knock,
@@ -278,6 +319,7 @@ def reloaded(running: Config, fresh: Config) -> tuple[Config, list[str]]:
         grants=grants,
         state_dir=running.state_dir,
         metrics=metrics,
+        fleet=fleet,
     )
     return effective, pending
 
@@ -353,6 +395,33 @@ def insecure_path(path: Path) -> str | None:
 
 
 _Section = dict[str, Any]
+
+
+def _password(path: Path) -> str:
+    """A password file: one line of printable text."""
+    data = read_private_file(path, f"password file {path}")
+    try:
+        text = data.decode().strip()
+    except UnicodeDecodeError:
+        raise KeyFileError(f"password file {path}: not UTF-8 text") from None
+    if not text or not text.isprintable():
+        raise KeyFileError(f"password file {path}: not one line of printable text")
+    return text
+
+
+def _private(path: Path) -> None:
+    """A TLS private key (PEM, of any size): a regular file only its owner may read."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise KeyFileError(f"key file {path}: {error.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyFileError(f"key file {path}: not a regular file")
+    if info.st_mode & 0o077:
+        raise KeyFileError(
+            f"key file {path}: readable or writable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
+        )
 
 
 class _Reader:
@@ -451,7 +520,9 @@ class _Reader:
 
     def config(self, data: _Section, path: Path, load_keys: bool) -> Config:
         self.no_unknown(
-            data, "", ("knock", "capture", "grants", "limits", "state", "metrics", "users")
+            data,
+            "",
+            ("knock", "capture", "grants", "limits", "state", "metrics", "fleet", "users"),
         )
         knock = self.knock(self.table(data, "knock", "knock"))
         capture = self.capture(self.table(data, "capture", "capture"))
@@ -466,6 +537,7 @@ class _Reader:
         if unsafe:  # the replay cache lives there: whoever can write it can reopen replays
             raise self.error("state.directory", unsafe)
         metrics = self.metrics(self.table(data, "metrics", "metrics"))
+        fleet = self.fleet(self.table(data, "fleet", "fleet"), load_keys)
         users = self.users(data.get("users", _REQUIRED), load_keys, limits)
         if grants.backend == "nftables":
             for index, user in enumerate(users.values()):
@@ -485,6 +557,7 @@ class _Reader:
             users=types.MappingProxyType(users),
             limits=limits,
             metrics=metrics,
+            fleet=fleet,
         )
 
     def knock(self, section: _Section) -> KnockSettings:
@@ -537,6 +610,86 @@ class _Reader:
             listen=self.listen_address(f"{p}.listen", listen) if listen else None,
             textfile=self.path(textfile) if textfile else None,
         )
+
+    def fleet(self, section: _Section, load_keys: bool) -> FleetSettings:
+        p = "fleet"
+        files = ("key_file", "password_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
+        self.no_unknown(section, p, ("url", "gateway", "username", *files, "on_unavailable"))
+        for name, value in section.items():
+            if not isinstance(value, str):
+                raise self.error(f"{p}.{name}", f"expected a string, got {_describe(value)}")
+        on_unavailable = self.choice(section, p, "on_unavailable", "local", FLEET_ON_UNAVAILABLE)
+        url = section.get("url", "")
+        if not url:
+            return FleetSettings(on_unavailable=on_unavailable)
+        if not _FLEET_URL.fullmatch(url):
+            raise self.error(
+                f"{p}.url", f"{url!r} is not redis://HOST:PORT/DB (or rediss:// for TLS)"
+            )
+        if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            raise self.error(
+                f"{p}.url",
+                "holds a user or password: put them in fleet.username and "
+                "fleet.password_file (a file only the daemon's user reads), not in the url",
+            )
+        from .fleet import check_gateway
+
+        gateway = section.get("gateway") or socket.gethostname()
+        try:
+            check_gateway(gateway)
+        except ValueError as error:
+            raise self.error(f"{p}.gateway", str(error)) from None
+        paths = {name: self.path(section[name]) if section.get(name) else None for name in files}
+        if paths["key_file"] is None:
+            raise self.error(
+                f"{p}.key_file",
+                "missing (required with a url): the fleet key every gateway shares, "
+                "made with: knock keygen --out FILE",
+            )
+        tls = [name for name in files[2:] if paths[name] is not None]
+        if tls and not url.startswith("rediss://"):
+            raise self.error(f"{p}.{tls[0]}", "set, but the url is not rediss:// (TLS)")
+        if (paths["tls_cert_file"] is None) != (paths["tls_key_file"] is None):
+            raise self.error(f"{p}.tls_cert_file", "a client certificate needs its key too")
+        key, password = b"", None
+        if load_keys:
+            key = self.secret(f"{p}.key_file", paths["key_file"], load_key)
+            if paths["password_file"] is not None:
+                password = self.secret(f"{p}.password_file", paths["password_file"], _password)
+            if paths["tls_key_file"] is not None:
+                self.secret(f"{p}.tls_key_file", paths["tls_key_file"], _private)
+            for name in ("tls_ca_file", "tls_cert_file"):
+                if paths[name] is not None:
+                    try:
+                        paths[name].open("rb").close()
+                    except OSError as error:
+                        reason = f"{paths[name]}: {error.strerror}"
+                        raise self.error(f"{p}.{name}", reason) from None
+        return FleetSettings(
+            url=url,
+            gateway=gateway,
+            key_file=paths["key_file"],
+            username=section.get("username", ""),
+            password_file=paths["password_file"],
+            tls_ca_file=paths["tls_ca_file"],
+            tls_cert_file=paths["tls_cert_file"],
+            tls_key_file=paths["tls_key_file"],
+            on_unavailable=on_unavailable,
+            key=key,
+            password=password,
+        )
+
+    def secret(self, key: str, path: Path, read: Callable[[Path], Any]) -> Any:
+        """What ``read`` makes of the secret file ``path``, with the strict checks of user
+        key files: mode 0600 or tighter, and nobody but root or us able to replace it."""
+        try:
+            value = read(path)
+        except KeyFileError as error:
+            raise self.error(key, str(error)) from None
+        unsafe = insecure_path(path)
+        if unsafe:
+            raise self.error(key, unsafe)
+        return value
 
     def listen_address(self, key: str, text: str) -> tuple[IPAddress, int]:
         """``ADDRESS:PORT`` (an IPv6 address in brackets); no names: nothing is resolved."""

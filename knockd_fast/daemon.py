@@ -180,7 +180,12 @@ class Doorman:
         self.sinks = list(sinks)
         self.clock = clock
         self.worker = worker or FirewallWorker(firewall, clock)
-        self.judge = Judge(config, replay, grants)
+        self.fleet = None
+        if config.fleet.enabled:  # [fleet]: claims and grants shared through Redis
+            from .fleetlink import FleetLink
+
+            self.fleet = FleetLink(config.fleet, self.worker, self.entitled, clock)
+        self.judge = Judge(config, replay, grants, self.fleet)
         self.backlog = Backlog(max(MIN_BACKLOG, config.capture.table_size), clock)
         self.decided: collections.Counter[tuple[str, str]] = collections.Counter()
         self.latency = LatencyHistogram()
@@ -200,8 +205,20 @@ class Doorman:
     def stop(self) -> None:
         self._stop.set()
 
+    def entitled(self, grant: Grant) -> str | None:
+        """Why this gateway's configuration does not let ``grant`` stand (an open another
+        gateway of the fleet made), or None: its user is known here and may open it."""
+        user = next((u for u in self.config.users.values() if u.name == grant.user), None)
+        if user is None:
+            return f"no user {grant.user!r} here"
+        if not user.allows(grant.port, grant.proto):
+            return f"user {grant.user!r} may not open {grant.port}/{grant.proto} here"
+        return None
+
     def run(self) -> None:
         self.worker.start()
+        if self.fleet is not None:
+            self.fleet.start()
         service = ServiceNotifier.from_environment()  # systemd's Type=notify and watchdog
         service.ready(f"capturing on {self.capture_settings.label}, {self.firewall.name} backend")
         last_prune = self.clock()
@@ -249,6 +266,8 @@ class Doorman:
             self.judge_backlog(None)
             self._to_sinks("close")
             self.worker.stop()
+            if self.fleet is not None:  # after the worker: its last changes are published
+                self.fleet.stop()
             stats = self.stats()
             if self.publisher is not None:
                 self.publisher.close(stats)
@@ -292,6 +311,7 @@ class Doorman:
             grant_changes=dict(self.worker.changes),
             firewall_pending=self.worker.pending(),
             started=self.started,
+            fleet=self.fleet.stats() if self.fleet is not None else None,
         )
 
     def _log_stop(self, stats: DoormanStats) -> None:

@@ -92,20 +92,8 @@ class ReplayClaims:
 
     @classmethod
     def connect(cls, url: str, gateway: str, password: str | None = None) -> ReplayClaims:
-        """A client of the Redis at ``url`` (``redis://`` or ``rediss://`` for TLS); no
-        connection is made until the first claim."""
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        client = redis.Redis.from_url(
-            url,
-            password=password,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=COMMAND_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-        )
-        return cls(client, gateway)
+        """Claims through a client of the Redis at ``url`` (see ``redis_client``)."""
+        return cls(redis_client(url, password=password), gateway)
 
     def claim(self, claims: Sequence[Claim]) -> list[str | None]:
         """Claim every message for this gateway in one round trip. Per claim: None when this
@@ -131,6 +119,39 @@ class ReplayClaims:
         ]
 
 
+def redis_client(
+    url: str,
+    *,
+    username: str = "",
+    password: str | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    timeout: float = COMMAND_TIMEOUT,
+) -> Any:
+    """A redis-py client of ``url`` (``redis://``, or ``rediss://`` for TLS, checked against
+    ``ca_file`` and the system's CAs, with a client certificate if given). It connects at
+    its first command; each command makes one attempt, bounded by ``timeout``."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    options: dict[str, Any] = {}
+    if url.startswith("rediss://"):
+        options.update(ssl_cert_reqs="required", ssl_ca_certs=ca_file)
+        if cert_file:
+            options.update(ssl_certfile=cert_file, ssl_keyfile=key_file)
+    return redis.Redis.from_url(
+        url,
+        username=username or None,
+        password=password,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        **options,
+    )
+
+
 def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -142,7 +163,9 @@ def _why(error: Exception) -> str:
 # --- signed grant events -----------------------------------------------------------------
 
 EVENT_VERSION = "1"
-EVENT_ACTIONS = ("open", "close")
+# An extension is an open with a later expiry. An expiry is applied by every gateway's own
+# clock (the expiry is absolute); its event keeps the stream and the live grants exact.
+EVENT_ACTIONS = ("open", "close", "expire")
 MAX_EVENT_SKEW = 60.0  # seconds an event's time may differ from the receiver's clock
 MAX_EVENT_BYTES = 1024  # an event's fields together: a grant is about 200 bytes
 
@@ -156,7 +179,7 @@ class GrantEvent:
     gateway: str  # who made the change
     seq: int  # its number: higher than every earlier event of that gateway
     time: float  # when (unix seconds)
-    action: str  # "open" | "close"
+    action: str  # EVENT_ACTIONS
     grant: Grant  # expiry absolute, so every gateway's kernel timeout agrees
 
 
@@ -227,11 +250,17 @@ class EventVerifier:
         self.seen: dict[str, int] = {}
 
     def verify(
-        self, raw: Mapping[bytes | str, bytes | str], snapshot: bool = False
+        self,
+        raw: Mapping[bytes | str, bytes | str],
+        snapshot: bool = False,
+        catch_up: bool = False,
     ) -> GrantEvent:
         """The event of one stream entry; EventRejected says why not (one line). A
         ``snapshot`` entry (the live grants a joining gateway loads) may be old: it must
-        verify and its grant must still be live; it is not numbered against the stream's."""
+        verify and its grant must still be live; it is not numbered against the stream's.
+        A ``catch_up`` entry (read again from where a gateway was before an outage) may be
+        old too, but not from the future, and is numbered as usual; an open among them must
+        still be live."""
         fields = {_text(name): _text(value) for name, value in raw.items()}
         if sum(len(name) + len(value) for name, value in fields.items()) > MAX_EVENT_BYTES:
             raise EventRejected("event too large")
@@ -272,7 +301,11 @@ class EventVerifier:
                 raise EventRejected(f"snapshot grant from {gateway!r} has expired")
             self.seen[gateway] = max(seq, self.seen.get(gateway, 0))
             return GrantEvent(gateway, seq, moment, action, grant)
-        if not math.isfinite(moment) or abs(moment - self._clock()) > self.max_skew:
+        now = self._clock()
+        if catch_up and action == "open" and grant.expires <= now:
+            raise EventRejected(f"event {seq} from {gateway!r} opened a grant since expired")
+        too_old = moment < now - self.max_skew and not catch_up
+        if not math.isfinite(moment) or too_old or moment > now + self.max_skew:
             raise EventRejected(
                 f"event {seq} from {gateway!r} is dated {moment:.0f}, more than "
                 f"{self.max_skew:.0f} s from this gateway's clock"
@@ -286,7 +319,8 @@ class EventVerifier:
 # --- the bus: the live grants and the stream of changes, kept in step --------------------
 
 STREAM = "kf:grants"  # every change, in order
-LIVE = "kf:live"  # the live grants: grant key -> the signed event that opened it
+LIVE = "kf:live"  # the live grants: grant key -> "EXPIRES\nUSER\n" + the signed open
+EPOCH = "kf:epoch"  # the first joiner's token: a Redis that lost its data has another
 STREAM_LENGTH = 100_000  # changes kept (approximately): a gateway away longer loads LIVE
 
 
@@ -295,56 +329,99 @@ def grant_field(grant: Grant) -> str:
     return format_key(grant.key)
 
 
+# One change, atomically: the stream entry, and the live grants as the firewalls hold them.
+# An open never shortens a live grant (as Firewall.open), a close removes only its user's,
+# an expiry only a grant that has not been extended since: gateways publish concurrently.
+_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 7))
+local held = redis.call('HGET', KEYS[2], ARGV[3])
+local held_expires, held_user
+if held then
+  held_expires, held_user = string.match(held, '^(%d+)\\n([^\\n]*)\\n')
+  held_expires = tonumber(held_expires)
+end
+if ARGV[2] == 'open' then
+  if not held or not held_expires or held_expires <= tonumber(ARGV[4]) then
+    redis.call('HSET', KEYS[2], ARGV[3], ARGV[6])
+  end
+elseif held and ARGV[2] == 'close' then
+  if held_user == ARGV[5] then redis.call('HDEL', KEYS[2], ARGV[3]) end
+elseif held and ARGV[2] == 'expire' then
+  if not held_expires or held_expires <= tonumber(ARGV[4]) then
+    redis.call('HDEL', KEYS[2], ARGV[3])
+  end
+end
+return id
+"""
+
+
 class GrantBus:
-    """The fleet's grant changes on Redis. ``publish`` adds a change to the stream and to
-    the live grants in one transaction, so the two never disagree; ``join`` reads the live
-    grants and the stream's last entry in one transaction: a gateway that applies the
+    """The fleet's grant changes on Redis. ``publish`` adds changes to the stream and to
+    the live grants, each atomically (a script), so the two never disagree; ``join`` reads
+    the live grants and the stream's ends in one transaction: a gateway that applies the
     snapshot and then follows the stream from there misses no change and sees none twice."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        self._publish = client.register_script(_PUBLISH)
 
     def publish(self, fields: Mapping[str, str], action: str, grant: Grant) -> str:
         """One signed change (``EventSigner.sign``); the stream entry's id."""
+        return self.publish_many([(fields, action, grant)])[0]
+
+    def publish_many(self, changes: Sequence[tuple[Mapping[str, str], str, Grant]]) -> list[str]:
+        """Several signed changes, in order, in one round trip; their stream entries' ids."""
         import redis
 
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(STREAM, dict(fields), maxlen=STREAM_LENGTH, approximate=True)
-        if action == "open":
-            pipe.hset(LIVE, grant_field(grant), json.dumps(dict(fields)))
-        else:
-            pipe.hdel(LIVE, grant_field(grant))
+        pipe = self.client.pipeline(transaction=False)
+        for fields, action, grant in changes:
+            live = f"{grant.expires}\n{grant.user}\n{json.dumps(dict(fields))}"
+            argv = [STREAM_LENGTH, action, grant_field(grant), grant.expires, grant.user, live]
+            for name, value in fields.items():
+                argv += [name, value]
+            self._publish(keys=[STREAM, LIVE], args=argv, client=pipe)
         try:
-            entry_id = pipe.execute()[0]
+            found = pipe.execute()
         except redis.RedisError as error:
             raise FleetUnavailable(f"redis: {_why(error)}") from None
-        return _text(entry_id)
+        return [_text(entry_id) for entry_id in found]
 
-    def join(self) -> tuple[list[Mapping[str, str]], str]:
-        """(the live grants' signed events, the stream id to follow from)."""
+    def join(self, token: str = "") -> tuple[list[Mapping[str, str]], str, str, str]:
+        """(the live grants' signed events, the stream's last id, its first id, the token of
+        this Redis): follow from the last; a gateway that was following from an id before
+        the first missed some. The token is the first joiner's ``token``, kept in Redis: a
+        Redis restarted without its data has a new one."""
         import redis
 
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(LIVE)
         pipe.xrevrange(STREAM, count=1)
+        pipe.xrange(STREAM, count=1)
+        pipe.set(EPOCH, token or "-", nx=True, get=True)
         try:
-            live, last = pipe.execute()
+            live, last, first, epoch = pipe.execute()
         except redis.RedisError as error:
             raise FleetUnavailable(f"redis: {_why(error)}") from None
         snapshot = []
         for raw in live.values():
             try:
-                snapshot.append(json.loads(raw))
-            except ValueError:
+                snapshot.append(json.loads(_text(raw).split("\n", 2)[2]))
+            except (ValueError, IndexError):
                 snapshot.append({})  # the verifier refuses it, and says so
-        return snapshot, _text(last[0][0]) if last else "0-0"
+        return (
+            snapshot,
+            _text(last[0][0]) if last else "0-0",
+            _text(first[0][0]) if first else "0-0",
+            _text(epoch) if epoch is not None else token,
+        )
 
-    def follow(self, after: str, block_ms: int = 1000, count: int = 512):
-        """The stream's entries after ``after``: [(id, fields)], waiting up to ``block_ms``."""
+    def follow(self, after: str, block_ms: int | None = 1000, count: int = 512):
+        """The stream's entries after ``after``: [(id, fields)], waiting up to ``block_ms``
+        for one (None: not at all)."""
         import redis
 
         try:
-            found = self.client.xread({STREAM: after}, count=count, block=block_ms)
+            found = self.client.xread({STREAM: after}, count=count, block=block_ms or None)
         except redis.RedisError as error:
             raise FleetUnavailable(f"redis: {_why(error)}") from None
         return [(_text(entry_id), raw) for _, entries in found or () for entry_id, raw in entries]

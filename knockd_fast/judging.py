@@ -16,6 +16,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -25,7 +27,7 @@ from .addresses import key_text
 from .candidates import candidate_messages
 from .capture_spec import KIND_SPA, key_address
 from .completions import Completion, completions
-from .config import Config, IPAddress
+from .config import Config, IPAddress, User
 from .decisions import Decision
 from .firewall.base import Grant, GrantChange
 from .limits import Limits
@@ -49,9 +51,16 @@ MAX_KNOWN_DESTINATIONS = 1024
 class Judge:
     """Completions -> decisions and grant changes; the same for live runs and replays."""
 
-    def __init__(self, config: Config, replay: ReplayCache, grants: Sequence[Grant] = ()):
+    def __init__(
+        self,
+        config: Config,
+        replay: ReplayCache,
+        grants: Sequence[Grant] = (),
+        fleet: FleetClaims | None = None,
+    ):
         self.config = config  # replaced on SIGHUP (new users and keys)
         self.replay = replay
+        self.fleet = fleet  # the gateways sharing replay claims; None: this one alone
         # Each user's live grants and recent messages, for the caps; ``grants`` are those
         # read back from the firewall at start.
         self.limits = Limits(grants)
@@ -67,7 +76,24 @@ class Judge:
         """Judge one completion at ``now`` (its capture time); ``interface`` (the capture it
         came from) is only logged; a grant lasts from ``granted_at`` (default ``now``). An
         accepted message is remembered in the replay cache, and counted against its user's
-        caps, before this returns."""
+        caps, before this returns. The fleet is not asked (``judge_slice`` asks it)."""
+        decision, accepted = self._verdict(completion, now, interface, granted_at)
+        if accepted is None:
+            return decision, None
+        return self._settle(accepted, now)
+
+    def _verdict(
+        self,
+        completion: Completion,
+        now: float,
+        interface: str | None,
+        granted_at: float | None,
+        in_slice: set[tuple[int, bytes]] | None = None,
+    ) -> tuple[Decision, _Accepted | None]:
+        """The checks of one completion, and for a message that passes them the grant
+        change it asks for: not yet remembered, nor counted against its user's caps.
+        ``in_slice`` holds the messages accepted so far in a slice not yet settled: a copy
+        of one is a replay."""
         source_text = key_text(completion.source)
         destination, destination_text = self._destination(completion.destination)
         settings = self.config.knock
@@ -80,6 +106,12 @@ class Judge:
             )  # fmt: skip
             return refused, None
         replay = self.replay
+
+        def seen(user_id: int, siv: bytes, sent_at: int) -> bool | str:
+            if in_slice is not None and (user_id, bytes(siv)) in in_slice:
+                return True
+            return replay.seen(user_id, siv, now, sent_at)
+
         verdict = judge(
             candidate_messages(completion, settings.layout.digit_bits),
             completion.source,  # an address object only for a message that authenticates
@@ -87,7 +119,7 @@ class Judge:
             now,
             self.config.users,
             settings.window,
-            lambda user_id, siv, sent_at: replay.seen(user_id, siv, now, sent_at),
+            seen,
         )
         knock, user = verdict.knock, verdict.user
         decision = Decision(
@@ -123,13 +155,31 @@ class Judge:
             return decision._replace(
                 verdict="rejected", reason="malformed", detail=f"no grant: {error}"
             ), None
-        change = GrantChange(knock.action, grant)
+        # Kept for the longest window ever in force (a window raised later extends it).
+        window = max(settings.window, replay.window)
+        until = replay_expiry(knock, now, window)
+        if in_slice is not None:
+            in_slice.add((user.id, bytes(verdict.siv)))
+        return decision, _Accepted(
+            decision, GrantChange(knock.action, grant), user, bytes(verdict.siv), until
+        )
+
+    def _settle(
+        self, accepted: _Accepted, now: float, claimed_by: str | None = None
+    ) -> tuple[Decision, GrantChange | None]:
+        """The last checks of a message that passed ``_verdict``: not claimed by another
+        gateway of the fleet (``claimed_by``, its name), within its user's caps; then it is
+        remembered against replays."""
+        decision, user = accepted.decision, accepted.user
+        if claimed_by is not None:
+            detail = f"accepted first by gateway {claimed_by} of the fleet"
+            return decision._replace(verdict="rejected", reason="replay", detail=detail), None
         # The caps last, so that only authentic, fresh, unreplayed and allowed messages
         # count: a replay costs its user nothing. A refused message is not remembered, as no
         # rejected one is: a key holder past its caps grows neither the replay cache nor the
         # firewall queue, and a replay of a refused message is judged again (refused while
         # at the cap, else accepted once, for the address it names, then remembered).
-        refusal = self.limits.admit(user, change, now)
+        refusal = self.limits.admit(user, accepted.change, now)
         if refusal is not None:
             if self.limits.first_warning(user.name, now):
                 log.warning(
@@ -137,10 +187,8 @@ class Judge:
                     refusal,
                 )
             return decision._replace(verdict="rejected", reason="limit", detail=refusal), None
-        # Kept for the longest window ever in force (a window raised later extends it).
-        window = max(settings.window, replay.window)
-        replay.remember(user.id, verdict.siv, replay_expiry(knock, now, window))
-        return decision, change
+        self.replay.remember(user.id, accepted.siv, accepted.until)
+        return decision, accepted.change
 
     def _destination(self, key: bytes) -> tuple[IPAddress, str]:
         """The protected address of a 16-byte key, and its text: there are few of them."""
@@ -161,21 +209,80 @@ class Judge:
         the moment it comes out of the backlog: a backlog that grew under a flood never
         expires the genuine knocks waiting in it. A capture time ahead of ``clock`` (the
         clock stepped back meanwhile) counts as now."""
-        decisions: list[Decision] = []
-        changes: list[GrantChange] = []
+        staged: list[tuple[Decision, _Accepted | None, float]] = []
+        in_slice: set[tuple[int, bytes]] = set()
         with self.replay.batch():
             for interface, completion in backlog.take(limit):
                 try:
                     now = clock()
                     when = min(completion.captured_at, now)
-                    decision, change = self.decide(completion, when, interface, granted_at=now)
+                    decision, accepted = self._verdict(completion, when, interface, now, in_slice)
                 except Exception:  # a bug must never take the doorman down
                     log.exception("internal error judging a completion on %s; skipped", interface)
                     continue
+                staged.append((decision, accepted, when))
+            holders = self._claim([a for _, a, _ in staged if a is not None], clock())
+            decisions: list[Decision] = []
+            changes: list[GrantChange] = []
+            for decision, accepted, when in staged:
+                if accepted is not None:
+                    holder = next(holders)
+                    if holder is _UNAVAILABLE:
+                        decision, change = (
+                            decision._replace(
+                                verdict="rejected",
+                                reason="fleet_unavailable",
+                                detail="the fleet's replay claims are unavailable "
+                                '(fleet.on_unavailable = "refuse")',
+                            ),
+                            None,
+                        )
+                    else:
+                        try:
+                            decision, change = self._settle(accepted, when, holder)
+                        except Exception:
+                            log.exception("internal error settling a decision; skipped")
+                            continue
+                    if change is not None:
+                        changes.append(change)
                 decisions.append(decision)
-                if change is not None:
-                    changes.append(change)
         return decisions, changes
+
+    def _claim(self, accepted: list[_Accepted], now: float) -> Iterator[object]:
+        """Per message, in order: the gateway that claimed it first (a replay here), None
+        (this gateway's, or no fleet), or ``_UNAVAILABLE`` (no fleet to ask, and the
+        configuration refuses knocks then)."""
+        if self.fleet is None or not accepted:
+            return iter([None] * len(accepted))
+        found = self.fleet.claim([(a.user.id, a.siv, a.until) for a in accepted], now)
+        if found is not None:
+            return iter(found)
+        refuse = self.config.fleet.on_unavailable == "refuse"
+        return iter([_UNAVAILABLE if refuse else None] * len(accepted))
+
+
+_UNAVAILABLE = object()
+
+
+class FleetClaims(Protocol):
+    """What the judge asks of the fleet (``fleetlink.FleetLink``)."""
+
+    def claim(
+        self, messages: Sequence[tuple[int, bytes, int]], now: float
+    ) -> list[str | None] | None:
+        """Claim each (user id, SIV, remembered until) for this gateway: per message None
+        (ours now) or the gateway that has it; None when the fleet cannot be asked."""
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """A message that passed the checks, not yet settled (``Judge._settle``)."""
+
+    decision: Decision
+    change: GrantChange
+    user: User
+    siv: bytes
+    until: int  # remembered against replays until then
 
 
 # Completions are queued per source prefix and the prefixes served in turn: a flood from

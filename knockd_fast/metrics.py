@@ -22,7 +22,7 @@ import socketserver
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 from .capture_spec import COUNTER_NAMES, PCAP_COUNTER_NAMES
 from .config import Config, MetricsSettings
 from .firewall.worker import GRANT_CHANGES
-from .stats import DoormanStats
+from .stats import DoormanStats, FleetStats
 
 log = logging.getLogger("knockd_fast")
 
@@ -120,6 +120,8 @@ class DoormanCollector(Collector):
         yield from _capture_families(stats)
         yield from _judging_families(stats)
         yield from _firewall_families(stats)
+        if stats.fleet is not None:
+            yield from _fleet_families(stats.fleet)
         yield _gauge("start_time_seconds", "When the daemon started (Unix time).", stats.started)
         yield _gauge(
             "last_snapshot_timestamp_seconds",
@@ -241,6 +243,51 @@ def _firewall_families(stats: DoormanStats) -> Iterator[Metric]:
         "Grant changes refused because the firewall queue was full.",
         stats.firewall_dropped,
     )
+
+
+# The link's counters (fleetlink.FLEET_COUNTERS) as metric, label -> value.
+FLEET_CLAIMS = {"claims_new": "new", "claims_taken": "taken", "claims_unsent": "unsent"}
+FLEET_EVENTS = {
+    "published": "published",
+    "publish_dropped": "dropped",
+    "applied": "applied",
+    "rejected": "rejected",
+}
+
+
+def _fleet_families(fleet: FleetStats) -> Iterator[Metric]:
+    up = GaugeMetricFamily(
+        PREFIX + "fleet_up",
+        "1 while this gateway reaches the fleet's Redis, 0 while it judges alone (see the log).",
+        labels=["gateway"],
+    )
+    up.add_metric([fleet.gateway], float(fleet.up))
+    yield up
+    claims = CounterMetricFamily(
+        PREFIX + "fleet_claims",
+        "Accepted messages claimed fleet-wide: new (first here), taken (another gateway had "
+        "it: a replay), unsent (accepted while the fleet was unreachable, claimed later).",
+        labels=["outcome"],
+    )
+    for name, outcome in FLEET_CLAIMS.items():
+        claims.add_metric([outcome], fleet.counters.get(name, 0))
+    yield claims
+    events = CounterMetricFamily(
+        PREFIX + "fleet_events",
+        "Grant changes on the fleet's stream: published by this gateway, dropped while Redis "
+        "was away, applied from other gateways, rejected (not made with the fleet key, "
+        "stale, or not allowed here).",
+        labels=["outcome"],
+    )
+    for name, outcome in FLEET_EVENTS.items():
+        events.add_metric([outcome], fleet.counters.get(name, 0))
+    yield events
+    yield _counter("fleet_outages", "Times the link to the fleet's Redis was lost.",
+                   fleet.counters.get("outages", 0))  # fmt: skip
+    yield _gauge("fleet_outbox_changes", "This gateway's changes waiting to be published.",
+                 fleet.outbox)  # fmt: skip
+    yield _gauge("fleet_unsent_claims", "Claims waiting for the fleet's Redis.",
+                 fleet.unsent_claims)  # fmt: skip
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -379,6 +426,7 @@ class Published:
     grant_changes: Mapping[str, int]
     firewall_failures: int
     replay_degraded: bool
+    fleet: Mapping[str, object] | None = None  # gateway, up, claims and events by outcome
 
 
 def read_published(path: Path) -> Published | None:
@@ -434,4 +482,19 @@ def read_published(path: Path) -> Published | None:
         grant_changes=by("grant_changes_total", "change"),
         firewall_failures=int(one("firewall_failures_total")),
         replay_degraded=bool(one("replay_cache_degraded")),
+        fleet=_published_fleet(samples, by),
     )
+
+
+def _published_fleet(samples: Mapping[str, list], by: Callable) -> dict[str, object] | None:
+    found = samples.get(PREFIX + "fleet_up")
+    if not found:
+        return None
+    labels, up = found[0]
+    return {
+        "gateway": labels["gateway"],
+        "up": bool(up),
+        "claims": by("fleet_claims_total", "outcome"),
+        "events": by("fleet_events_total", "outcome"),
+        "outages": int(samples.get(PREFIX + "fleet_outages_total", [({}, 0)])[0][1]),
+    }

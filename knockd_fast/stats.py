@@ -59,6 +59,19 @@ class CaptureStats:
 
 
 @dataclass(frozen=True)
+class FleetStats:
+    """The link to the fleet (``fleetlink.FleetLink``), at one moment."""
+
+    gateway: str
+    up: bool
+    since: float | None  # when the link came up, or went down
+    last_error: str  # why it last went down
+    counters: Mapping[str, int]  # fleetlink.FLEET_COUNTERS
+    outbox: int  # changes waiting to be published
+    unsent_claims: int  # claims waiting for the link
+
+
+@dataclass(frozen=True)
 class DoormanStats:
     time: float
     captures: tuple[CaptureStats, ...]
@@ -79,6 +92,7 @@ class DoormanStats:
     grant_changes: Mapping[str, int]  # opened, extended, kept, closed, expired -> how many
     firewall_pending: int  # changes handed to the firewall thread, not yet taken
     started: float  # when the daemon started (time.time())
+    fleet: FleetStats | None = None  # None: this gateway is alone
 
     def capture_totals(self) -> dict[str, int]:
         """The capture counters summed over the interfaces, in the engine's order."""

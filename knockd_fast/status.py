@@ -116,6 +116,17 @@ def counters_lines(published: Published | None, path: Path, now: float, running:
         f"  firewall {published.backend}: {published.grants} live grants; {changes}; "
         f"{published.firewall_failures} failures"
     )
+    fleet = published.fleet
+    if fleet is not None:
+        claims, events = fleet["claims"], fleet["events"]
+        state = "reached" if fleet["up"] else "UNREACHABLE: judging alone (see the log)"
+        lines.append(
+            f"  fleet as gateway {fleet['gateway']}: redis {state}; claims new "
+            f"{claims.get('new', 0)}, taken elsewhere {claims.get('taken', 0)}, late "
+            f"{claims.get('unsent', 0)}; changes published {events.get('published', 0)}, "
+            f"applied {events.get('applied', 0)}, rejected {events.get('rejected', 0)}; "
+            f"{fleet['outages']} outages"
+        )
     return lines
 
 
@@ -146,4 +157,5 @@ def counters_json(published: Published | None, now: float) -> dict[str, object] 
         "grant_changes": dict(published.grant_changes),
         "firewall_failures": published.firewall_failures,
         "replay_degraded": published.replay_degraded,
+        "fleet": published.fleet,
     }

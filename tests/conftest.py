@@ -1,6 +1,7 @@
 """Fixtures shared by the test files: the capture twins, the `knock` command, its environment,
 a key, a netns, two hosts, a started daemon in them (``e2e``), a holder of a state
-directory's lock; and the ``extension`` marker (skipped in the pure-twin run)."""
+directory's lock, a redis-server on loopback; and the ``extension`` marker (skipped in the
+pure-twin run)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 import twins
 from e2e import doorman
 from netns import NetnsUnavailable, network_namespace, two_hosts
+from redis_server import REDIS_SERVER, RedisServer
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
 
@@ -143,3 +145,15 @@ def state_holder(tmp_path: Path) -> Iterator[subprocess.Popen]:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """Debian's redis-server on loopback, started for the test and ended by its PID."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -739,6 +739,9 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
     setting missing from RESTART_ONLY or from the effective config's make-up fails here."""
     key = tmp_path / "a.key"
     write_key_file(key, bytes(64))
+    for name in ("p1", "p2", "k1.pem", "k2.pem", "ca1.pem", "ca2.pem", "c1.pem", "c2.pem"):
+        (tmp_path / name).write_text("secret\n")
+        os.chmod(tmp_path / name, 0o600)
     running_text = (
         '[knock]\nbase_port = 20000\ndigit_bits = 8\nspa_port = 62201\nwindow = 30\n'
         'knock_timeout = 10\ngroup_by = "address+port"\nmodes = ["syn", "spa"]\n'
@@ -747,6 +750,9 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
         'chain = "KF"\nhooks = ["INPUT"]\nipset_name = "kfa"\nipset_maxelem = 1024\n'
         f'[state]\ndirectory = "{tmp_path / "s1"}"\n'
         '[metrics]\nlisten = "127.0.0.1:9477"\n'
+        '[fleet]\nurl = "rediss://192.0.2.9:6379/0"\ngateway = "gw1"\nkey_file = "a.key"\n'
+        'username = "k1"\npassword_file = "p1"\ntls_ca_file = "ca1.pem"\n'
+        'tls_cert_file = "c1.pem"\ntls_key_file = "k1.pem"\non_unavailable = "local"\n'
         '[[users]]\nid = 1\nname = "a"\nkey_file = "a.key"\nallow = ["22/tcp"]\n'
     )
     file_text = (
@@ -760,8 +766,13 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
         f'[state]\ndirectory = "{tmp_path / "s2"}"\n'
         '[limits]\nmax_grants = 3\n'
         '[metrics]\nlisten = "[::1]:9478"\ntextfile = "k.prom"\n'
+        '[fleet]\nurl = "rediss://198.51.100.9:6380/1"\ngateway = "gw2"\n'
+        'key_file = "b.key"\nusername = "k2"\npassword_file = "p2"\n'
+        'tls_ca_file = "ca2.pem"\ntls_cert_file = "c2.pem"\ntls_key_file = "k2.pem"\n'
+        'on_unavailable = "refuse"\n'
         '[[users]]\nid = 2\nname = "b"\nkey_file = "a.key"\nallow = ["23/tcp"]\n'
     )
+    write_key_file(tmp_path / "b.key", bytes(32))
     (tmp_path / "run.toml").write_text(running_text)
     (tmp_path / "file.toml").write_text(file_text)
     running, fresh = load_config(tmp_path / "run.toml"), load_config(tmp_path / "file.toml")
@@ -780,6 +791,8 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
     assert (effective.grants.default_timeout, effective.grants.max_timeout) == (90, 900)
     assert "metrics.listen 127.0.0.1:9477 -> [::1]:9478" in pending
     assert effective.metrics.textfile == tmp_path / "k.prom"
+    assert "fleet.gateway gw1 -> gw2" in pending
+    assert (effective.fleet.on_unavailable, effective.fleet.key) == ("refuse", bytes(64))
     assert reloaded(effective, fresh)[1] == pending, "still named at the next reload"
     assert reloaded(running, running) == (running, [])
 

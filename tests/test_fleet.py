@@ -11,7 +11,6 @@ import time
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from redis_server import REDIS_SERVER, RedisServer
 
 from knockd_fast.firewall.base import Grant
 from knockd_fast.fleet import (
@@ -26,17 +25,6 @@ from knockd_fast.fleet import (
     claim_key,
     grant_field,
 )
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (make test installs it)")
-    server = RedisServer.start(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def claims(count: int, seconds: int = 60, user_id: int = 7) -> list[Claim]:
@@ -198,8 +186,8 @@ def test_a_joining_gateway_loads_the_live_grants_then_follows_missing_none_twice
     change("open", 443)
     change("close", 22)
     # Someone who can write to Redis, without the fleet key, adds a live "grant".
-    client.hset(LIVE, "198.51.100.66 22/tcp", json.dumps(EventSigner(b"\x03" * 32, "gw9").sign(
-        "open", grant(22))))  # fmt: skip
+    forged = EventSigner(b"\x03" * 32, "gw9").sign("open", grant(22))
+    client.hset(LIVE, "198.51.100.66 22/tcp", f"{grant(22).expires}\nalice\n{json.dumps(forged)}")
     receiver, live, refused, applied = EventVerifier(FLEET_KEY), {}, [], []
 
     def apply(raw, snapshot: bool = False) -> None:
@@ -215,7 +203,7 @@ def test_a_joining_gateway_loads_the_live_grants_then_follows_missing_none_twice
         else:
             live.pop(key, None)
 
-    snapshot, position = bus.join()
+    snapshot, position, _, _ = bus.join()
     for raw in snapshot:
         apply(raw, snapshot=True)
     assert sorted(live) == ["192.0.2.2 -> 192.0.2.1 443/tcp"]

@@ -51,10 +51,22 @@ def decode_key(text: str, source: str = "key") -> bytes:
 def load_key(path: str | os.PathLike[str]) -> bytes:
     """Read a key file, refusing one that others could read or write, as ssh does."""
     path = Path(path).expanduser()
-    where = f"key file {path}"
+    data = read_private_file(path, f"key file {path}")
     try:
-        # O_NONBLOCK: a FIFO planted as the key file must not hang the daemon or client.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyFileError(
+            f"key file {path}: not a base64 key (generate one with: knock keygen)"
+        ) from None
+    return decode_key(text, f"key file {path}")
+
+
+def read_private_file(path: str | os.PathLike[str], where: str) -> bytes:
+    """The bytes of a small secret file (a key, a password) that only its owner may read
+    or write, as ssh wants of its keys; ``where`` names it in the one-line error."""
+    try:
+        # O_NONBLOCK: a FIFO planted as the file must not hang the daemon or client.
+        fd = os.open(Path(path).expanduser(), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
@@ -74,12 +86,8 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
     except OSError as error:
         raise KeyFileError(f"{where}: {error.strerror}") from None
     if len(data) > _MAX_KEY_FILE:
-        raise KeyFileError(f"{where}: larger than {_MAX_KEY_FILE} bytes; a key file is one line")
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise KeyFileError(f"{where}: not a base64 key (generate one with: knock keygen)") from None
-    return decode_key(text, where)
+        raise KeyFileError(f"{where}: larger than {_MAX_KEY_FILE} bytes; it is one line")
+    return data
 
 
 def write_key_file(path: str | os.PathLike[str], key: bytes, overwrite: bool = False) -> Path:

@@ -64,6 +64,7 @@ REJECTION_REASONS = (
     "replay",
     "not_allowed",
     "limit",  # a receiver's own caps on what one user may hold and send (§7, check 9)
+    "fleet_unavailable",  # a fleet receiver set to refuse while its shared claims are down
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

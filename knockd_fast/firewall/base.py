@@ -203,6 +203,9 @@ class GrantChange(NamedTuple):
 
     action: Action  # knock_client.protocol.Action.OPEN or .CLOSE
     grant: Grant  # for CLOSE only its key counts
+    # None: this gateway decided it; else the fleet gateway that did (docs/admin.md, "A
+    # fleet of gateways"): applied here, never published again.
+    origin: str | None = None
 
 
 @runtime_checkable

@@ -176,6 +176,7 @@ class FirewallWorker(threading.Thread):
         sleep: Callable[[float], None] = time.sleep,
         retries: Sequence[float] = FIREWALL_RETRIES,
         queue_limit: int = MAX_PENDING_CHANGES,
+        on_change: Callable[[str, Grant], None] | None = None,
     ):
         super().__init__(name="knockd-fast-firewall", daemon=True)
         self.firewall = firewall
@@ -188,6 +189,7 @@ class FirewallWorker(threading.Thread):
         self.tag = "firewall" if firewall.persistent else "firewall (dry run)"
         self.queue = ChangeQueue(queue_limit, clock)
         self._reread = threading.Event()  # SIGHUP: read the grants back from the kernel
+        self._republish = threading.Event()  # the fleet's Redis lost them: tell them again
         self.applied = 0  # changes carried out (opens and closes, not sweeps)
         self.failed = 0  # changes and sweeps given up on, after every attempt
         self.retried = 0  # attempts after a failure
@@ -195,10 +197,19 @@ class FirewallWorker(threading.Thread):
         # Each live grant's expiry as this thread last saw it: tells an open from an
         # extension, and counts the live grants, without asking the kernel.
         self._live: dict[GrantKey, int] = {}
+        # Told of every change this gateway made ("open" with the grant in force, "close",
+        # "expire"), on this thread, once carried out: the fleet publishes them. It must
+        # not block. Changes that came from the fleet are not passed on.
+        self.on_change = on_change
 
     def track(self, grants: Sequence[Grant]) -> None:
         """The grants the firewall holds (read back at start): what later changes count from."""
         self._live = {grant.key: grant.expires for grant in grants}
+
+    def holds(self, grant: Grant) -> bool:
+        """Whether the firewall holds ``grant``'s key until its expiry or later, as this
+        thread last saw it (callable from any thread: one dictionary read)."""
+        return self._live.get(grant.key, 0) >= grant.expires
 
     @property
     def live(self) -> int:
@@ -220,6 +231,11 @@ class FirewallWorker(threading.Thread):
         on SIGHUP, after an admin changed them by hand."""
         self._reread.set()
 
+    def request_republish(self) -> None:
+        """Pass every live grant to ``on_change`` again on the thread's next turn: the
+        fleet's Redis came back without them."""
+        self._republish.set()
+
     def pending(self) -> int:
         """Changes handed over and not yet taken (after coalescing)."""
         return len(self.queue)
@@ -232,6 +248,9 @@ class FirewallWorker(threading.Thread):
             if self._reread.is_set():
                 self._reread.clear()
                 self._attempts("read back", None, lambda _: self._read_back())
+            if self._republish.is_set():
+                self._republish.clear()
+                self._attempts("read back", None, lambda _: self._tell_live())
             if changes:
                 flush_logs()
             if self.clock() >= next_sweep:
@@ -278,9 +297,14 @@ class FirewallWorker(threading.Thread):
     def apply(self, change: GrantChange) -> None:
         """Open or close one grant now, retrying as the class says."""
         if change.action == Action.CLOSE:
-            self._attempts("close", change.grant, self._close)
+            close = self.firewall.close
+            self._attempts(
+                "close", change.grant, lambda g: self._report(change, close(g.key, g.user))
+            )
         else:
-            self._attempts("open", change.grant, self._open)
+            self._attempts(
+                "open", change.grant, lambda g: self._report(change, self.firewall.open(g))
+            )
 
     def sweep(self) -> None:
         """Repair what the grants live in if someone removed it; remove the grants whose
@@ -289,37 +313,40 @@ class FirewallWorker(threading.Thread):
             self._attempts("repair", None, lambda _: self._repair(self.firewall))
         self._attempts("expire", None, lambda _: self._expire())
 
-    def _open(self, grant: Grant) -> None:
-        self._report(GrantChange(Action.OPEN, grant), self.firewall.open(grant))
-
-    def _close(self, grant: Grant) -> None:
-        found = self.firewall.close(grant.key, grant.user)
-        self._report(GrantChange(Action.CLOSE, grant), found)
-
     def _report(self, change: GrantChange, outcome: ChangeOutcome) -> None:
         log.info(self._report_line(change, outcome))
 
     def _report_line(self, change: GrantChange, outcome: ChangeOutcome) -> Event:
         """The log line of one change carried out (counted in ``changes``)."""
-        grant = change.grant
+        grant, origin = change.grant, change.origin
+        # A change from the fleet says so; one of ours goes on to the fleet.
+        fields = {"origin": origin} if origin else {}
+        suffix = f" (from gateway {origin})" if origin else ""
+        tell = self.on_change if origin is None else None
         if change.action == Action.CLOSE:
             self._live.pop(grant.key, None)
             self.changes["closed"] += bool(outcome)
+            if tell is not None:
+                tell("close", grant)  # the user's wish, whatever this firewall held
             verb = "closed" if outcome else "no grant to close for"
             return self._event(
-                f"{verb} {describe(grant, expiry=False)}",
+                f"{verb} {describe(grant, expiry=False)}{suffix}",
                 "closed" if outcome else "nothing_to_close",
                 grant,
+                **fields,
             )
         held = self._live.get(grant.key)
         in_force = outcome if isinstance(outcome, Grant) else grant
         self._live[grant.key] = in_force.expires
         if in_force.expires > grant.expires:
             self.changes["kept"] += 1
-            return self._event(f"kept {describe(in_force)}", "kept", in_force)  # never shortened
-        change = "extended" if held is not None and held > self.clock() else "opened"
-        self.changes[change] += 1
-        return self._event(f"opened {describe(grant)}", change, grant)
+            text = f"kept {describe(in_force)}{suffix}"  # never shortened
+            return self._event(text, "kept", in_force, **fields)
+        kind = "extended" if held is not None and held > self.clock() else "opened"
+        self.changes[kind] += 1
+        if tell is not None:
+            tell("open", grant)
+        return self._event(f"opened {describe(grant)}{suffix}", kind, grant, **fields)
 
     def _event(
         self, text: str, change: str, grant: Grant | None, tag: str | None = None, **fields: object
@@ -341,6 +368,13 @@ class FirewallWorker(threading.Thread):
         log.info("%s: grants read back from the firewall: %d live", self.tag, len(live))
         flush_logs()
 
+    def _tell_live(self) -> None:
+        now = self.clock()
+        if self.on_change is not None:
+            for grant in self.firewall.grants():
+                if grant.expires > now:
+                    self.on_change("open", grant)
+
     def _repair(self, firewall: SelfHealing) -> None:
         restored = firewall.repair()
         if restored is not None:
@@ -355,6 +389,8 @@ class FirewallWorker(threading.Thread):
         for gone in self.firewall.expire(int(self.clock())):
             self._live.pop(gone.key, None)
             self.changes["expired"] += 1
+            if self.on_change is not None:
+                self.on_change("expire", gone)
             log.info(self._event(f"expired {describe(gone, expiry=False)}", "expired", gone))
 
     def _attempts(self, what: str, grant: Grant | None, operation: Callable) -> None:

@@ -1,0 +1,421 @@
+"""This gateway's link to its fleet: what it shares through Redis, and when (issue 14).
+
+``fleet`` holds the pieces (claims, signed events, the bus); this module runs them for
+the daemon, on three paths:
+
+- Claims, on the loop's thread: the judge claims the messages a slice accepted in one
+  round trip (``claim``). While the link is down nothing is asked (a dead Redis would
+  stall the loop 0.5 s per slice): the judge applies ``fleet.on_unavailable``, and the
+  claims wait (bounded) to be made when the link is back, so that a replay elsewhere is
+  refused from then on.
+- Publishing, on a thread of its own: the changes this gateway's firewall carried out
+  (``FirewallWorker.on_change``: open with the grant in force, close, expire) are signed
+  and published in order, in batches. While Redis is away they wait (bounded; the oldest
+  go first), and are published when it is back.
+- Following, on a thread of its own: it joins (the live grants, or, after an outage, the
+  stream again from where it was), then follows the stream. Every entry is verified; the
+  other gateways' changes that this gateway's users may have go to its own firewall worker,
+  through whatever backend it runs. A Redis that came back empty (restarted without its
+  data) is told by a token it keeps: each gateway then publishes its live grants again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from knock_client.protocol import Action
+
+from .config import FleetSettings
+from .firewall.base import Grant, GrantChange
+from .firewall.worker import FirewallWorker, describe
+from .fleet import (
+    COMMAND_TIMEOUT,
+    Claim,
+    EventRejected,
+    EventSigner,
+    EventVerifier,
+    FleetUnavailable,
+    GrantBus,
+    GrantEvent,
+    ReplayClaims,
+    redis_client,
+)
+from .logs import Event, flush_logs
+from .stats import FleetStats
+
+log = logging.getLogger("knockd_fast")
+
+RETRY_SECONDS = 1.0  # how often a gateway that lost Redis tries again
+FOLLOW_BLOCK_MS = 500  # one XREAD waits this long: the follower looks at stop and the link
+PUBLISH_BATCH = 256  # changes per round trip
+MAX_OUTBOX = 65_536  # changes waiting for Redis (the firewall queue's bound)
+MAX_UNSENT_CLAIMS = 65_536  # claims waiting for Redis; each message is claimable its window
+MAX_COMPLAINTS = 10  # lines a minute about refused events: a flood costs a count, not a log
+STOP_SECONDS = 2.0  # at stop, how long the last changes may take to be published
+FLEET_COUNTERS = (
+    "claims_new",  # messages claimed first by this gateway
+    "claims_taken",  # messages another gateway had claimed: replays here
+    "claims_unsent",  # messages accepted while the link was down (claimed later)
+    "published",  # this gateway's changes on the stream
+    "publish_dropped",  # changes dropped from a full outbox while Redis was away
+    "applied",  # other gateways' changes handed to this firewall
+    "rejected",  # stream entries refused (not made with the fleet key, stale, not ours)
+    "outages",  # times the link went down
+)
+
+
+class FleetLink:
+    """The fleet, as the daemon sees it: ``claim`` for the judge, ``publish_later`` for the
+    firewall worker (set as its ``on_change``), ``start``/``stop``, ``stats``.
+
+    ``entitled(grant)`` says why this gateway will not apply another gateway's open (a user
+    it does not know, a port they may not open here), or None: a gateway applies only what
+    its own configuration allows, whoever holds the fleet key."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        worker: FirewallWorker,
+        entitled: Callable[[Grant], str | None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.gateway = settings.gateway
+        self.worker = worker
+        self.entitled = entitled
+        self.clock = clock
+        options = _client_options(settings)
+        self._claims = ReplayClaims(redis_client(settings.url, **options), self.gateway)
+        self._out = GrantBus(redis_client(settings.url, **options))
+        follow_timeout = FOLLOW_BLOCK_MS / 1000 + COMMAND_TIMEOUT
+        self._in = GrantBus(redis_client(settings.url, timeout=follow_timeout, **options))
+        self._signer = EventSigner(settings.key, self.gateway)
+        self._verifier = EventVerifier(settings.key, clock)
+        self.counters = dict.fromkeys(FLEET_COUNTERS, 0)  # fixed keys: read from any thread
+        self._up = threading.Event()
+        self._stop = threading.Event()
+        self._state = threading.Lock()
+        self.down_since: float | None = clock()  # down until the first join
+        self.up_since: float | None = None
+        self.last_error = "not joined yet"
+        self._said_down = False
+        self._outbox: collections.deque[tuple[str, Grant]] = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._unsent: collections.deque[tuple[int, bytes, int]] = collections.deque(
+            maxlen=MAX_UNSENT_CLAIMS
+        )
+        self._after: str | None = None  # the last stream entry handled
+        self._epoch: str | None = None  # the token of the Redis joined
+        self._complaints: collections.deque[float] = collections.deque()
+        self._threads = [
+            threading.Thread(target=self._follow_loop, name="knockd-fast-fleet-in", daemon=True),
+            threading.Thread(target=self._publish_loop, name="knockd-fast-fleet-out", daemon=True),
+        ]
+        worker.on_change = self.publish_later
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """After the firewall worker stopped: publish what it left (up to ``STOP_SECONDS``)
+        and end both threads."""
+        self._stop.set()
+        with self._ready:
+            self._ready.notify_all()
+        deadline = time.monotonic() + STOP_SECONDS
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        for client in (self._claims.client, self._out.client, self._in.client):
+            try:
+                client.close()
+            except Exception:  # closing a dead connection may raise: nothing to do then
+                pass
+
+    def stats(self) -> FleetStats:
+        return FleetStats(
+            gateway=self.gateway,
+            up=self.up,
+            since=self.up_since if self.up else self.down_since,
+            last_error=self.last_error,
+            counters=dict(self.counters),
+            outbox=len(self._outbox),
+            unsent_claims=len(self._unsent),
+        )
+
+    # -- claims (the loop's thread) -----------------------------------------------------
+
+    def claim(
+        self, messages: Sequence[tuple[int, bytes, int]], now: float
+    ) -> list[str | None] | None:
+        """Claim (user id, SIV, remembered until) of each message for this gateway: per
+        message None (this gateway's now) or the gateway that claimed it first; None for
+        all when the fleet cannot be asked (the claims are made when it is back)."""
+        if self.up:
+            try:
+                found = self._claims.claim([_claim(m, now) for m in messages])
+            except FleetUnavailable as error:
+                self._went_down(str(error))
+            else:
+                taken = sum(holder is not None for holder in found)
+                self.counters["claims_taken"] += taken
+                self.counters["claims_new"] += len(found) - taken
+                return found
+        self._unsent.extend(messages)
+        self.counters["claims_unsent"] += len(messages)
+        return None
+
+    # -- publishing ---------------------------------------------------------------------
+
+    def publish_later(self, action: str, grant: Grant) -> None:
+        """One change this gateway's firewall carried out (the worker's thread): queued for
+        the publisher, never waiting for Redis."""
+        with self._ready:
+            if len(self._outbox) >= MAX_OUTBOX:
+                self._outbox.popleft()
+                self.counters["publish_dropped"] += 1
+            self._outbox.append((action, grant))
+            self._ready.notify()
+
+    def _publish_loop(self) -> None:
+        while True:
+            with self._ready:
+                while not (self._outbox and self.up) and not self._stop.is_set():
+                    self._ready.wait(RETRY_SECONDS)
+                if not (self._outbox and self.up):
+                    return  # stopping, with nothing that can be published
+                batch = [
+                    self._outbox.popleft() for _ in range(min(len(self._outbox), PUBLISH_BATCH))
+                ]
+            now = self.clock()
+            # An open that expired while it waited would open nothing anywhere.
+            live = [
+                (action, grant)
+                for action, grant in batch
+                if action != "open" or grant.expires > now
+            ]
+            try:
+                self._out.publish_many([(self._signer.sign(a, g), a, g) for a, g in live])
+            except FleetUnavailable as error:
+                with self._ready:
+                    self._outbox.extendleft(reversed(batch))
+                self._went_down(str(error))
+                continue
+            except Exception:  # a bug must not stop the fleet's traffic for good
+                log.exception("fleet: internal error publishing %d changes; dropped", len(live))
+                continue
+            self.counters["published"] += len(live)
+
+    # -- following ----------------------------------------------------------------------
+
+    def _follow_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.up:
+                try:
+                    self._join()
+                except FleetUnavailable as error:
+                    self._went_down(str(error))
+                    self._stop.wait(RETRY_SECONDS)
+                    continue
+                except Exception:
+                    log.exception("fleet: internal error joining; retrying")
+                    self._stop.wait(RETRY_SECONDS)
+                    continue
+            try:
+                entries = self._in.follow(self._after or "$", block_ms=FOLLOW_BLOCK_MS)
+            except FleetUnavailable as error:
+                self._went_down(str(error))
+                continue
+            changes = []
+            for entry_id, raw in entries:
+                self._after = entry_id
+                change = self._receive(raw, catch_up=False)
+                if change is not None:
+                    changes.append(change)
+            self._hand_over(changes)
+
+    def _join(self) -> None:
+        """Join Redis (at start, and after an outage): catch up on the stream from where
+        this gateway was if Redis still holds it, else load the live grants; make the
+        claims that waited; then say the link is up."""
+        token = secrets.token_hex(8)
+        snapshot, last, first, epoch = self._in.join(token)
+        fresh_redis = self._epoch is not None and epoch != self._epoch
+        caught_up = loaded = 0
+        changes: list[GrantChange] = []
+        if self._after is not None and not fresh_redis and _id(first) <= _id(self._after):
+            # The stream holds every change since this gateway's last: read them all,
+            # closes included (a snapshot would only show what is still open).
+            while True:
+                entries = self._in.follow(self._after, block_ms=None, count=PUBLISH_BATCH)
+                for entry_id, raw in entries:
+                    self._after = entry_id
+                    change = self._receive(raw, catch_up=True)
+                    if change is not None:
+                        changes.append(change)
+                caught_up += len(entries)
+                if len(entries) < PUBLISH_BATCH:
+                    break
+        else:
+            for raw in snapshot:
+                try:
+                    event = self._verifier.verify(raw, snapshot=True)
+                except EventRejected as error:
+                    self._complain(f"fleet: ignored a live grant in redis: {error}")
+                    continue
+                change = self._change_of(event)
+                if change is not None:
+                    changes.append(change)
+                    loaded += 1
+            self._after = last
+        self._hand_over(changes)
+        self._epoch = epoch
+        sent, doubled = self._send_unsent()
+        if fresh_redis:  # Redis lost what it held: every gateway publishes its grants again
+            self.worker.request_republish()
+        with self._state:
+            was_down_for = self.clock() - self.down_since if self.down_since else 0.0
+            self.up_since, self.down_since = self.clock(), None
+            self._said_down = False
+            self._up.set()
+        with self._ready:
+            self._ready.notify_all()
+        how = f"caught up on {caught_up} changes" if caught_up else f"{loaded} live grants loaded"
+        if fresh_redis:
+            how += "; redis had lost its data: publishing this gateway's live grants again"
+        back = f"back after {was_down_for:.1f} s" if self.counters["outages"] else "joined"
+        text = (
+            f"fleet: redis at {_where(self.settings.url)} {back} as gateway {self.gateway}: "
+            f"{how}; {sent} claims made late"
+        )
+        log.info(Event(text, "fleet", state="up", gateway=self.gateway, claims_late=sent))
+        if doubled:
+            log.warning(
+                "fleet: %d messages accepted here while the fleet was apart had been accepted "
+                "by another gateway too (replays no gateway could see then)",
+                doubled,
+            )
+        flush_logs()
+
+    def _send_unsent(self) -> tuple[int, int]:
+        """Make the claims that waited for the link: (how many, how many another gateway
+        had made too)."""
+        now = self.clock()
+        waiting = []
+        while self._unsent:
+            waiting.append(self._unsent.popleft())
+        waiting = [m for m in waiting if m[2] > now]
+        try:
+            found = self._claims.claim([_claim(m, now) for m in waiting])
+        except FleetUnavailable:
+            self._unsent.extendleft(reversed(waiting))
+            raise
+        return len(waiting), sum(holder is not None for holder in found)
+
+    def _receive(self, raw: Any, catch_up: bool) -> GrantChange | None:
+        try:
+            event = self._verifier.verify(raw, catch_up=catch_up)
+        except EventRejected as error:
+            self._complain(f"fleet: ignored an event on the stream: {error}")
+            return None
+        if event.gateway == self.gateway:
+            return None  # ours: applied here already
+        return self._change_of(event)
+
+    def _change_of(self, event: GrantEvent) -> GrantChange | None:
+        """What this gateway's firewall does for a verified event, if anything."""
+        grant = event.grant
+        if event.action == "expire":
+            return None  # every gateway expires a grant at its (absolute) expiry itself
+        if event.action == "close":
+            return GrantChange(Action.CLOSE, grant, event.gateway)
+        if grant.expires <= self.clock() or self.worker.holds(grant):
+            return None
+        why = self.entitled(grant)
+        if why is not None:
+            self._complain(
+                f"fleet: not applying gateway {event.gateway}'s open of {describe(grant)}: {why}"
+            )
+            return None
+        return GrantChange(Action.OPEN, grant, event.gateway)
+
+    def _hand_over(self, changes: list[GrantChange]) -> None:
+        if changes:
+            self.counters["applied"] += len(changes)
+            self.worker.submit(changes)
+
+    # -- the link's state ---------------------------------------------------------------
+
+    def _went_down(self, why: str) -> None:
+        with self._state:
+            self.last_error = why
+            if self.up:
+                self._up.clear()
+                self.up_since, self.down_since = None, self.clock()
+                self.counters["outages"] += 1
+            elif self._said_down:
+                return
+            self._said_down = True
+        if self.settings.on_unavailable == "refuse":
+            meanwhile = "refusing knocks that pass every other check (fleet.on_unavailable)"
+        else:
+            meanwhile = (
+                "judging on this gateway's own replay cache and firewall; a replay to "
+                "another gateway is not seen meanwhile"
+            )
+        text = (
+            f"fleet: redis at {_where(self.settings.url)} unavailable ({why}); {meanwhile}; "
+            f"retrying every {RETRY_SECONDS:.0f} s"
+        )
+        log.error(Event(text, "fleet", state="down", gateway=self.gateway, error=why))
+        flush_logs()
+
+    def _complain(self, text: str) -> None:
+        """Log a refused entry: at most ``MAX_COMPLAINTS`` lines a minute (all counted)."""
+        self.counters["rejected"] += 1
+        now = time.monotonic()
+        while self._complaints and now - self._complaints[0] > 60:
+            self._complaints.popleft()
+        if len(self._complaints) < MAX_COMPLAINTS:
+            self._complaints.append(now)
+            log.warning(Event(text, "fleet", state="rejected", gateway=self.gateway))
+
+
+def _claim(message: tuple[int, bytes, int], now: float) -> Claim:
+    user_id, siv, until = message
+    return Claim(user_id, siv, max(1, until - int(now)))
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``MS-SEQ``) as a comparable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _where(url: str) -> str:
+    """The url as logs show it: scheme, host and port (it holds no password: see config)."""
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _client_options(settings: FleetSettings) -> dict[str, Any]:
+    def text(path: object) -> str | None:
+        return str(path) if path is not None else None
+
+    return {
+        "username": settings.username,
+        "password": settings.password,
+        "ca_file": text(settings.tls_ca_file),
+        "cert_file": text(settings.tls_cert_file),
+        "key_file": text(settings.tls_key_file),
+    }

@@ -1,0 +1,186 @@
+"""The daemon's link to the fleet (knockd_fast/fleetlink.py), gateway by gateway, over a real
+redis-server on loopback: each gateway a FleetLink on its own firewall worker (the dry-run
+backend, so no namespace is needed here; tests/test_fleet_e2e.py runs whole daemons)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from redis_server import RedisServer
+
+from knock_client.protocol import Action
+from knockd_fast.config import FleetSettings
+from knockd_fast.firewall.base import Grant, GrantChange
+from knockd_fast.firewall.dryrun import DryRunFirewall
+from knockd_fast.firewall.worker import FirewallWorker
+from knockd_fast.fleet import LIVE, STREAM, EventSigner, GrantBus, grant_field
+from knockd_fast.fleetlink import FleetLink
+
+FLEET_KEY = secrets.token_bytes(64)
+SOURCE = ipaddress.ip_address("192.0.2.2")
+WAIT = 5.0
+
+
+class Gateway:
+    """One gateway: a dry-run firewall, its worker, and its link to the fleet."""
+
+    def __init__(self, url: str, name: str, entitled: Callable[[Grant], str | None]) -> None:
+        self.firewall = DryRunFirewall()
+        self.worker = FirewallWorker(self.firewall)
+        settings = FleetSettings(url=url, gateway=name, key=FLEET_KEY)
+        self.link = FleetLink(settings, self.worker, entitled)
+        self.worker.start()
+        self.link.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.link.stop()
+
+    def holds(self) -> dict[tuple[int, str], int]:
+        return {(g.port, g.user): g.expires for g in self.firewall.grants()}
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer) -> Iterator[Callable[..., Gateway]]:
+    gateways: list[Gateway] = []
+
+    def gateway(name: str, entitled: Callable[[Grant], str | None] = lambda _: None) -> Gateway:
+        gateways.append(Gateway(redis_server.url, name, entitled))
+        wait_for(lambda: gateways[-1].link.up, f"{name} joins")
+        return gateways[-1]
+
+    try:
+        yield gateway
+    finally:
+        for each in gateways:
+            each.stop()
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.01)
+
+
+def grant(port: int = 22, seconds: int = 300, user: str = "alice") -> Grant:
+    return Grant(SOURCE, "tcp", port, None, int(time.time()) + seconds, user)
+
+
+def test_an_open_close_and_extension_on_one_gateway_reach_the_others(fleet) -> None:
+    gw1, gw2, gw3 = fleet("gw1"), fleet("gw2"), fleet("gw3")
+    opened = grant(22, 300)
+    gw1.worker.submit([GrantChange(Action.OPEN, opened)])
+    for other in (gw2, gw3):
+        wait_for(lambda o=other: o.holds() == {(22, "alice"): opened.expires}, "open spreads")
+    longer = grant(22, 600)
+    gw2.worker.submit([GrantChange(Action.OPEN, longer)])
+    for other in (gw1, gw3):
+        wait_for(lambda o=other: o.holds() == {(22, "alice"): longer.expires}, "extension")
+    gw3.worker.submit([GrantChange(Action.CLOSE, longer)])
+    for other in (gw1, gw2):
+        wait_for(lambda o=other: o.holds() == {}, "close spreads")
+    # Nothing went round twice: a change from the fleet is applied, never published again.
+    time.sleep(0.3)
+    published = sum(g.link.counters["published"] for g in (gw1, gw2, gw3))
+    assert published == 3
+    assert [g.link.counters["applied"] for g in (gw1, gw2, gw3)] == [2, 2, 2]
+
+
+def test_a_gateway_that_joins_later_loads_the_live_grants_once(fleet) -> None:
+    gw1 = fleet("gw1")
+    gw1.worker.submit([GrantChange(Action.OPEN, grant(22)), GrantChange(Action.OPEN, grant(443))])
+    gw1.worker.submit([GrantChange(Action.CLOSE, grant(22))])
+    wait_for(lambda: gw1.link.counters["published"] == 3, "published")
+    gw2 = fleet("gw2")
+    wait_for(lambda: set(gw2.holds()) == {(443, "alice")}, "snapshot applied")
+    assert gw2.link.counters["applied"] == 1
+
+
+def test_a_replay_claimed_by_one_gateway_is_named_on_the_others(fleet) -> None:
+    gw1, gw2 = fleet("gw1"), fleet("gw2")
+    until = int(time.time()) + 60
+    messages = [(7, secrets.token_bytes(16), until) for _ in range(3)]
+    assert gw1.link.claim(messages[:2], time.time()) == [None, None]
+    assert gw2.link.claim(messages, time.time()) == ["gw1", "gw1", None]
+    assert gw1.link.claim(messages[:1], time.time()) == [None], "its own again: still its own"
+
+
+def test_an_open_this_gateway_does_not_allow_is_not_applied(fleet) -> None:
+    gw1 = fleet("gw1")
+    gw2 = fleet("gw2", entitled=lambda g: None if g.port == 22 else "not here")
+    gw1.worker.submit([GrantChange(Action.OPEN, grant(3306)), GrantChange(Action.OPEN, grant(22))])
+    wait_for(lambda: set(gw2.holds()) == {(22, "alice")}, "the allowed one applied")
+    assert gw2.link.counters["rejected"] == 1
+
+
+def test_events_without_the_fleet_key_or_played_again_are_ignored(fleet, redis_server) -> None:
+    import redis
+
+    gw1 = fleet("gw1")
+    client = redis.Redis.from_url(redis_server.url)
+    forger = EventSigner(b"\x05" * 64, "gw9")
+    client.xadd(STREAM, forger.sign("open", grant(22)))
+    real = EventSigner(FLEET_KEY, "gw2").sign("open", grant(443))
+    client.xadd(STREAM, real)
+    client.xadd(STREAM, real)  # captured from the stream and written again
+    wait_for(lambda: set(gw1.holds()) == {(443, "alice")}, "the genuine one applied")
+    wait_for(lambda: gw1.link.counters["rejected"] == 2, "forged and replayed refused")
+    assert gw1.link.counters["applied"] == 1
+
+
+def test_the_live_grants_in_redis_follow_open_extend_close_and_expiry(redis_server) -> None:
+    """Gateways publish concurrently: an open never shortens the live entry, a close removes
+    only its user's grant, an expiry only a grant not extended since."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    bus, signer = GrantBus(client), EventSigner(FLEET_KEY, "gw1")
+
+    def publish(action: str, g: Grant) -> None:
+        bus.publish(signer.sign(action, g), action, g)
+
+    def live_expiry() -> int | None:
+        value = client.hget(LIVE, grant_field(grant()))
+        return int(value.split(b"\n", 1)[0]) if value else None
+
+    short, long = grant(22, 100), grant(22, 500)
+    publish("open", long)
+    publish("open", short)  # a late event of an earlier open
+    assert live_expiry() == long.expires
+    publish("expire", short)  # another gateway expired the old one
+    assert live_expiry() == long.expires
+    publish("close", grant(22, 500, user="bob"))
+    assert live_expiry() == long.expires, "bob holds no grant there"
+    publish("close", long)
+    assert live_expiry() is None
+    entries = client.xrange(STREAM)
+    assert [json.loads(f[b"ev"])["action"] for _, f in entries] == [
+        "open", "open", "expire", "close", "close"
+    ]  # fmt: skip
+
+
+def test_redis_lost_and_back_empty_converges(fleet, redis_server) -> None:
+    gw1, gw2 = fleet("gw1"), fleet("gw2")
+    gw1.worker.submit([GrantChange(Action.OPEN, grant(22))])
+    wait_for(lambda: set(gw2.holds()) == {(22, "alice")}, "open spreads")
+    redis_server.kill()
+    wait_for(lambda: not gw1.link.up and not gw2.link.up, "both see redis gone")
+    # Meanwhile gw1 goes on alone: its change waits, and so do its claims.
+    gw1.worker.submit([GrantChange(Action.OPEN, grant(443))])
+    message = (7, secrets.token_bytes(16), int(time.time()) + 60)
+    assert gw1.link.claim([message], time.time()) is None
+    assert gw1.link.stats().unsent_claims == 1
+    redis_server.restart()  # empty: it kept nothing
+    wait_for(lambda: gw1.link.up and gw2.link.up, "both back")
+    wait_for(lambda: set(gw2.holds()) == {(22, "alice"), (443, "alice")}, "converged")
+    assert gw2.link.claim([message], time.time()) == ["gw1"], "the late claim was made"
+    # A gateway joining now loads what both republished.
+    gw3 = fleet("gw3")
+    wait_for(lambda: set(gw3.holds()) == {(22, "alice"), (443, "alice")}, "snapshot rebuilt")
+    assert gw1.link.counters["outages"] == gw2.link.counters["outages"] == 1
