@@ -149,7 +149,7 @@ fuzz-atheris: $(STAMP)
 # Results land there as JSON (+ a PNG for the sweep). A benchmark never fails on time.
 BENCH_RUN   := $(IN_VENV) $(VPY) bench/run.py
 .PHONY: bench bench-quick bench-tools bench-grants bench-firewall bench-live bench-poison \
-        bench-backlog
+        bench-backlog bench-fleet
 
 bench-tools: $(STAMP)
 	@$(VPY) -c 'import matplotlib, tqdm' 2>/dev/null || $(VPY) -m pip install -q --group bench
@@ -189,6 +189,11 @@ LIVE_PACKAGES := tcpreplay knockd
 bench-live: bench-tools
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(LIVE_PACKAGES)"
 	$(BENCH_RUN:run.py=live.py) all $(LIVE_ARGS)
+
+# A fleet of gateways over Redis: a grant change on one gateway until it is in place on the
+# last of the others, p50/p99 over 100 knocks, 3 runs (bench/fleet_propagation.py).
+bench-fleet: $(STAMP) redis
+	$(BENCH_RUN:run.py=fleet_propagation.py) $(FLEET_ARGS)
 
 bench-quick: bench-tools
 	$(BENCH_RUN) flood --quick

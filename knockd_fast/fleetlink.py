@@ -274,10 +274,10 @@ class FleetLink:
                 except EventRejected as error:
                     self._complain(f"fleet: ignored a live grant in redis: {error}")
                     continue
+                loaded += 1
                 change = self._change_of(event)
                 if change is not None:
                     changes.append(change)
-                    loaded += 1
             self._after = last
         self._hand_over(changes)
         self._epoch = epoch
@@ -291,7 +291,10 @@ class FleetLink:
             self._up.set()
         with self._ready:
             self._ready.notify_all()
-        how = f"caught up on {caught_up} changes" if caught_up else f"{loaded} live grants loaded"
+        if caught_up:
+            how = f"caught up on {caught_up} changes, {len(changes)} to apply here"
+        else:
+            how = f"{loaded} live grants read, {len(changes)} to apply here"
         if fresh_redis:
             how += "; redis had lost its data: publishing this gateway's live grants again"
         back = f"back after {was_down_for:.1f} s" if self.counters["outages"] else "joined"

@@ -20,6 +20,13 @@ from pathlib import Path
 from netns import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
+# What a gateway needs of Redis, as docs/admin.md's ACL example grants it: its keys, and
+# the commands knockd_fast/fleet.py sends (the script's own commands are checked too).
+FLEET_ACL = (
+    "resetkeys ~kf:* resetchannels -@all +ping +auth +set +xadd +xread "
+    "+xrange +xrevrange +hgetall +hget +hset +hdel +evalsha +eval +script|load "
+    "+script|exists +multi +exec +discard"
+)
 START_TIMEOUT = 10.0
 
 
@@ -29,13 +36,21 @@ class RedisServer:
     port: int
     directory: Path
     netns: str | None = None
+    user: str | None = None  # an ACL user with FLEET_ACL (the default user then is off)
+    password: str | None = None
     proc: subprocess.Popen | None = None
 
     @classmethod
     def start(
-        cls, directory: Path, host: str = "127.0.0.1", port: int = 0, netns: str | None = None
+        cls,
+        directory: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        netns: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
     ) -> RedisServer:
-        server = cls(host, port or free_port(), Path(directory), netns)
+        server = cls(host, port or free_port(), Path(directory), netns, user, password)
         server.restart()
         return server
 
@@ -53,6 +68,9 @@ class RedisServer:
             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
             "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
         ]  # fmt: skip
+        if self.user:  # each word its own argument: redis quotes one that holds spaces
+            argv += ["--user", "default", "off", "--user", self.user, "on", f">{self.password}"]
+            argv += FLEET_ACL.split()
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]  # exec: the PID is redis's
         log = open(self.directory / "redis.log", "ab")
@@ -73,11 +91,11 @@ class RedisServer:
                 ["ip", "netns", "exec", self.netns, "redis-cli", "-h", self.host, "-p",
                  str(self.port), "PING"], capture_output=True, text=True,
             )  # fmt: skip
-            return probe.stdout.strip() == "PONG"
+            return probe.stdout.strip() in ("PONG", "NOAUTH Authentication required.")
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as connection:
                 connection.sendall(b"PING\r\n")
-                return connection.recv(16).startswith(b"+PONG")
+                return connection.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
