@@ -419,6 +419,8 @@ class Doorman:
                 log.error("reload: %s: %s; its old modes and users stay", capture.interface, error)
         self.config = fresh
         self.judge.config = fresh
+        if self.fleet is not None:  # what it does while Redis is away (the rest: restart)
+            self.fleet.settings = fresh.fleet
         self.replay.raise_window(fresh.knock.window)
         if self.publisher is not None:
             self.publisher.reconfigure(fresh)

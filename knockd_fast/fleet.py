@@ -138,7 +138,9 @@ def redis_client(
 
     options: dict[str, Any] = {}
     if url.startswith("rediss://"):
-        options.update(ssl_cert_reqs="required", ssl_ca_certs=ca_file)
+        # The server's certificate must chain to ca_file (else the system's CAs) and name
+        # the host of the url: any certificate of the CA would do otherwise.
+        options.update(ssl_cert_reqs="required", ssl_ca_certs=ca_file, ssl_check_hostname=True)
         if cert_file:
             options.update(ssl_certfile=cert_file, ssl_keyfile=key_file)
     return redis.Redis.from_url(

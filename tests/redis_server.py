@@ -38,6 +38,9 @@ class RedisServer:
     netns: str | None = None
     user: str | None = None  # an ACL user with FLEET_ACL (the default user then is off)
     password: str | None = None
+    # TLS only (no plain port): {"cert": server certificate, "key": its key, "ca": the CA
+    # that signed the clients' certificates, which it then asks for}
+    tls: dict[str, Path] | None = None
     proc: subprocess.Popen | None = None
 
     @classmethod
@@ -49,14 +52,15 @@ class RedisServer:
         netns: str | None = None,
         user: str | None = None,
         password: str | None = None,
+        tls: dict[str, Path] | None = None,
     ) -> RedisServer:
-        server = cls(host, port or free_port(), Path(directory), netns, user, password)
+        server = cls(host, port or free_port(), Path(directory), netns, user, password, tls)
         server.restart()
         return server
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/0"
 
     def restart(self) -> None:
         """Start (again, after ``stop``/``kill``) on the same address, empty."""
@@ -68,6 +72,11 @@ class RedisServer:
             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
             "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
         ]  # fmt: skip
+        if self.tls:
+            argv[argv.index("--port") + 1] = "0"
+            argv += ["--tls-port", str(self.port), "--tls-cert-file", str(self.tls["cert"]),
+                     "--tls-key-file", str(self.tls["key"]), "--tls-ca-cert-file",
+                     str(self.tls["ca"]), "--tls-auth-clients", "yes"]  # fmt: skip
         if self.user:  # each word its own argument: redis quotes one that holds spaces
             argv += ["--user", "default", "off", "--user", self.user, "on", f">{self.password}"]
             argv += FLEET_ACL.split()
@@ -94,6 +103,8 @@ class RedisServer:
             return probe.stdout.strip() in ("PONG", "NOAUTH Authentication required.")
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as connection:
+                if self.tls:
+                    return True  # listening: the handshake is what the test is about
                 connection.sendall(b"PING\r\n")
                 return connection.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:

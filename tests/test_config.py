@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
+import socket
 import types
 from pathlib import Path
 
@@ -743,7 +745,7 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
         (tmp_path / name).write_text("secret\n")
         os.chmod(tmp_path / name, 0o600)
     running_text = (
-        '[knock]\nbase_port = 20000\ndigit_bits = 8\nspa_port = 62201\nwindow = 30\n'
+        "[knock]\nbase_port = 20000\ndigit_bits = 8\nspa_port = 62201\nwindow = 30\n"
         'knock_timeout = 10\ngroup_by = "address+port"\nmodes = ["syn", "spa"]\n'
         '[capture]\ninterface = "eth0"\ntable_size = 1024\nbuffer_bytes = 1048576\n'
         '[grants]\nbackend = "ipset"\ndefault_timeout = 60\nmax_timeout = 600\n'
@@ -756,15 +758,15 @@ def test_a_reload_runs_on_the_started_restart_only_settings_and_the_files_others
         '[[users]]\nid = 1\nname = "a"\nkey_file = "a.key"\nallow = ["22/tcp"]\n'
     )
     file_text = (
-        '[knock]\nbase_port = 21000\ndigit_bits = 10\nspa_port = 62202\nwindow = 45\n'
+        "[knock]\nbase_port = 21000\ndigit_bits = 10\nspa_port = 62202\nwindow = 45\n"
         'knock_timeout = 20\ngroup_by = "address"\nmodes = ["spa"]\n'
         '[capture]\ninterface = ["eth1"]\ndestinations = ["192.0.2.1"]\ntable_size = 2048\n'
-        'buffer_bytes = 2097152\n'
+        "buffer_bytes = 2097152\n"
         '[grants]\nbackend = "ipset"\ndefault_timeout = 90\nmax_timeout = 900\n'
         'chain = "KG"\nhooks = ["INPUT", "FORWARD"]\nipset_name = "kfb"\n'
-        'ipset_maxelem = 2048\n'
+        "ipset_maxelem = 2048\n"
         f'[state]\ndirectory = "{tmp_path / "s2"}"\n'
-        '[limits]\nmax_grants = 3\n'
+        "[limits]\nmax_grants = 3\n"
         '[metrics]\nlisten = "[::1]:9478"\ntextfile = "k.prom"\n'
         '[fleet]\nurl = "rediss://198.51.100.9:6380/1"\ngateway = "gw2"\n'
         'key_file = "b.key"\nusername = "k2"\npassword_file = "p2"\n'
@@ -838,5 +840,72 @@ def test_a_bad_metrics_listen_names_the_key(conf, value, reason) -> None:
 
 
 def test_an_unknown_metrics_key_is_an_error(conf) -> None:
-    text = error_of(conf('[metrics]\nport = 9477\n' + MINIMAL_USER))
+    text = error_of(conf("[metrics]\nport = 9477\n" + MINIMAL_USER))
     assert "metrics.port: unknown key (known: listen, textfile)" in text
+
+
+# --- [fleet] --------------------------------------------------------------------------
+
+
+def fleet_config(conf, **keys: str) -> Path:
+    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items())
+    return conf("[fleet]\n" + lines + MINIMAL_USER)
+
+
+def test_no_fleet_by_default_nor_with_an_empty_url(conf) -> None:
+    assert not load_config(conf(MINIMAL_USER)).fleet.enabled
+    assert not load_config(fleet_config(conf, url="", on_unavailable="refuse")).fleet.enabled
+
+
+def test_a_fleet_reads_its_key_and_password_and_names_the_gateway_after_the_host(conf) -> None:
+    password = conf.dir / "redis.pass"
+    password.write_text("s3cret password\n")
+    password.chmod(0o600)
+    path = fleet_config(
+        conf, url="redis://192.0.2.9:6379/0", key_file="bob.key", password_file="redis.pass"
+    )
+    fleet = load_config(path).fleet
+    assert fleet.enabled and fleet.gateway == socket.gethostname()
+    assert (fleet.key, fleet.password) == (conf.keys["bob"], "s3cret password")
+    assert (fleet.on_unavailable, fleet.username) == ("local", "")
+    assert "s3cret" not in repr(fleet) and conf.keys["bob"].hex() not in repr(fleet)
+    assert load_config(path, load_keys=False).fleet.key == b""  # check-config as anyone
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"url": "http://192.0.2.9"}, "is not redis://HOST:PORT/DB (or rediss:// for TLS)"),
+        ({"url": "redis://:pw@192.0.2.9:6379/0"}, "put them in fleet.username and"),
+        ({"url": "redis://192.0.2.9:6379/0"}, "fleet.key_file: missing (required with a url)"),
+        ({"key_file": "bob.key", "gateway": "gw 1"}, "fleet.gateway: gateway name 'gw 1'"),
+        ({"key_file": "bob.key", "tls_ca_file": "bob.key"}, "set, but the url is not rediss://"),
+        ({"key_file": "nope.key"}, "fleet.key_file: key file"),
+        ({"key_file": "bob.key", "password_file": "loose.pass"}, "readable or writable by group"),
+        ({"key_file": "bob.key", "on_unavailable": "wait"}, "'wait' is not one of 'local'"),
+        ({"key_file": "bob.key", "port": "6379"}, "fleet.port: unknown key"),
+    ],
+)
+def test_a_fleet_misconfigured_is_one_line_naming_the_key(conf, keys, message) -> None:
+    loose = conf.dir / "loose.pass"
+    loose.write_text("pw\n")
+    loose.chmod(0o644)
+    keys = {"url": "redis://192.0.2.9:6379/0", **keys}
+    assert message in error_of(fleet_config(conf, **keys))
+
+
+def test_tls_files_must_be_there_and_the_client_key_private(conf) -> None:
+    ca, cert, key = (conf.dir / name for name in ("ca.pem", "c.pem", "c.key"))
+    for path in (ca, cert, key):
+        path.write_text("PEM\n")
+    key.chmod(0o644)
+    tls = {"url": "rediss://192.0.2.9:6380/0", "key_file": "bob.key", "tls_ca_file": "ca.pem"}
+    assert load_config(fleet_config(conf, **tls)).fleet.tls_ca_file == ca
+    both = {**tls, "tls_cert_file": "c.pem", "tls_key_file": "c.key"}
+    assert "fleet.tls_key_file: key file" in error_of(fleet_config(conf, **both))
+    key.chmod(0o600)
+    assert load_config(fleet_config(conf, **both)).fleet.tls_key_file == key
+    assert "needs its key too" in error_of(fleet_config(conf, **{**tls, "tls_cert_file": "c.pem"}))
+    assert "missing.pem: No such file" in error_of(
+        fleet_config(conf, **{**tls, "tls_ca_file": "missing.pem"})
+    )

@@ -203,3 +203,22 @@ def test_pyroute2_0_9_satisfies_the_ipset_backend(monkeypatch: pytest.MonkeyPatc
     for good in ("0.9.7", "0.9.12", "0.9.7.post1"):
         monkeypatch.setattr(registry.metadata, "version", lambda dist, good=good: good)
         assert registry.requirement_problem("ipset") is None
+
+
+def test_check_config_says_what_a_fleet_shares_and_where_knock_mode_works(config: Path) -> None:
+    """No connection is made (check-config never talks to Redis); the ECMP statement is
+    printed while knock mode is on, and not for single-packet mode alone."""
+    fleet = '[fleet]\nurl = "redis://192.0.2.9:6379/0"\ngateway = "gw1"\nkey_file = "alice.key"\n'
+    config.write_text(fleet + config.read_text())
+    done, report = cli("check-config", "-c", str(config))
+    assert report == {"code": 0, "loaded": []}, report
+    lines = done.stderr.splitlines()[:-1]
+    assert lines[0] == (
+        "fleet: gateway gw1 shares claims and grants through redis at 192.0.2.9:6379 (no TLS); "
+        "while it is unreachable: local"
+    )
+    assert lines[1].startswith(f"note: {config}: fleet: knock mode (syn, udp) needs every packet")
+    assert "behind per-flow ECMP or anycast" in lines[1] and 'modes = ["spa"]' in lines[1]
+    config.write_text('[knock]\nmodes = ["spa"]\n' + config.read_text())
+    done, _ = cli("check-config", "-c", str(config))
+    assert [line for line in done.stderr.splitlines() if line.startswith("note:")] == []

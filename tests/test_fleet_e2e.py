@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +124,11 @@ def test_redis_lost_knocks_go_on_as_configured_and_the_fleet_converges(tmp_path)
         for gateway, mark in ((gw2, marks[1]), (gw3, marks[2])):
             wait_json(gateway, applied_from("gw1", "opened", 2222), mark)
         assert site.connects(1, 2222) and site.connects(2, 2222), "converged"
+        time.sleep(2.5)  # metrics.prom, which status reads, is rewritten every 2 s
+        status = json.loads(gw1.knockd("status", "-c", str(gw1.config_path), "--json").stdout)
+        fleet = status["counters"]["fleet"]
+        assert (fleet["gateway"], fleet["up"], fleet["outages"]) == ("gw1", True, 1), fleet
+        assert fleet["claims"]["unsent"] == 1 and fleet["events"]["published"] >= 1, fleet
         # The claim gw1 could not make while Redis was away was made when it came back.
         mark = gw2.mark()
         site.send_again(1, sent["message"])

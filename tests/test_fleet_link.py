@@ -184,3 +184,94 @@ def test_redis_lost_and_back_empty_converges(fleet, redis_server) -> None:
     gw3 = fleet("gw3")
     wait_for(lambda: set(gw3.holds()) == {(22, "alice"), (443, "alice")}, "snapshot rebuilt")
     assert gw1.link.counters["outages"] == gw2.link.counters["outages"] == 1
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+
+def _certificate(subject: str, key, issuer=None, issuer_key=None, ca: bool = False):
+    """A certificate for ``subject`` (an IP address for a server), signed by ``issuer``
+    (self-signed when None)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        san = [x509.IPAddress(ipaddress.ip_address(subject))] if subject[0].isdigit() else []
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def _write_pki(folder, name: str, server: str = "127.0.0.1"):
+    """A CA, a server certificate for ``server`` and a client certificate, as PEM files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def pem(path, data: bytes):
+        path.write_bytes(data)
+        path.chmod(0o600)
+        return path
+
+    def key_pem(key) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate(f"{name} CA", ca_key, ca=True)
+    files = {"ca": pem(folder / f"{name}-ca.pem", ca.public_bytes(serialization.Encoding.PEM))}
+    for role, subject in (("server", server), ("client", "gateway")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _certificate(subject, key, ca, ca_key)
+        files[role] = pem(
+            folder / f"{name}-{role}.pem", cert.public_bytes(serialization.Encoding.PEM)
+        )
+        files[f"{role}_key"] = pem(folder / f"{name}-{role}.key", key_pem(key))
+    return files
+
+
+def test_tls_with_the_fleets_ca_and_a_client_certificate_and_nothing_less(tmp_path) -> None:
+    from redis_server import REDIS_SERVER
+
+    from knockd_fast.fleet import Claim, FleetUnavailable, ReplayClaims, redis_client
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
+    pki, other = _write_pki(tmp_path, "fleet"), _write_pki(tmp_path, "other")
+    tls = {"cert": pki["server"], "key": pki["server_key"], "ca": pki["ca"]}
+    server = RedisServer.start(tmp_path / "redis", tls=tls)
+    try:
+        assert server.url.startswith("rediss://")
+
+        def claim(**files) -> list:
+            client = redis_client(server.url, **{k: str(v) for k, v in files.items()})
+            return ReplayClaims(client, "gw1").claim([Claim(7, secrets.token_bytes(16), 30)])
+
+        assert claim(ca_file=pki["ca"], cert_file=pki["client"], key_file=pki["client_key"]) == [
+            None
+        ]
+        with pytest.raises(FleetUnavailable, match="certificate verify failed"):
+            claim(ca_file=other["ca"], cert_file=pki["client"], key_file=pki["client_key"])
+        with pytest.raises(FleetUnavailable):  # the server asks for a certificate of its CA
+            claim(ca_file=pki["ca"], cert_file=other["client"], key_file=other["client_key"])
+        with pytest.raises(FleetUnavailable):
+            claim(ca_file=pki["ca"])
+    finally:
+        server.kill()
