@@ -271,6 +271,7 @@ def _probe_config(state_dir: Path, where: tuple[str, ...] | None) -> str:
         "limits": [],
         "state": [f"directory = {json.dumps(str(state_dir))}"],
         "metrics": [],
+        "fleet": [],
         "[users]": ["id = 1", 'name = "probe"', 'key_file = "probe.key"', 'allow = ["22/tcp"]'],
     }
     lines = [f"{_PROBE} = 1"] if where == () else []
