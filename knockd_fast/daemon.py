@@ -184,7 +184,8 @@ class Doorman:
         if config.fleet.enabled:  # [fleet]: claims and grants shared through Redis
             from .fleetlink import FleetLink
 
-            self.fleet = FleetLink(config.fleet, self.worker, self.entitled, clock)
+            position = config.state_dir / "fleet.position"
+            self.fleet = FleetLink(config.fleet, self.worker, self.entitled, clock, position)
         self.judge = Judge(config, replay, grants, self.fleet)
         self.backlog = Backlog(max(MIN_BACKLOG, config.capture.table_size), clock)
         self.decided: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -245,6 +246,9 @@ class Doorman:
                 if self.clock() >= next_sweep:
                     next_sweep = self.clock() + SWEEP_SECONDS
                     self.sweep_failed_knocks()
+                if self.fleet is not None and self.fleet.reclaim.is_set():
+                    self.fleet.reclaim.clear()  # Redis lost the claims: make them again
+                    self.fleet.claim_later(self.replay.live(self.clock()), again=True)
                 if self.clock() - last_prune > PRUNE_SECONDS:
                     last_prune = self.clock()
                     self.replay.prune(last_prune)

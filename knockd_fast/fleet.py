@@ -21,8 +21,7 @@ The bus: a stream of the changes and a hash of the live grants, kept in step by 
 transaction per change, so that a gateway that joins loads the live grants and follows the
 stream from exactly where they were read.
 
-Not wired into the daemon yet (issue 14 is in progress): these blocks and their tests come
-first.
+``fleetlink`` runs these for the daemon: when to claim, publish and follow.
 """
 
 from __future__ import annotations
@@ -89,6 +88,7 @@ class ReplayClaims:
         self.client = client
         self.gateway = gateway
         self._own = gateway.encode()
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def connect(cls, url: str, gateway: str, password: str | None = None) -> ReplayClaims:
@@ -117,6 +117,22 @@ class ReplayClaims:
         return [
             None if holder is None or holder == self._own else _text(holder) for holder in found
         ]
+
+    def release(self, messages: Sequence[tuple[int, bytes]]) -> None:
+        """Give up this gateway's claims of ``messages`` (user id, SIV) in one round trip:
+        a message it claimed but then refused (a cap) is judged again where it is sent
+        next, as alone. Another gateway's claim is left alone. Raises FleetUnavailable."""
+        if not messages:
+            return
+        import redis
+
+        pipe = self.client.pipeline(transaction=False)
+        for user_id, siv in messages:
+            self._release(keys=[claim_key(user_id, siv)], args=[self._own], client=pipe)
+        try:
+            pipe.execute()
+        except redis.RedisError as error:
+            raise FleetUnavailable(f"redis: {_why(error)}") from None
 
 
 def redis_client(
@@ -152,6 +168,13 @@ def redis_client(
         retry=Retry(NoBackoff(), 0),
         **options,
     )
+
+
+# Deletes a claim only if it is still the given gateway's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _text(value: bytes | str) -> str:
@@ -261,8 +284,8 @@ class EventVerifier:
         ``snapshot`` entry (the live grants a joining gateway loads) may be old: it must
         verify and its grant must still be live; it is not numbered against the stream's.
         A ``catch_up`` entry (read again from where a gateway was before an outage) may be
-        old too, but not from the future, and is numbered as usual; an open among them must
-        still be live."""
+        old too, but not from the future, and is numbered as usual. Whether a grant is still
+        live is the caller's to check: an expired one is no forgery."""
         fields = {_text(name): _text(value) for name, value in raw.items()}
         if sum(len(name) + len(value) for name, value in fields.items()) > MAX_EVENT_BYTES:
             raise EventRejected("event too large")
@@ -299,13 +322,9 @@ class EventVerifier:
         if action not in EVENT_ACTIONS:
             raise EventRejected(f"event from {gateway!r}: unknown action {action!r}")
         if snapshot:
-            if grant.expires <= self._clock():
-                raise EventRejected(f"snapshot grant from {gateway!r} has expired")
             self.seen[gateway] = max(seq, self.seen.get(gateway, 0))
             return GrantEvent(gateway, seq, moment, action, grant)
         now = self._clock()
-        if catch_up and action == "open" and grant.expires <= now:
-            raise EventRejected(f"event {seq} from {gateway!r} opened a grant since expired")
         too_old = moment < now - self.max_skew and not catch_up
         if not math.isfinite(moment) or too_old or moment > now + self.max_skew:
             raise EventRejected(
@@ -357,6 +376,14 @@ return id
 """
 
 
+_FORGET = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+local expires = held and tonumber(string.match(held, '^(%d+)\\n'))
+if expires and expires <= tonumber(ARGV[2]) then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
 class GrantBus:
     """The fleet's grant changes on Redis. ``publish`` adds changes to the stream and to
     the live grants, each atomically (a script), so the two never disagree; ``join`` reads
@@ -366,6 +393,7 @@ class GrantBus:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._publish = client.register_script(_PUBLISH)
+        self._forget = client.register_script(_FORGET)
 
     def publish(self, fields: Mapping[str, str], action: str, grant: Grant) -> str:
         """One signed change (``EventSigner.sign``); the stream entry's id."""
@@ -388,20 +416,36 @@ class GrantBus:
             raise FleetUnavailable(f"redis: {_why(error)}") from None
         return [_text(entry_id) for entry_id in found]
 
+    def forget(self, grants: Sequence[Grant]) -> None:
+        """Remove expired grants from the live grants (those a joining gateway found), each
+        only if it was not extended meanwhile; one round trip."""
+        if not grants:
+            return
+        import redis
+
+        pipe = self.client.pipeline(transaction=False)
+        for grant in grants:
+            self._forget(keys=[LIVE], args=[grant_field(grant), grant.expires], client=pipe)
+        try:
+            pipe.execute()
+        except redis.RedisError as error:
+            raise FleetUnavailable(f"redis: {_why(error)}") from None
+
     def join(self, token: str = "") -> tuple[list[Mapping[str, str]], str, str, str]:
-        """(the live grants' signed events, the stream's last id, its first id, the token of
-        this Redis): follow from the last; a gateway that was following from an id before
-        the first missed some. The token is the first joiner's ``token``, kept in Redis: a
-        Redis restarted without its data has a new one."""
+        """(the live grants' signed events, the stream's last id, the id from which it holds
+        every entry, the token of this Redis): follow from the last; a gateway that was
+        following from an id before the third missed some. The token is the first joiner's
+        ``token``, kept in Redis: a Redis restarted without its data has a new one."""
         import redis
 
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(LIVE)
         pipe.xrevrange(STREAM, count=1)
         pipe.xrange(STREAM, count=1)
+        pipe.xlen(STREAM)
         pipe.set(EPOCH, token or "-", nx=True, get=True)
         try:
-            live, last, first, epoch = pipe.execute()
+            live, last, first, length, epoch = pipe.execute()
         except redis.RedisError as error:
             raise FleetUnavailable(f"redis: {_why(error)}") from None
         snapshot = []
@@ -410,10 +454,13 @@ class GrantBus:
                 snapshot.append(json.loads(_text(raw).split("\n", 2)[2]))
             except (ValueError, IndexError):
                 snapshot.append({})  # the verifier refuses it, and says so
+        # Trimming (XADD MAXLEN ~) keeps at least STREAM_LENGTH entries: a shorter stream
+        # was never trimmed, and holds every entry after any position in it.
+        kept_from = "0-0" if length < STREAM_LENGTH or not first else _text(first[0][0])
         return (
             snapshot,
             _text(last[0][0]) if last else "0-0",
-            _text(first[0][0]) if first else "0-0",
+            kept_from,
             _text(epoch) if epoch is not None else token,
         )
 

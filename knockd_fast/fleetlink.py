@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from knock_client.protocol import Action
@@ -62,6 +64,8 @@ FLEET_COUNTERS = (
     "claims_new",  # messages claimed first by this gateway
     "claims_taken",  # messages another gateway had claimed: replays here
     "claims_unsent",  # messages accepted while the link was down (claimed later)
+    "claims_lost",  # of those, dropped from a full queue before the link came back
+    "claims_again",  # remembered messages claimed again: Redis had lost the claims
     "published",  # this gateway's changes on the stream
     "publish_dropped",  # changes dropped from a full outbox while Redis was away
     "applied",  # other gateways' changes handed to this firewall
@@ -84,8 +88,9 @@ class FleetLink:
         worker: FirewallWorker,
         entitled: Callable[[Grant], str | None],
         clock: Callable[[], float] = time.time,
+        position_file: Path | None = None,
     ) -> None:
-        self.settings = settings
+        self.settings = settings  # replaced on SIGHUP (on_unavailable)
         self.gateway = settings.gateway
         self.worker = worker
         self.entitled = entitled
@@ -112,6 +117,17 @@ class FleetLink:
         )
         self._after: str | None = None  # the last stream entry handled
         self._epoch: str | None = None  # the token of the Redis joined
+        # Where this gateway was in the stream, kept across restarts: a restarted gateway
+        # catches up on the changes it missed, closes included, rather than only loading
+        # what is still open.
+        self.position_file = position_file
+        self._saved_position: tuple[str | None, str | None] = (None, None)
+        self._saved_at = 0.0
+        if position_file is not None:
+            self._epoch, self._after = _read_position(position_file)
+        # Set when Redis came back without its data: the loop then hands this gateway's
+        # remembered messages to ``claim_later``, so its claims are made again.
+        self.reclaim = threading.Event()
         self._complaints: collections.deque[float] = collections.deque()
         self._threads = [
             threading.Thread(target=self._follow_loop, name="knockd-fast-fleet-in", daemon=True),
@@ -172,9 +188,26 @@ class FleetLink:
                 self.counters["claims_taken"] += taken
                 self.counters["claims_new"] += len(found) - taken
                 return found
-        self._unsent.extend(messages)
-        self.counters["claims_unsent"] += len(messages)
+        if self.settings.on_unavailable == "local":  # "refuse": the judge refuses them
+            self.claim_later(messages)
         return None
+
+    def claim_later(self, messages: Sequence[tuple[int, bytes, int]], again: bool = False) -> None:
+        """Claims to make as soon as the link allows (any thread); ``again``: messages this
+        gateway had claimed before Redis lost them (counted apart)."""
+        room = MAX_UNSENT_CLAIMS - len(self._unsent)
+        self.counters["claims_lost"] += max(0, len(messages) - room)
+        self._unsent.extend(messages)
+        self.counters["claims_again" if again else "claims_unsent"] += len(messages)
+
+    def release(self, messages: Sequence[tuple[int, bytes]]) -> None:
+        """Give up this gateway's claims of messages it then refused (the caps), so they
+        are judged again wherever they are sent next; a failure only costs that."""
+        if self.up and messages:
+            try:
+                self._claims.release(messages)
+            except FleetUnavailable as error:
+                self._went_down(str(error))
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -244,6 +277,13 @@ class FleetLink:
                 if change is not None:
                     changes.append(change)
             self._hand_over(changes)
+            self._save_position()
+            if self._unsent:  # claimed again after Redis lost them (``reclaim``)
+                try:
+                    self._send_unsent()
+                except FleetUnavailable as error:
+                    self._went_down(str(error))
+        self._save_position(force=True)
 
     def _join(self) -> None:
         """Join Redis (at start, and after an outage): catch up on the stream from where
@@ -251,10 +291,14 @@ class FleetLink:
         claims that waited; then say the link is up."""
         token = secrets.token_hex(8)
         snapshot, last, first, epoch = self._in.join(token)
+        # A Redis that lost its data has a new token; a gateway that never joined before (no
+        # position kept) cannot tell, and needs not: the others that can, republish.
         fresh_redis = self._epoch is not None and epoch != self._epoch
-        caught_up = loaded = 0
+        loaded = 0
+        catch_up = self._after is not None and not fresh_redis and _id(first) <= _id(self._after)
+        expired: list[Grant] = []
         changes: list[GrantChange] = []
-        if self._after is not None and not fresh_redis and _id(first) <= _id(self._after):
+        if catch_up:
             # The stream holds every change since this gateway's last: read them all,
             # closes included (a snapshot would only show what is still open).
             while True:
@@ -264,7 +308,7 @@ class FleetLink:
                     change = self._receive(raw, catch_up=True)
                     if change is not None:
                         changes.append(change)
-                caught_up += len(entries)
+                loaded += len(entries)
                 if len(entries) < PUBLISH_BATCH:
                     break
         else:
@@ -275,15 +319,21 @@ class FleetLink:
                     self._complain(f"fleet: ignored a live grant in redis: {error}")
                     continue
                 loaded += 1
+                if event.grant.expires <= self.clock():
+                    expired.append(event.grant)  # nobody expired it in Redis: this one does
+                    continue
                 change = self._change_of(event)
                 if change is not None:
                     changes.append(change)
             self._after = last
         self._hand_over(changes)
+        self._in.forget(expired)
         self._epoch = epoch
+        self._save_position(force=True)
         sent, doubled = self._send_unsent()
-        if fresh_redis:  # Redis lost what it held: every gateway publishes its grants again
+        if fresh_redis:  # Redis lost what it held: every gateway tells it again
             self.worker.request_republish()
+            self.reclaim.set()
         with self._state:
             was_down_for = self.clock() - self.down_since if self.down_since else 0.0
             self.up_since, self.down_since = self.clock(), None
@@ -291,12 +341,15 @@ class FleetLink:
             self._up.set()
         with self._ready:
             self._ready.notify_all()
-        if caught_up:
-            how = f"caught up on {caught_up} changes, {len(changes)} to apply here"
+        if catch_up:
+            how = f"caught up on {loaded} changes, {len(changes)} to apply here"
         else:
             how = f"{loaded} live grants read, {len(changes)} to apply here"
         if fresh_redis:
-            how += "; redis had lost its data: publishing this gateway's live grants again"
+            how += (
+                "; redis had lost its data: publishing this gateway's live grants and claiming "
+                "its remembered messages again"
+            )
         back = f"back after {was_down_for:.1f} s" if self.counters["outages"] else "joined"
         text = (
             f"fleet: redis at {_where(self.settings.url)} {back} as gateway {self.gateway}: "
@@ -304,11 +357,11 @@ class FleetLink:
         )
         log.info(Event(text, "fleet", state="up", gateway=self.gateway, claims_late=sent))
         if doubled:
-            log.warning(
-                "fleet: %d messages accepted here while the fleet was apart had been accepted "
-                "by another gateway too (replays no gateway could see then)",
-                doubled,
+            text = (
+                f"fleet: {doubled} messages accepted here while the fleet was apart had been "
+                "accepted by another gateway too (replays no gateway could see then)"
             )
+            log.warning(Event(text, "fleet", state="doubled", gateway=self.gateway, count=doubled))
         flush_logs()
 
     def _send_unsent(self) -> tuple[int, int]:
@@ -325,6 +378,25 @@ class FleetLink:
             self._unsent.extendleft(reversed(waiting))
             raise
         return len(waiting), sum(holder is not None for holder in found)
+
+    def _save_position(self, force: bool = False) -> None:
+        """Write where this gateway is in the stream (at most once a second, or now)."""
+        position = (self._epoch, self._after)
+        if self.position_file is None or position == self._saved_position or None in position:
+            return
+        if not force and time.monotonic() - self._saved_at < 1.0:
+            return
+        try:
+            temporary = self.position_file.with_suffix(".tmp")
+            temporary.write_text(f"{self._epoch} {self._after}\n")
+            os.replace(temporary, self.position_file)
+        except OSError as error:  # then a restart loads the live grants: said once
+            if self._saved_position != ("?", "?"):
+                log.warning("fleet: cannot keep the stream position in %s: %s",
+                            self.position_file, error.strerror)  # fmt: skip
+            self._saved_position = ("?", "?")
+            return
+        self._saved_position, self._saved_at = position, time.monotonic()
 
     def _receive(self, raw: Any, catch_up: bool) -> GrantChange | None:
         try:
@@ -393,6 +465,17 @@ class FleetLink:
         if len(self._complaints) < MAX_COMPLAINTS:
             self._complaints.append(now)
             log.warning(Event(text, "fleet", state="rejected", gateway=self.gateway))
+
+
+def _read_position(path: Path) -> tuple[str | None, str | None]:
+    """(Redis's token, the last stream entry handled) as a run before this one left them;
+    (None, None) when there is none or it is unreadable (then the live grants are loaded)."""
+    try:
+        epoch, after = path.read_text().split()
+        _id(after)
+    except (OSError, ValueError):
+        return None, None
+    return epoch, after
 
 
 def _claim(message: tuple[int, bytes, int], now: float) -> Claim:

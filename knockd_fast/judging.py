@@ -224,6 +224,7 @@ class Judge:
             holders = self._claim([a for _, a, _ in staged if a is not None], clock())
             decisions: list[Decision] = []
             changes: list[GrantChange] = []
+            released: list[tuple[int, bytes]] = []  # claimed, then refused by a cap
             for decision, accepted, when in staged:
                 if accepted is not None:
                     holder = next(holders)
@@ -243,9 +244,13 @@ class Judge:
                         except Exception:
                             log.exception("internal error settling a decision; skipped")
                             continue
+                        if decision.reason == "limit" and self.fleet is not None:
+                            released.append((accepted.user.id, accepted.siv))
                     if change is not None:
                         changes.append(change)
                 decisions.append(decision)
+            if released:
+                self.fleet.release(released)
         return decisions, changes
 
     def _claim(self, accepted: list[_Accepted], now: float) -> Iterator[object]:

@@ -246,7 +246,13 @@ def _firewall_families(stats: DoormanStats) -> Iterator[Metric]:
 
 
 # The link's counters (fleetlink.FLEET_COUNTERS) as metric, label -> value.
-FLEET_CLAIMS = {"claims_new": "new", "claims_taken": "taken", "claims_unsent": "unsent"}
+FLEET_CLAIMS = {
+    "claims_new": "new",
+    "claims_taken": "taken",
+    "claims_unsent": "unsent",
+    "claims_lost": "lost",
+    "claims_again": "again",
+}
 FLEET_EVENTS = {
     "published": "published",
     "publish_dropped": "dropped",
@@ -266,7 +272,9 @@ def _fleet_families(fleet: FleetStats) -> Iterator[Metric]:
     claims = CounterMetricFamily(
         PREFIX + "fleet_claims",
         "Accepted messages claimed fleet-wide: new (first here), taken (another gateway had "
-        "it: a replay), unsent (accepted while the fleet was unreachable, claimed later).",
+        "it: a replay), unsent (accepted while the fleet was unreachable, claimed later), "
+        "lost (of those, dropped from a full queue), again (claimed again after Redis lost "
+        "its data).",
         labels=["outcome"],
     )
     for name, outcome in FLEET_CLAIMS.items():

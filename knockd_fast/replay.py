@@ -200,6 +200,13 @@ class ReplayCache:
                 self._degrade(f"cannot write: {error}")
         return len(expired)
 
+    def live(self, now: float) -> list[tuple[int, bytes, int]]:
+        """(user id, SIV, remembered until) of every message still remembered at ``now``."""
+        second = _second(now)
+        return [
+            (user, siv, until) for (user, siv), until in self._entries.items() if until >= second
+        ]
+
     def __len__(self) -> int:
         return len(self._entries)
 

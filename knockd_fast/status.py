@@ -119,7 +119,7 @@ def counters_lines(published: Published | None, path: Path, now: float, running:
     fleet = published.fleet
     if fleet is not None:
         claims, events = fleet["claims"], fleet["events"]
-        state = "reached" if fleet["up"] else "UNREACHABLE: judging alone (see the log)"
+        state = "reached" if fleet["up"] else "UNREACHABLE (see the log)"
         lines.append(
             f"  fleet as gateway {fleet['gateway']}: redis {state}; claims new "
             f"{claims.get('new', 0)}, taken elsewhere {claims.get('taken', 0)}, late "

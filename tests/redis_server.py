@@ -23,9 +23,8 @@ REDIS_SERVER = shutil.which("redis-server")
 # What a gateway needs of Redis, as docs/admin.md's ACL example grants it: its keys, and
 # the commands knockd_fast/fleet.py sends (the script's own commands are checked too).
 FLEET_ACL = (
-    "resetkeys ~kf:* resetchannels -@all +ping +auth +set +xadd +xread "
-    "+xrange +xrevrange +hgetall +hget +hset +hdel +evalsha +eval +script|load "
-    "+script|exists +multi +exec +discard"
+    "resetkeys ~kf:* resetchannels -@all +set +get +del +evalsha +script|load +script|exists "
+    "+multi +exec +hgetall +xrange +xrevrange +xlen +xread +xadd +hget +hset +hdel"
 )
 START_TIMEOUT = 10.0
 

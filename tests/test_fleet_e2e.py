@@ -102,6 +102,9 @@ def test_a_hundred_knocks_all_reach_every_gateway(site, tmp_path) -> None:
 def test_redis_lost_knocks_go_on_as_configured_and_the_fleet_converges(tmp_path) -> None:
     for site in _site(tmp_path, on_unavailable=("local", "local", "refuse")):
         gw1, gw2, gw3 = site.gateways
+        mark = gw2.mark()
+        before = site.knock(1, "close", 2222)  # accepted (nothing to close) and claimed
+        assert decision(site, 1, mark)["verdict"] == "accepted"
         marks = [g.mark() for g in site.gateways]
         site.redis.kill()
         for gateway, mark in zip(site.gateways, marks, strict=True):
@@ -134,6 +137,11 @@ def test_redis_lost_knocks_go_on_as_configured_and_the_fleet_converges(tmp_path)
         site.send_again(1, sent["message"])
         refused = decision(site, 1, mark)
         assert refused["reason"] == "replay" and "gateway gw1" in refused["detail"], refused
+        # Redis lost every claim; gw2 claimed again what its replay cache remembers.
+        mark = gw3.mark()
+        site.send_again(2, before["message"])
+        refused = decision(site, 2, mark)
+        assert refused["reason"] == "replay" and "gateway gw2" in refused["detail"], refused
         mark = gw3.mark()
         site.knock(2, "open", 2223)
         assert decision(site, 2, mark)["verdict"] == "accepted", "back: gw3 accepts again"
@@ -163,27 +171,36 @@ def test_an_event_forged_into_redis_opens_nothing_and_is_logged(site) -> None:
     for gateway, mark in zip(site.gateways, marks, strict=True):
         gateway.wait_log(r"^fleet: ignored an event on the stream: .* fails its MAC", since=mark)
     gw2.kill9()
+    (gw2.directory / "state" / "fleet.position").unlink()  # as a gateway new to the fleet
     mark = gw2.mark()
-    gw2.start()
+    gw2.start()  # it loads the live grants
     gw2.wait_log(r"^fleet: ignored a live grant in redis: .* fails its MAC", since=mark)
     assert not any(site.connects(i, 2222) for i in range(3))
     assert not [e for e in json_lines(gw1) if e.get("event") == "firewall" and e.get("origin")]
 
 
 def test_a_gateway_killed_and_restarted_rejoins_losing_and_doubling_nothing(site) -> None:
+    """It reads its grants back from its firewall and catches up on the stream from where
+    it was (kept in its state directory): a close made while it was down is applied."""
     gw1, gw2, gw3 = site.gateways
-    mark = gw1.mark()
+    marks = [g.mark() for g in site.gateways]
     site.knock(1, "open", 2223)  # gw2's own grant, spread to the others
-    wait_json(gw1, applied_from("gw2", "opened", 2223), mark)
+    site.knock(0, "open", 2222)  # gw1's, spread to gw2
+    wait_json(gw1, applied_from("gw2", "opened", 2223), marks[0])
+    wait_json(gw2, applied_from("gw1", "opened", 2222), marks[1])
     gw2.kill9()
     marks = [g.mark() for g in site.gateways]
-    site.knock(0, "open", 2222)  # while gw2 is down
-    wait_json(gw3, applied_from("gw1", "opened", 2222), marks[2])
+    site.knock(0, "close", 2222)  # while gw2 is down
+    wait_json(gw3, applied_from("gw1", "closed", 2222), marks[2])
     gw2.start()
-    joined = r"^fleet: redis at .* joined as gateway gw2: 2 live grants read, 1 to apply"
+    joined = r"^fleet: redis at .* joined as gateway gw2: caught up on \d+ changes, 1 to apply"
     gw2.wait_log(joined, since=marks[1])
-    wait_json(gw2, applied_from("gw1", "opened", 2222), marks[1])
-    assert site.connects(1, 2222) and site.connects(1, 2223)
+    wait_json(gw2, applied_from("gw1", "closed", 2222), marks[1])
+    assert not site.connects(1, 2222) and site.connects(1, 2223)
+    marks = [g.mark() for g in site.gateways]
+    site.knock(2, "open", 2222)  # and it follows the stream again
+    wait_json(gw2, applied_from("gw3", "opened", 2222), marks[1])
+    assert site.connects(1, 2222)
     rules = gw2.grant_rules()
     for port in (2222, 2223):
         assert len([r for r in rules if f"--dport {port} " in r]) == 1, rules

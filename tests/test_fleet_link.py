@@ -9,6 +9,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from redis_server import RedisServer
@@ -29,11 +30,19 @@ WAIT = 5.0
 class Gateway:
     """One gateway: a dry-run firewall, its worker, and its link to the fleet."""
 
-    def __init__(self, url: str, name: str, entitled: Callable[[Grant], str | None]) -> None:
-        self.firewall = DryRunFirewall()
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        entitled: Callable[[Grant], str | None],
+        position: Path | None = None,
+        firewall: DryRunFirewall | None = None,
+    ) -> None:
+        self.firewall = firewall or DryRunFirewall()
         self.worker = FirewallWorker(self.firewall)
+        self.worker.track(self.firewall.grants())  # as the daemon does at start
         settings = FleetSettings(url=url, gateway=name, key=FLEET_KEY)
-        self.link = FleetLink(settings, self.worker, entitled)
+        self.link = FleetLink(settings, self.worker, entitled, position_file=position)
         self.worker.start()
         self.link.start()
 
@@ -49,8 +58,10 @@ class Gateway:
 def fleet(redis_server: RedisServer) -> Iterator[Callable[..., Gateway]]:
     gateways: list[Gateway] = []
 
-    def gateway(name: str, entitled: Callable[[Grant], str | None] = lambda _: None) -> Gateway:
-        gateways.append(Gateway(redis_server.url, name, entitled))
+    def gateway(
+        name: str, entitled: Callable[[Grant], str | None] = lambda _: None, **options
+    ) -> Gateway:
+        gateways.append(Gateway(redis_server.url, name, entitled, **options))
         wait_for(lambda: gateways[-1].link.up, f"{name} joins")
         return gateways[-1]
 
@@ -184,6 +195,46 @@ def test_redis_lost_and_back_empty_converges(fleet, redis_server) -> None:
     gw3 = fleet("gw3")
     wait_for(lambda: set(gw3.holds()) == {(22, "alice"), (443, "alice")}, "snapshot rebuilt")
     assert gw1.link.counters["outages"] == gw2.link.counters["outages"] == 1
+
+
+def test_a_gateway_restarted_catches_up_on_the_closes_it_missed(fleet, tmp_path) -> None:
+    """Its position in the stream is kept in its state directory: the close made while it
+    was down is applied when it is back, not only what is still open loaded."""
+    gw1 = fleet("gw1")
+    gw2 = fleet("gw2", position=tmp_path / "fleet.position")
+    gw1.worker.submit([GrantChange(Action.OPEN, grant(22)), GrantChange(Action.OPEN, grant(443))])
+    wait_for(lambda: set(gw2.holds()) == {(22, "alice"), (443, "alice")}, "opens spread")
+    gw2.stop()  # its firewall keeps the grants, as the kernel does
+    gw1.worker.submit([GrantChange(Action.CLOSE, grant(22)), GrantChange(Action.OPEN, grant(8443))])
+    wait_for(lambda: gw1.link.counters["published"] == 4, "published")
+    again = fleet("gw2", position=tmp_path / "fleet.position", firewall=gw2.firewall)
+    wait_for(lambda: set(again.holds()) == {(443, "alice"), (8443, "alice")}, "caught up")
+
+
+def test_an_expiry_is_published_by_the_gateway_that_made_the_grant_only(
+    fleet, redis_server
+) -> None:
+    import redis
+
+    gw1, gw2 = fleet("gw1"), fleet("gw2")
+    short = grant(22, 1)
+    gw1.worker.submit([GrantChange(Action.OPEN, short)])
+    wait_for(lambda: set(gw2.holds()) == {(22, "alice")}, "open spreads")
+    wait_for(lambda: not gw1.holds() and not gw2.holds(), "both expire it", timeout=5)
+    client = redis.Redis.from_url(redis_server.url)
+    wait_for(lambda: client.hlen(LIVE) == 0, "gone from the live grants")
+    actions = [json.loads(f[b"ev"])["action"] for _, f in client.xrange(STREAM)]
+    assert actions == ["open", "expire"], actions
+
+
+def test_a_claim_given_back_is_free_for_the_next_gateway(fleet) -> None:
+    gw1, gw2 = fleet("gw1"), fleet("gw2")
+    message = (7, secrets.token_bytes(16), int(time.time()) + 60)
+    assert gw1.link.claim([message], time.time()) == [None]
+    gw2.link.release([message[:2]])  # not gw2's to give back
+    assert gw2.link.claim([message], time.time()) == ["gw1"]
+    gw1.link.release([message[:2]])  # gw1 refused it after all (a cap)
+    assert gw2.link.claim([message], time.time()) == [None]
 
 
 # --- TLS ---------------------------------------------------------------------------------

@@ -197,6 +197,9 @@ class FirewallWorker(threading.Thread):
         # Each live grant's expiry as this thread last saw it: tells an open from an
         # extension, and counts the live grants, without asking the kernel.
         self._live: dict[GrantKey, int] = {}
+        # The live grants that came from the fleet: their expiry is the fleet's news already
+        # (each gateway expires a grant itself, and only its maker publishes that).
+        self._from_fleet: set[GrantKey] = set()
         # Told of every change this gateway made ("open" with the grant in force, "close",
         # "expire"), on this thread, once carried out: the fleet publishes them. It must
         # not block. Changes that came from the fleet are not passed on.
@@ -205,6 +208,7 @@ class FirewallWorker(threading.Thread):
     def track(self, grants: Sequence[Grant]) -> None:
         """The grants the firewall holds (read back at start): what later changes count from."""
         self._live = {grant.key: grant.expires for grant in grants}
+        self._from_fleet &= self._live.keys()
 
     def holds(self, grant: Grant) -> bool:
         """Whether the firewall holds ``grant``'s key until its expiry or later, as this
@@ -325,6 +329,7 @@ class FirewallWorker(threading.Thread):
         tell = self.on_change if origin is None else None
         if change.action == Action.CLOSE:
             self._live.pop(grant.key, None)
+            self._from_fleet.discard(grant.key)
             self.changes["closed"] += bool(outcome)
             if tell is not None:
                 tell("close", grant)  # the user's wish, whatever this firewall held
@@ -344,6 +349,10 @@ class FirewallWorker(threading.Thread):
             return self._event(text, "kept", in_force, **fields)
         kind = "extended" if held is not None and held > self.clock() else "opened"
         self.changes[kind] += 1
+        if origin:
+            self._from_fleet.add(grant.key)
+        else:
+            self._from_fleet.discard(grant.key)
         if tell is not None:
             tell("open", grant)
         return self._event(f"opened {describe(grant)}{suffix}", kind, grant, **fields)
@@ -389,7 +398,9 @@ class FirewallWorker(threading.Thread):
         for gone in self.firewall.expire(int(self.clock())):
             self._live.pop(gone.key, None)
             self.changes["expired"] += 1
-            if self.on_change is not None:
+            if gone.key in self._from_fleet:
+                self._from_fleet.discard(gone.key)
+            elif self.on_change is not None:
                 self.on_change("expire", gone)
             log.info(self._event(f"expired {describe(gone, expiry=False)}", "expired", gone))
 
