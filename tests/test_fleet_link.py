@@ -326,3 +326,13 @@ def test_tls_with_the_fleets_ca_and_a_client_certificate_and_nothing_less(tmp_pa
             claim(ca_file=pki["ca"])
     finally:
         server.kill()
+
+
+def test_the_admin_guides_redis_acl_is_the_one_the_tests_run_with() -> None:
+    """docs/admin.md gives admins an ACL user; the end-to-end tests run every gateway as
+    exactly that user, so the guide's list is known to be enough."""
+    from redis_server import FLEET_ACL
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "admin.md").read_text()
+    (line,) = [x for x in guide.splitlines() if x.startswith("user knockd on >THE-PASSWORD ")]
+    assert line.removeprefix("user knockd on >THE-PASSWORD ").split() == FLEET_ACL.split()
