@@ -165,6 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sinks=[LogSink(as_json=args.json)],
         grants=kept,
         publisher=publisher,
+        destinations=destinations,
     )
     protecting = ", ".join(map(str, destinations)) or "any address"
     text = (

@@ -167,7 +167,11 @@ class MetricsSettings:
 
 
 FLEET_ON_UNAVAILABLE = ("local", "refuse")
-_FLEET_URL = re.compile(r"rediss?://[^\s]+")
+# Host (a name, an IPv4 address, or an IPv6 one in brackets), port, database; no query: its
+# options would override the daemon's (TLS checks, the 0.5 s bound on a command).
+_FLEET_URL = re.compile(
+    r"rediss?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?(?:/\d{1,5})?/?"
+)
 
 
 @dataclass(frozen=True)
@@ -622,15 +626,16 @@ class _Reader:
         url = section.get("url", "")
         if not url:
             return FleetSettings(on_unavailable=on_unavailable)
-        if not _FLEET_URL.fullmatch(url):
-            raise self.error(
-                f"{p}.url", f"{url!r} is not redis://HOST:PORT/DB (or rediss:// for TLS)"
-            )
-        if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
             raise self.error(
                 f"{p}.url",
                 "holds a user or password: put them in fleet.username and "
                 "fleet.password_file (a file only the daemon's user reads), not in the url",
+            )
+        if not _FLEET_URL.fullmatch(url):
+            raise self.error(
+                f"{p}.url",
+                f"{url!r} is not redis://HOST:PORT/DB (or rediss:// for TLS), with no options",
             )
         from .fleet import check_gateway
 

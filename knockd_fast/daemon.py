@@ -32,6 +32,7 @@ from .capture_spec import BLOCK_TIMEOUT_MS, CaptureError
 from .config import CaptureSettings, Config, ConfigError, IPAddress, load_config, reloaded
 from .firewall.base import Firewall, Grant, GrantChange
 from .firewall.worker import FirewallWorker, describe, grant_fields
+from .fleet import MAX_EVENT_SKEW
 from .hints import SWEEP_SECONDS, FailedKnockHints
 from .judging import MIN_BACKLOG, Backlog, Judge
 from .logs import Event, flush_logs
@@ -171,8 +172,11 @@ class Doorman:
         worker: FirewallWorker | None = None,
         grants: Sequence[Grant] = (),
         publisher: StatsPublisher | None = None,
+        destinations: Sequence[IPAddress] = (),
     ):
         self.config = config
+        # The addresses protected (() for the captures' own): a fleet's grants must be for one.
+        self.destinations = frozenset(destinations)
         self.capture_settings = config.capture  # [capture] changes apply at the next start
         self.captures = list(captures)
         self.firewall = firewall
@@ -208,12 +212,22 @@ class Doorman:
 
     def entitled(self, grant: Grant) -> str | None:
         """Why this gateway's configuration does not let ``grant`` stand (an open another
-        gateway of the fleet made), or None: its user is known here and may open it."""
+        gateway of the fleet made), or None: its user is known here and may open that port,
+        on an address this gateway protects, for no longer than its grants last."""
         user = next((u for u in self.config.users.values() if u.name == grant.user), None)
         if user is None:
             return f"no user {grant.user!r} here"
         if not user.allows(grant.port, grant.proto):
             return f"user {grant.user!r} may not open {grant.port}/{grant.proto} here"
+        # Every grant a gateway makes names the address knocked; one for "any address" (or
+        # one this gateway does not protect) was made by no gateway of this fleet.
+        if grant.destination is None or (
+            self.destinations and grant.destination not in self.destinations
+        ):
+            return f"{grant.destination or 'any address'} is not protected here"
+        longest = self.clock() + self.config.grants.max_timeout + MAX_EVENT_SKEW
+        if grant.expires > longest:
+            return f"it lasts longer than grants.max_timeout ({self.config.grants.max_timeout} s)"
         return None
 
     def run(self) -> None:
@@ -269,6 +283,8 @@ class Doorman:
                 self.read(capture)
             self.judge_backlog(None)
             self._to_sinks("close")
+            if self.fleet is not None:  # nothing more from the stream for the worker
+                self.fleet.stop_following()
             self.worker.stop()
             if self.fleet is not None:  # after the worker: its last changes are published
                 self.fleet.stop()

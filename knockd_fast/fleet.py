@@ -199,6 +199,11 @@ class EventRejected(Exception):
     """An event a gateway does not apply; ``str()`` is one line saying why (for the log)."""
 
 
+class EventSeen(EventRejected):
+    """An event numbered at or below the last one seen from its gateway: a replay on the
+    stream, or, among the live grants a gateway loads again, one it knows already."""
+
+
 @dataclass(frozen=True)
 class GrantEvent:
     gateway: str  # who made the change
@@ -243,7 +248,12 @@ class EventSigner:
         self._key = check_fleet_key(key)
         self.gateway = check_gateway(gateway)
         self._clock_ns = clock_ns
-        self._last_seq = 0
+        self._last_seq = 0  # raised by ``resume`` past what a run before this one signed
+
+    def resume(self, last_seq: int) -> None:
+        """Number on from ``last_seq`` (this gateway's last event before a restart): after
+        a clock stepped back, its events would otherwise be refused as replays."""
+        self._last_seq = max(self._last_seq, last_seq)
 
     def sign(self, action: str, grant: Grant) -> dict[str, str]:
         """The stream entry's fields of one grant change."""
@@ -277,15 +287,21 @@ class EventVerifier:
     def verify(
         self,
         raw: Mapping[bytes | str, bytes | str],
-        snapshot: bool = False,
-        catch_up: bool = False,
+        snapshot: Mapping[str, int] | None = None,
+        not_before: float | None = None,
     ) -> GrantEvent:
-        """The event of one stream entry; EventRejected says why not (one line). A
-        ``snapshot`` entry (the live grants a joining gateway loads) may be old: it must
-        verify and its grant must still be live; it is not numbered against the stream's.
-        A ``catch_up`` entry (read again from where a gateway was before an outage) may be
-        old too, but not from the future, and is numbered as usual. Whether a grant is still
-        live is the caller's to check: an expired one is no forgery."""
+        """The event of one entry; EventRejected says why not (one line).
+
+        On the stream an event is dated within ``max_skew`` of this gateway's clock and
+        numbered above the last seen from its gateway (``seen``, raised as it goes). When a
+        gateway catches up after an outage, ``not_before`` replaces the lower bound: the time
+        of the stream position it resumes from, less the skew. A live grant loaded at a join
+        (``snapshot``: ``seen`` as it was before the join) may be older, but must be an open
+        numbered above what that gateway's events had reached; ``seen`` is raised too. None
+        may be dated ahead of the clock. Whether a grant is still live is the caller's to
+        check: an expired one is no forgery."""
+        if not isinstance(raw, Mapping):
+            raise EventRejected("event is not a set of fields")
         fields = {_text(name): _text(value) for name, value in raw.items()}
         if sum(len(name) + len(value) for name, value in fields.items()) > MAX_EVENT_BYTES:
             raise EventRejected("event too large")
@@ -317,22 +333,33 @@ class EventVerifier:
                 body["expires"],
                 body["user"],
             )
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, RecursionError) as error:
             raise EventRejected(f"event from {gateway!r} is malformed: {error}") from None
         if action not in EVENT_ACTIONS:
             raise EventRejected(f"event from {gateway!r}: unknown action {action!r}")
-        if snapshot:
+        now = self._clock()
+        ahead = now + self.max_skew
+        if not math.isfinite(moment) or moment > ahead or seq / 1e9 > ahead:
+            raise EventRejected(
+                f"event {seq} from {gateway!r} is dated ahead of this gateway's clock by more "
+                f"than {self.max_skew:.0f} s"
+            )
+        if snapshot is not None:
+            if action != "open":
+                raise EventRejected(f"live entry from {gateway!r} is not an open")
+            if seq <= snapshot.get(gateway, 0):
+                raise EventSeen(f"live entry {seq} from {gateway!r} is known already")
             self.seen[gateway] = max(seq, self.seen.get(gateway, 0))
             return GrantEvent(gateway, seq, moment, action, grant)
-        now = self._clock()
-        too_old = moment < now - self.max_skew and not catch_up
-        if not math.isfinite(moment) or too_old or moment > now + self.max_skew:
+        oldest = now - self.max_skew if not_before is None else not_before
+        if moment < oldest:
             raise EventRejected(
-                f"event {seq} from {gateway!r} is dated {moment:.0f}, more than "
-                f"{self.max_skew:.0f} s from this gateway's clock"
+                f"event {seq} from {gateway!r} is dated {moment:.0f}, older than this gateway "
+                f"takes ({oldest:.0f}): a replay, or a clock off by more than "
+                f"{self.max_skew:.0f} s"
             )
         if seq <= self.seen.get(gateway, 0):
-            raise EventRejected(f"event {seq} from {gateway!r} was seen before (a replay)")
+            raise EventSeen(f"event {seq} from {gateway!r} was seen before (a replay)")
         self.seen[gateway] = seq
         return GrantEvent(gateway, seq, moment, action, grant)
 
@@ -351,11 +378,13 @@ def grant_field(grant: Grant) -> str:
 
 
 # One change, atomically: the stream entry, and the live grants as the firewalls hold them.
+# Both keys are read before anything is written: a key of the wrong type (planted by
+# someone who can write to Redis) fails the script before it changes anything.
 # An open never shortens a live grant (as Firewall.open), a close removes only its user's,
 # an expiry only a grant that has not been extended since: gateways publish concurrently.
 _PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 7))
 local held = redis.call('HGET', KEYS[2], ARGV[3])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 7))
 local held_expires, held_user
 if held then
   held_expires, held_user = string.match(held, '^(%d+)\\n([^\\n]*)\\n')
@@ -451,9 +480,10 @@ class GrantBus:
         snapshot = []
         for raw in live.values():
             try:
-                snapshot.append(json.loads(_text(raw).split("\n", 2)[2]))
-            except (ValueError, IndexError):
-                snapshot.append({})  # the verifier refuses it, and says so
+                found = json.loads(_text(raw).split("\n", 2)[2])
+            except (ValueError, IndexError, RecursionError):
+                found = {}
+            snapshot.append(found if isinstance(found, dict) else {})  # the verifier says why
         # Trimming (XADD MAXLEN ~) keeps at least STREAM_LENGTH entries: a shorter stream
         # was never trimmed, and holds every entry after any position in it.
         kept_from = "0-0" if length < STREAM_LENGTH or not first else _text(first[0][0])

@@ -22,7 +22,9 @@ the daemon, on three paths:
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -38,8 +40,10 @@ from .firewall.base import Grant, GrantChange
 from .firewall.worker import FirewallWorker, describe
 from .fleet import (
     COMMAND_TIMEOUT,
+    MAX_EVENT_SKEW,
     Claim,
     EventRejected,
+    EventSeen,
     EventSigner,
     EventVerifier,
     FleetUnavailable,
@@ -110,25 +114,38 @@ class FleetLink:
         self.up_since: float | None = None
         self.last_error = "not joined yet"
         self._said_down = False
-        self._outbox: collections.deque[tuple[str, Grant]] = collections.deque()
+        # (action, grant, its signed fields once a publish was tried): a retry sends the
+        # same fields, so if the try reached Redis after all, the others see a replay of
+        # it and apply nothing twice; unless they grew too old to be taken (then signed anew).
+        self._outbox: collections.deque[tuple[str, Grant, dict[str, str] | None]] = (
+            collections.deque()
+        )
         self._ready = threading.Condition(threading.Lock())
         self._unsent: collections.deque[tuple[int, bytes, int]] = collections.deque(
             maxlen=MAX_UNSENT_CLAIMS
         )
         self._after: str | None = None  # the last stream entry handled
         self._epoch: str | None = None  # the token of the Redis joined
-        # Where this gateway was in the stream, kept across restarts: a restarted gateway
-        # catches up on the changes it missed, closes included, rather than only loading
-        # what is still open.
+        # Where this gateway was in the stream, and the last event number seen from each
+        # gateway (its own included), kept across restarts: a restarted gateway catches up
+        # on the changes it missed, closes included, takes no event it had seen again, and
+        # numbers its own on from where it was. Saved only as far as the firewall worker has
+        # carried the changes out (``_marks``: ticket, position, numbers seen).
         self.position_file = position_file
-        self._saved_position: tuple[str | None, str | None] = (None, None)
+        self._marks: collections.deque[tuple[int, str, dict[str, int]]] = collections.deque()
+        self._saved: tuple[str, str] | None = None
         self._saved_at = 0.0
+        self._unsent_lock = threading.Lock()
         if position_file is not None:
-            self._epoch, self._after = _read_position(position_file)
+            self._epoch, self._after, seen = _read_position(position_file)
+            self._verifier.seen.update(seen)
+            self._signer.resume(seen.get(self.gateway, 0))
         # Set when Redis came back without its data: the loop then hands this gateway's
         # remembered messages to ``claim_later``, so its claims are made again.
         self.reclaim = threading.Event()
         self._complaints: collections.deque[float] = collections.deque()
+        self._following = threading.Event()  # cleared to stop the follower alone
+        self._following.set()
         self._threads = [
             threading.Thread(target=self._follow_loop, name="knockd-fast-fleet-in", daemon=True),
             threading.Thread(target=self._publish_loop, name="knockd-fast-fleet-out", daemon=True),
@@ -143,9 +160,16 @@ class FleetLink:
         for thread in self._threads:
             thread.start()
 
+    def stop_following(self) -> None:
+        """Before the firewall worker stops: take no more changes from the stream (those
+        read after would never be applied, and the position would pass them)."""
+        self._following.clear()
+        self._threads[0].join(FOLLOW_BLOCK_MS / 1000 + COMMAND_TIMEOUT + 1)
+
     def stop(self) -> None:
-        """After the firewall worker stopped: publish what it left (up to ``STOP_SECONDS``)
-        and end both threads."""
+        """After the firewall worker stopped: publish what it left (up to ``STOP_SECONDS``),
+        end both threads and keep the stream position."""
+        self._following.clear()
         self._stop.set()
         with self._ready:
             self._ready.notify_all()
@@ -158,6 +182,7 @@ class FleetLink:
                 client.close()
             except Exception:  # closing a dead connection may raise: nothing to do then
                 pass
+        self._save_position(force=True)
 
     def stats(self) -> FleetStats:
         return FleetStats(
@@ -195,19 +220,28 @@ class FleetLink:
     def claim_later(self, messages: Sequence[tuple[int, bytes, int]], again: bool = False) -> None:
         """Claims to make as soon as the link allows (any thread); ``again``: messages this
         gateway had claimed before Redis lost them (counted apart)."""
-        room = MAX_UNSENT_CLAIMS - len(self._unsent)
-        self.counters["claims_lost"] += max(0, len(messages) - room)
-        self._unsent.extend(messages)
+        with self._unsent_lock:
+            room = MAX_UNSENT_CLAIMS - len(self._unsent)
+            self.counters["claims_lost"] += max(0, len(messages) - room)
+            self._unsent.extend(messages)
         self.counters["claims_again" if again else "claims_unsent"] += len(messages)
 
     def release(self, messages: Sequence[tuple[int, bytes]]) -> None:
         """Give up this gateway's claims of messages it then refused (the caps), so they
         are judged again wherever they are sent next; a failure only costs that."""
-        if self.up and messages:
+        if not messages:
+            return
+        if self.up:
             try:
                 self._claims.release(messages)
+                return
             except FleetUnavailable as error:
                 self._went_down(str(error))
+        gone = {(user_id, bytes(siv)) for user_id, siv in messages}  # not claimed yet: never
+        with self._unsent_lock:
+            kept = [m for m in self._unsent if (m[0], bytes(m[1])) not in gone]
+            self._unsent.clear()
+            self._unsent.extend(kept)
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -218,7 +252,7 @@ class FleetLink:
             if len(self._outbox) >= MAX_OUTBOX:
                 self._outbox.popleft()
                 self.counters["publish_dropped"] += 1
-            self._outbox.append((action, grant))
+            self._outbox.append((action, grant, None))
             self._ready.notify()
 
     def _publish_loop(self) -> None:
@@ -234,15 +268,21 @@ class FleetLink:
             now = self.clock()
             # An open that expired while it waited would open nothing anywhere.
             live = [
-                (action, grant)
-                for action, grant in batch
+                (
+                    action,
+                    grant,
+                    fields
+                    if fields is not None and float(fields["t"]) > now - MAX_EVENT_SKEW / 2
+                    else self._signer.sign(action, grant),
+                )
+                for action, grant, fields in batch
                 if action != "open" or grant.expires > now
             ]
             try:
-                self._out.publish_many([(self._signer.sign(a, g), a, g) for a, g in live])
+                self._out.publish_many([(fields, a, g) for a, g, fields in live])
             except FleetUnavailable as error:
                 with self._ready:
-                    self._outbox.extendleft(reversed(batch))
+                    self._outbox.extendleft(reversed(live))
                 self._went_down(str(error))
                 continue
             except Exception:  # a bug must not stop the fleet's traffic for good
@@ -253,7 +293,7 @@ class FleetLink:
     # -- following ----------------------------------------------------------------------
 
     def _follow_loop(self) -> None:
-        while not self._stop.is_set():
+        while self._following.is_set():
             if not self.up:
                 try:
                     self._join()
@@ -261,8 +301,10 @@ class FleetLink:
                     self._went_down(str(error))
                     self._stop.wait(RETRY_SECONDS)
                     continue
-                except Exception:
-                    log.exception("fleet: internal error joining; retrying")
+                except Exception as error:  # a bug: said once per outage, like the outage
+                    if not self._said_down:
+                        log.exception("fleet: internal error joining; retrying every second")
+                    self._went_down(f"internal error joining: {type(error).__name__}")
                     self._stop.wait(RETRY_SECONDS)
                     continue
             try:
@@ -273,7 +315,7 @@ class FleetLink:
             changes = []
             for entry_id, raw in entries:
                 self._after = entry_id
-                change = self._receive(raw, catch_up=False)
+                change = self._receive(raw)
                 if change is not None:
                     changes.append(change)
             self._hand_over(changes)
@@ -283,7 +325,6 @@ class FleetLink:
                     self._send_unsent()
                 except FleetUnavailable as error:
                     self._went_down(str(error))
-        self._save_position(force=True)
 
     def _join(self) -> None:
         """Join Redis (at start, and after an outage): catch up on the stream from where
@@ -300,21 +341,29 @@ class FleetLink:
         changes: list[GrantChange] = []
         if catch_up:
             # The stream holds every change since this gateway's last: read them all,
-            # closes included (a snapshot would only show what is still open).
+            # closes included (a snapshot would only show what is still open). Nothing
+            # dated before that position (less the skew) is new: a copy put there later.
+            assert self._after is not None
+            not_before = _id(self._after)[0] / 1000 - MAX_EVENT_SKEW
             while True:
                 entries = self._in.follow(self._after, block_ms=None, count=PUBLISH_BATCH)
                 for entry_id, raw in entries:
                     self._after = entry_id
-                    change = self._receive(raw, catch_up=True)
+                    change = self._receive(raw, not_before)
                     if change is not None:
                         changes.append(change)
                 loaded += len(entries)
                 if len(entries) < PUBLISH_BATCH:
                     break
         else:
+            # Live grants numbered at or below what this gateway saw of their makers are
+            # known already: applied then, or closed since (a copy put back into Redis).
+            floor = dict(self._verifier.seen)
             for raw in snapshot:
                 try:
-                    event = self._verifier.verify(raw, snapshot=True)
+                    event = self._verifier.verify(raw, snapshot=floor)
+                except EventSeen:
+                    continue
                 except EventRejected as error:
                     self._complain(f"fleet: ignored a live grant in redis: {error}")
                     continue
@@ -322,7 +371,7 @@ class FleetLink:
                 if event.grant.expires <= self.clock():
                     expired.append(event.grant)  # nobody expired it in Redis: this one does
                     continue
-                change = self._change_of(event)
+                change = self._change_of(event, own_again=event.gateway == self.gateway)
                 if change is not None:
                     changes.append(change)
             self._after = last
@@ -368,39 +417,48 @@ class FleetLink:
         """Make the claims that waited for the link: (how many, how many another gateway
         had made too)."""
         now = self.clock()
-        waiting = []
-        while self._unsent:
-            waiting.append(self._unsent.popleft())
-        waiting = [m for m in waiting if m[2] > now]
+        with self._unsent_lock:
+            waiting = [m for m in self._unsent if m[2] > now]
+            self._unsent.clear()
         try:
             found = self._claims.claim([_claim(m, now) for m in waiting])
         except FleetUnavailable:
-            self._unsent.extendleft(reversed(waiting))
+            with self._unsent_lock:
+                self._unsent.extendleft(reversed(waiting))
             raise
         return len(waiting), sum(holder is not None for holder in found)
 
     def _save_position(self, force: bool = False) -> None:
-        """Write where this gateway is in the stream (at most once a second, or now)."""
-        position = (self._epoch, self._after)
-        if self.position_file is None or position == self._saved_position or None in position:
+        """Keep where this gateway is in the stream, as far as the worker has carried the
+        changes out (at most once a second, or now)."""
+        if self.position_file is None or self._epoch is None:
             return
         if not force and time.monotonic() - self._saved_at < 1.0:
             return
+        done, mark = self.worker.done, None
+        while self._marks and self._marks[0][0] <= done:
+            mark = self._marks.popleft()
+        if mark is None:
+            return
+        _, after, seen = mark
+        if self._saved == (self._epoch, after):
+            return
         try:
             temporary = self.position_file.with_suffix(".tmp")
-            temporary.write_text(f"{self._epoch} {self._after}\n")
+            state = {"epoch": self._epoch, "after": after, "seen": seen}
+            temporary.write_text(json.dumps(state) + "\n")
             os.replace(temporary, self.position_file)
-        except OSError as error:  # then a restart loads the live grants: said once
-            if self._saved_position != ("?", "?"):
+        except OSError as error:  # a restart then loads the live grants: said once
+            if self._saved_at >= 0:
                 log.warning("fleet: cannot keep the stream position in %s: %s",
                             self.position_file, error.strerror)  # fmt: skip
-            self._saved_position = ("?", "?")
+            self._saved_at = -math.inf
             return
-        self._saved_position, self._saved_at = position, time.monotonic()
+        self._saved, self._saved_at = (self._epoch, after), time.monotonic()
 
-    def _receive(self, raw: Any, catch_up: bool) -> GrantChange | None:
+    def _receive(self, raw: Any, not_before: float | None = None) -> GrantChange | None:
         try:
-            event = self._verifier.verify(raw, catch_up=catch_up)
+            event = self._verifier.verify(raw, not_before=not_before)
         except EventRejected as error:
             self._complain(f"fleet: ignored an event on the stream: {error}")
             return None
@@ -408,8 +466,10 @@ class FleetLink:
             return None  # ours: applied here already
         return self._change_of(event)
 
-    def _change_of(self, event: GrantEvent) -> GrantChange | None:
-        """What this gateway's firewall does for a verified event, if anything."""
+    def _change_of(self, event: GrantEvent, own_again: bool = False) -> GrantChange | None:
+        """What this gateway's firewall does for a verified event, if anything. ``own_again``:
+        one of this gateway's own live grants, which its firewall lost (a reboot): put back
+        as its own (its expiry is then published by it, as the maker)."""
         grant = event.grant
         if event.action == "expire":
             return None  # every gateway expires a grant at its (absolute) expiry itself
@@ -423,12 +483,15 @@ class FleetLink:
                 f"fleet: not applying gateway {event.gateway}'s open of {describe(grant)}: {why}"
             )
             return None
-        return GrantChange(Action.OPEN, grant, event.gateway)
+        return GrantChange(Action.OPEN, grant, None if own_again else event.gateway)
 
     def _hand_over(self, changes: list[GrantChange]) -> None:
-        if changes:
-            self.counters["applied"] += len(changes)
-            self.worker.submit(changes)
+        """Changes to the firewall worker; the stream position reached is kept once the
+        worker has carried them out."""
+        self.counters["applied"] += len(changes)
+        ticket = self.worker.submit(changes)
+        if self._after is not None:
+            self._marks.append((ticket, self._after, dict(self._verifier.seen)))
 
     # -- the link's state ---------------------------------------------------------------
 
@@ -467,15 +530,18 @@ class FleetLink:
             log.warning(Event(text, "fleet", state="rejected", gateway=self.gateway))
 
 
-def _read_position(path: Path) -> tuple[str | None, str | None]:
-    """(Redis's token, the last stream entry handled) as a run before this one left them;
-    (None, None) when there is none or it is unreadable (then the live grants are loaded)."""
+def _read_position(path: Path) -> tuple[str | None, str | None, dict[str, int]]:
+    """(Redis's token, the last stream entry handled, the last event number seen from each
+    gateway) as a run before this one left them; nothing when there is none or it is
+    unreadable (then the live grants are loaded)."""
     try:
-        epoch, after = path.read_text().split()
+        state = json.loads(path.read_text())
+        epoch, after, seen = str(state["epoch"]), str(state["after"]), state["seen"]
         _id(after)
-    except (OSError, ValueError):
-        return None, None
-    return epoch, after
+        seen = {str(gateway): int(seq) for gateway, seq in seen.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None, {}
+    return epoch, after, seen
 
 
 def _claim(message: tuple[int, bytes, int], now: float) -> Claim:

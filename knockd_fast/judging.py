@@ -250,7 +250,10 @@ class Judge:
                         changes.append(change)
                 decisions.append(decision)
             if released:
-                self.fleet.release(released)
+                try:
+                    self.fleet.release(released)
+                except Exception:  # the claims then lapse with their window
+                    log.exception("internal error giving back %d claims", len(released))
         return decisions, changes
 
     def _claim(self, accepted: list[_Accepted], now: float) -> Iterator[object]:
@@ -259,7 +262,11 @@ class Judge:
         configuration refuses knocks then)."""
         if self.fleet is None or not accepted:
             return iter([None] * len(accepted))
-        found = self.fleet.claim([(a.user.id, a.siv, a.until) for a in accepted], now)
+        try:
+            found = self.fleet.claim([(a.user.id, a.siv, a.until) for a in accepted], now)
+        except Exception:  # a bug must not lose the slice: as if the fleet were away
+            log.exception("internal error claiming %d messages fleet-wide", len(accepted))
+            found = None
         if found is not None:
             return iter(found)
         refuse = self.config.fleet.on_unavailable == "refuse"

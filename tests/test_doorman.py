@@ -673,3 +673,29 @@ def test_turns_never_outrun_the_bucket(gaps: list[float]) -> None:
         for last in range(first, len(ends)):
             turns = last - first + 1
             assert turns <= TURN_BURST + 1 + (ends[last] - ends[first]) / TURN_SECONDS + 1e-6
+
+
+def test_a_fleet_grant_stands_only_as_this_gateways_configuration_allows_it(setup) -> None:
+    """What another gateway of the fleet opened is applied only for a user known here, a
+    port they may open, an address this gateway protects, and no longer than its grants
+    last: even a holder of the fleet key cannot open more here than a knock could."""
+    tmp_path, config = setup
+    door = Doorman(config, [], DryRunFirewall(), ReplayCache(None), clock=lambda: NOW,
+                   destinations=[SERVER])  # fmt: skip
+    client = ipaddress.IPv4Address("198.51.100.7")
+
+    def grant(port=22, destination=SERVER, seconds=60, user="alice") -> Grant:
+        return Grant(client, "tcp", port, destination, NOW + seconds, user)
+
+    assert door.entitled(grant()) is None
+    longest = config.grants.max_timeout + 60  # the clock skew a fleet allows
+    assert door.entitled(grant(seconds=longest)) is None
+    refusals = {
+        "no user 'mallory' here": grant(user="mallory"),
+        "user 'alice' may not open 23/tcp here": grant(port=23),
+        "any address is not protected here": grant(destination=None),
+        "192.0.2.9 is not protected here": grant(destination=ipaddress.IPv4Address("192.0.2.9")),
+        "it lasts longer than grants.max_timeout": grant(seconds=longest + 1),
+    }
+    for why, refused in refusals.items():
+        assert why in door.entitled(refused), why

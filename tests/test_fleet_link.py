@@ -46,7 +46,8 @@ class Gateway:
         self.worker.start()
         self.link.start()
 
-    def stop(self) -> None:
+    def stop(self) -> None:  # as the daemon stops
+        self.link.stop_following()
         self.worker.stop()
         self.link.stop()
 
@@ -235,6 +236,49 @@ def test_a_claim_given_back_is_free_for_the_next_gateway(fleet) -> None:
     assert gw2.link.claim([message], time.time()) == ["gw1"]
     gw1.link.release([message[:2]])  # gw1 refused it after all (a cap)
     assert gw2.link.claim([message], time.time()) == [None]
+
+
+def test_garbage_among_the_live_grants_is_refused_and_the_gateway_joins(
+    fleet, redis_server
+) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    for index, value in enumerate(["1\nu\n[1]", "1\nu\nnull", "1\nu\n" + "[" * 100_000, "x"]):
+        client.hset(LIVE, f"junk{index}", value)
+    gw1 = fleet("gw1")
+    assert gw1.link.up and gw1.link.counters["rejected"] == 4
+
+
+def test_a_signed_open_put_back_after_its_close_reopens_nothing(
+    fleet, redis_server, tmp_path
+) -> None:
+    """Someone who can write to Redis copies a genuine open (from the stream) and plays it
+    again after its close: onto the stream while a gateway is away, and into the live
+    grants of a Redis made to look restarted. The gateway knows the event's number."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    gw1 = fleet("gw1")
+    gw2 = fleet("gw2", position=tmp_path / "fleet.position")
+    gw1.worker.submit([GrantChange(Action.OPEN, grant(22))])
+    wait_for(lambda: set(gw2.holds()) == {(22, "alice")}, "open spreads")
+    gw1.worker.submit([GrantChange(Action.CLOSE, grant(22))])
+    wait_for(lambda: not gw2.holds(), "close spreads")
+    (_, opened), _ = client.xrange(STREAM)
+    gw2.stop()
+    client.xadd(STREAM, opened)  # the copy, on the stream
+    again = fleet("gw2", position=tmp_path / "fleet.position", firewall=gw2.firewall)
+    wait_for(lambda: again.link.counters["rejected"] == 1, "the copy refused on catching up")
+    assert not again.holds()
+    again.stop()
+    client.delete(STREAM)  # now a Redis that looks restarted, with the copy as a live grant
+    client.set("kf:epoch", "someone-else")
+    fields = {k.decode(): v.decode() for k, v in opened.items()}
+    client.hset(LIVE, grant_field(grant(22)), f"{grant(22).expires}\nalice\n{json.dumps(fields)}")
+    third = fleet("gw2", position=tmp_path / "fleet.position", firewall=gw2.firewall)
+    time.sleep(0.5)
+    assert not third.holds() and third.link.counters["applied"] == 0
 
 
 # --- TLS ---------------------------------------------------------------------------------

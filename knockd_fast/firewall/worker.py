@@ -87,14 +87,23 @@ class ChangeQueue:
         self._closed = False
         self._ready = threading.Condition(threading.Lock())
         self._last_complaint = -math.inf
+        # Each ``put`` gets a number; ``taken`` is the last one ``take`` handed out: a
+        # caller can tell when what it put has been taken (the worker: carried out).
+        self.tickets = 0
+        self.taken = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def put(self, changes: Sequence[GrantChange]) -> None:
-        """Queue ``changes``, in order."""
+    def put(self, changes: Sequence[GrantChange]) -> int:
+        """Queue ``changes``, in order; their ticket (0: refused, the queue is closed)."""
         full = 0
         with self._ready:
+            if self._closed:  # nothing would take them: say so rather than lose them quietly
+                log.warning("firewall: %d changes came after the stop; not applied", len(changes))
+                return 0
+            self.tickets += 1
+            ticket = self.tickets
             pending = self._pending
             for change in changes:
                 key = change.grant.key
@@ -121,6 +130,7 @@ class ChangeQueue:
                 self.dropped[Action.OPEN],
                 self.dropped[Action.CLOSE],
             )
+        return ticket
 
     def take(self, timeout: float) -> tuple[list[GrantChange], bool]:
         """Every pending change, oldest first (waiting up to ``timeout`` seconds for one),
@@ -129,6 +139,7 @@ class ChangeQueue:
             if not self._pending and not self._closed:
                 self._ready.wait(timeout)
             taken, self._pending, self._positions = self._pending, [], {}
+            self.taken = self.tickets
             return taken, self._closed
 
     def close(self) -> None:
@@ -197,6 +208,7 @@ class FirewallWorker(threading.Thread):
         # Each live grant's expiry as this thread last saw it: tells an open from an
         # extension, and counts the live grants, without asking the kernel.
         self._live: dict[GrantKey, int] = {}
+        self.done = 0  # the ticket (ChangeQueue.put) of the last changes carried out
         # The live grants that came from the fleet: their expiry is the fleet's news already
         # (each gateway expires a grant itself, and only its maker publishes that).
         self._from_fleet: set[GrantKey] = set()
@@ -220,10 +232,12 @@ class FirewallWorker(threading.Thread):
         """Grants in the firewall, as the changes and sweeps carried out leave it."""
         return len(self._live)
 
-    def submit(self, changes: Sequence[GrantChange]) -> None:
-        """Several changes, applied in order; one hand-over for the lot, never waiting."""
+    def submit(self, changes: Sequence[GrantChange]) -> int:
+        """Several changes, applied in order; one hand-over for the lot, never waiting.
+        Returns the ticket that ``done`` reaches once they (and all before) are carried out."""
         if changes:
-            self.queue.put(changes)
+            return self.queue.put(changes)
+        return self.queue.tickets
 
     def stop(self) -> None:
         """Apply what was submitted, then end the thread."""
@@ -248,7 +262,9 @@ class FirewallWorker(threading.Thread):
         next_sweep = self.clock() + SWEEP_SECONDS
         while True:
             changes, closed = self.queue.take(max(0.0, next_sweep - self.clock()))
+            ticket = self.queue.taken
             self.apply_all(changes)
+            self.done = ticket
             if self._reread.is_set():
                 self._reread.clear()
                 self._attempts("read back", None, lambda _: self._read_back())
