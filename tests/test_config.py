@@ -852,6 +852,14 @@ def fleet_config(conf, **keys: str) -> Path:
     return conf("[fleet]\n" + lines + MINIMAL_USER)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["redis://192.0.2.9:6379/0", "rediss://redis.example.org:6380", "redis://[2001:db8::9]/1"],
+)
+def test_a_fleet_url_names_host_port_and_database(conf, url: str) -> None:
+    assert load_config(fleet_config(conf, url=url, key_file="bob.key")).fleet.url == url
+
+
 def test_no_fleet_by_default_nor_with_an_empty_url(conf) -> None:
     assert not load_config(conf(MINIMAL_USER)).fleet.enabled
     assert not load_config(fleet_config(conf, url="", on_unavailable="refuse")).fleet.enabled
@@ -877,6 +885,8 @@ def test_a_fleet_reads_its_key_and_password_and_names_the_gateway_after_the_host
     [
         ({"url": "http://192.0.2.9"}, "is not redis://HOST:PORT/DB (or rediss:// for TLS)"),
         ({"url": "redis://:pw@192.0.2.9:6379/0"}, "put them in fleet.username and"),
+        ({"url": "rediss://192.0.2.9/0?ssl_cert_reqs=none"}, "with no options"),
+        ({"url": "redis://192.0.2.9:6379/0#x"}, "with no options"),
         ({"url": "redis://192.0.2.9:6379/0"}, "fleet.key_file: missing (required with a url)"),
         ({"key_file": "bob.key", "gateway": "gw 1"}, "fleet.gateway: gateway name 'gw 1'"),
         ({"key_file": "bob.key", "tls_ca_file": "bob.key"}, "set, but the url is not rediss://"),
