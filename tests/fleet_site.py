@@ -44,6 +44,8 @@ from e2e import (
 from netns import End
 from redis_server import RedisServer
 
+from knockd_fast.firewall.registry import KINDS
+
 SERVICE = "203.0.113.1"  # every gateway's (anycast) service address
 CLIENT, ROUTER = "192.0.2.2", "192.0.2.1"
 REDIS_HOST = "198.18.0.1"
@@ -151,9 +153,12 @@ def fleet_site(
     gateways: int = 3,
     on_unavailable: Sequence[str] = (),
     start: bool = True,
+    backends: Sequence[str] = (),
 ) -> Iterator[Site]:
     """The site above with ``gateways`` gateways, their daemons started (``start``);
-    ``on_unavailable`` gives each gateway's ``fleet.on_unavailable`` (default "local")."""
+    ``on_unavailable`` gives each gateway's ``fleet.on_unavailable`` (default "local"),
+    ``backends`` its ``grants.backend`` (default "iptables"; "nftables" protects the ports
+    in its own chain, the others get DROP rules in iptables-legacy, as e2e.doorman does)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     alice = User(7, "alice", [f"{port}/tcp" for port in PORTS])
@@ -190,6 +195,10 @@ def fleet_site(
             (home / "home").mkdir(parents=True, exist_ok=True)
             harness = Harness(gateway, client, own_if, home, home / "config.toml", [alice], PORTS)
             harness.capture = (own_if,)
+            backend = backends[index] if index < len(backends) else "iptables"
+            grants: dict[str, Any] = {"backend": backend}
+            if backend == "nftables":
+                grants["protect"] = [f"{port}/tcp" for port in PORTS]
             fleet = {
                 "url": f"redis://{REDIS_HOST}:{redis.port}/0",
                 "gateway": name,
@@ -206,6 +215,7 @@ def fleet_site(
                     modes=("syn", "spa"),
                     extra={
                         "capture": {"destinations": [SERVICE]},
+                        "grants": grants,
                         "limits": {"max_knocks_per_minute": 10_000},
                         "fleet": fleet,
                     },
@@ -216,9 +226,11 @@ def fleet_site(
             harnesses.append(harness)
         site = Site(router, client, harnesses, redis, directory)
         if start:
-            for harness in harnesses:
+            chosen = [*backends, *["iptables"] * (gateways - len(backends))]
+            for harness, backend in zip(harnesses, chosen, strict=True):
                 harness.start()
-                close_ports(harness)
+                if KINDS[backend] == "legacy xtables":
+                    close_ports(harness)
             for harness in harnesses:
                 harness.wait_log(r"^fleet: redis at .* joined as gateway", since=0)
         yield site

@@ -47,7 +47,15 @@ def _site(directory: Path, **options) -> Iterator[Site]:
         pytest.skip(f"network namespaces unavailable: {error}")
 
 
-def test_a_knock_through_one_gateway_opens_everywhere_and_is_a_replay_elsewhere(site) -> None:
+def test_a_knock_through_one_gateway_opens_everywhere_and_is_a_replay_elsewhere(
+    tmp_path,
+) -> None:
+    """Each gateway with its own backend: iptables, nftables, ipset."""
+    for site in _site(tmp_path, backends=("iptables", "nftables", "ipset")):
+        _opens_everywhere_and_is_a_replay_elsewhere(site)
+
+
+def _opens_everywhere_and_is_a_replay_elsewhere(site: Site) -> None:
     gw1, gw2, gw3 = site.gateways
     assert not any(site.connects(i, 2222) for i in range(3)), "closed to begin with"
     marks = [g.mark() for g in site.gateways]
