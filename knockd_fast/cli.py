@@ -99,7 +99,9 @@ def fleet_lines(config: Config) -> list[str]:
     fleet = config.fleet
     if not fleet.enabled:
         return []
-    where = fleet.url.split("://", 1)[1].split("/", 1)[0]
+    from .fleet import redis_address
+
+    where = redis_address(fleet.url)
     tls = "TLS" if fleet.url.startswith("rediss://") else "no TLS"
     lines = [
         f"fleet: gateway {fleet.gateway} shares claims and grants through redis at {where} "

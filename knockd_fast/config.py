@@ -626,7 +626,9 @@ class _Reader:
         url = section.get("url", "")
         if not url:
             return FleetSettings(on_unavailable=on_unavailable)
-        if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+        from .fleet import check_gateway, redis_address
+
+        if "@" in redis_address(url):
             raise self.error(
                 f"{p}.url",
                 "holds a user or password: put them in fleet.username and "
@@ -637,8 +639,6 @@ class _Reader:
                 f"{p}.url",
                 f"{url!r} is not redis://HOST:PORT/DB (or rediss:// for TLS), with no options",
             )
-        from .fleet import check_gateway
-
         gateway = section.get("gateway") or socket.gethostname()
         try:
             check_gateway(gateway)

@@ -74,6 +74,11 @@ def check_gateway(name: str) -> str:
     return name
 
 
+def redis_address(url: str) -> str:
+    """What comes between ``redis://`` and the database: ``HOST:PORT``, as logs show it."""
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
 def check_fleet_key(key: bytes) -> bytes:
     if len(key) < MIN_FLEET_KEY_BYTES:
         raise ValueError(f"a fleet key has at least {MIN_FLEET_KEY_BYTES} bytes, not {len(key)}")

@@ -50,6 +50,7 @@ from .fleet import (
     GrantBus,
     GrantEvent,
     ReplayClaims,
+    redis_address,
     redis_client,
 )
 from .logs import Event, flush_logs
@@ -401,7 +402,7 @@ class FleetLink:
             )
         back = f"back after {was_down_for:.1f} s" if self.counters["outages"] else "joined"
         text = (
-            f"fleet: redis at {_where(self.settings.url)} {back} as gateway {self.gateway}: "
+            f"fleet: redis at {redis_address(self.settings.url)} {back} as gateway {self.gateway}: "
             f"{how}; {sent} claims made late"
         )
         log.info(Event(text, "fleet", state="up", gateway=self.gateway, claims_late=sent))
@@ -513,7 +514,7 @@ class FleetLink:
                 "another gateway is not seen meanwhile"
             )
         text = (
-            f"fleet: redis at {_where(self.settings.url)} unavailable ({why}); {meanwhile}; "
+            f"fleet: redis at {redis_address(self.settings.url)} unavailable ({why}); {meanwhile}; "
             f"retrying every {RETRY_SECONDS:.0f} s"
         )
         log.error(Event(text, "fleet", state="down", gateway=self.gateway, error=why))
@@ -553,11 +554,6 @@ def _id(entry_id: str) -> tuple[int, int]:
     """A stream entry id (``MS-SEQ``) as a comparable pair."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _where(url: str) -> str:
-    """The url as logs show it: scheme, host and port (it holds no password: see config)."""
-    return url.split("://", 1)[-1].split("/", 1)[0]
 
 
 def _client_options(settings: FleetSettings) -> dict[str, Any]:
