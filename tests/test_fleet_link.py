@@ -218,10 +218,10 @@ def test_an_expiry_is_published_by_the_gateway_that_made_the_grant_only(
     import redis
 
     gw1, gw2 = fleet("gw1"), fleet("gw2")
-    short = grant(22, 1)
+    short = grant(22, 3)  # whole seconds: at least 2 s to spread before it expires
     gw1.worker.submit([GrantChange(Action.OPEN, short)])
     wait_for(lambda: set(gw2.holds()) == {(22, "alice")}, "open spreads")
-    wait_for(lambda: not gw1.holds() and not gw2.holds(), "both expire it", timeout=5)
+    wait_for(lambda: not gw1.holds() and not gw2.holds(), "both expire it", timeout=6)
     client = redis.Redis.from_url(redis_server.url)
     wait_for(lambda: client.hlen(LIVE) == 0, "gone from the live grants")
     actions = [json.loads(f[b"ev"])["action"] for _, f in client.xrange(STREAM)]
