@@ -106,8 +106,6 @@ class ReplayClaims:
         gateway that claimed it first. Raises FleetUnavailable."""
         if not claims:
             return []
-        import redis
-
         pipe = self.client.pipeline(transaction=False)
         for claim in claims:
             # NX with GET (Redis >= 7.0): set only if new, and say what was there.
@@ -115,10 +113,7 @@ class ReplayClaims:
                 claim_key(claim.user_id, claim.siv), self._own, nx=True, get=True,
                 ex=max(1, int(claim.seconds)),
             )  # fmt: skip
-        try:
-            found = pipe.execute()
-        except redis.RedisError as error:
-            raise FleetUnavailable(f"redis: {_why(error)}") from None
+        found = _execute(pipe)
         return [
             None if holder is None or holder == self._own else _text(holder) for holder in found
         ]
@@ -129,15 +124,10 @@ class ReplayClaims:
         next, as alone. Another gateway's claim is left alone. Raises FleetUnavailable."""
         if not messages:
             return
-        import redis
-
         pipe = self.client.pipeline(transaction=False)
         for user_id, siv in messages:
             self._release(keys=[claim_key(user_id, siv)], args=[self._own], client=pipe)
-        try:
-            pipe.execute()
-        except redis.RedisError as error:
-            raise FleetUnavailable(f"redis: {_why(error)}") from None
+        _execute(pipe)
 
 
 def redis_client(
@@ -180,6 +170,16 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _execute(pipe: Any) -> list:
+    """One round trip of a pipeline; FleetUnavailable (one line) when Redis cannot do it."""
+    import redis
+
+    try:
+        return pipe.execute()
+    except redis.RedisError as error:
+        raise FleetUnavailable(f"redis: {_why(error)}") from None
 
 
 def _text(value: bytes | str) -> str:
@@ -435,8 +435,6 @@ class GrantBus:
 
     def publish_many(self, changes: Sequence[tuple[Mapping[str, str], str, Grant]]) -> list[str]:
         """Several signed changes, in order, in one round trip; their stream entries' ids."""
-        import redis
-
         pipe = self.client.pipeline(transaction=False)
         for fields, action, grant in changes:
             live = f"{grant.expires}\n{grant.user}\n{json.dumps(dict(fields))}"
@@ -444,10 +442,7 @@ class GrantBus:
             for name, value in fields.items():
                 argv += [name, value]
             self._publish(keys=[STREAM, LIVE], args=argv, client=pipe)
-        try:
-            found = pipe.execute()
-        except redis.RedisError as error:
-            raise FleetUnavailable(f"redis: {_why(error)}") from None
+        found = _execute(pipe)
         return [_text(entry_id) for entry_id in found]
 
     def forget(self, grants: Sequence[Grant]) -> None:
@@ -455,33 +450,23 @@ class GrantBus:
         only if it was not extended meanwhile; one round trip."""
         if not grants:
             return
-        import redis
-
         pipe = self.client.pipeline(transaction=False)
         for grant in grants:
             self._forget(keys=[LIVE], args=[grant_field(grant), grant.expires], client=pipe)
-        try:
-            pipe.execute()
-        except redis.RedisError as error:
-            raise FleetUnavailable(f"redis: {_why(error)}") from None
+        _execute(pipe)
 
     def join(self, token: str = "") -> tuple[list[Mapping[str, str]], str, str, str]:
         """(the live grants' signed events, the stream's last id, the id from which it holds
         every entry, the token of this Redis): follow from the last; a gateway that was
         following from an id before the third missed some. The token is the first joiner's
         ``token``, kept in Redis: a Redis restarted without its data has a new one."""
-        import redis
-
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(LIVE)
         pipe.xrevrange(STREAM, count=1)
         pipe.xrange(STREAM, count=1)
         pipe.xlen(STREAM)
         pipe.set(EPOCH, token or "-", nx=True, get=True)
-        try:
-            live, last, first, length, epoch = pipe.execute()
-        except redis.RedisError as error:
-            raise FleetUnavailable(f"redis: {_why(error)}") from None
+        live, last, first, length, epoch = _execute(pipe)
         snapshot = []
         for raw in live.values():
             try:
