@@ -112,8 +112,6 @@ class FleetLink:
         self._stop = threading.Event()
         self._state = threading.Lock()
         self.down_since: float | None = clock()  # down until the first join
-        self.up_since: float | None = None
-        self.last_error = "not joined yet"
         self._said_down = False
         # (action, grant, its signed fields once a publish was tried): a retry sends the
         # same fields, so if the try reached Redis after all, the others see a replay of
@@ -189,8 +187,6 @@ class FleetLink:
         return FleetStats(
             gateway=self.gateway,
             up=self.up,
-            since=self.up_since if self.up else self.down_since,
-            last_error=self.last_error,
             counters=dict(self.counters),
             outbox=len(self._outbox),
             unsent_claims=len(self._unsent),
@@ -386,7 +382,7 @@ class FleetLink:
             self.reclaim.set()
         with self._state:
             was_down_for = self.clock() - self.down_since if self.down_since else 0.0
-            self.up_since, self.down_since = self.clock(), None
+            self.down_since = None
             self._said_down = False
             self._up.set()
         with self._ready:
@@ -498,10 +494,9 @@ class FleetLink:
 
     def _went_down(self, why: str) -> None:
         with self._state:
-            self.last_error = why
             if self.up:
                 self._up.clear()
-                self.up_since, self.down_since = None, self.clock()
+                self.down_since = self.clock()
                 self.counters["outages"] += 1
             elif self._said_down:
                 return

@@ -269,33 +269,39 @@ def _fleet_families(fleet: FleetStats) -> Iterator[Metric]:
     )
     up.add_metric([fleet.gateway], float(fleet.up))
     yield up
-    claims = CounterMetricFamily(
-        PREFIX + "fleet_claims",
+    yield _outcomes(
+        "fleet_claims",
         "Accepted messages claimed fleet-wide: new (first here), taken (another gateway had "
         "it: a replay), unsent (accepted while the fleet was unreachable, claimed later), "
         "lost (of those, dropped from a full queue), again (claimed again after Redis lost "
         "its data).",
-        labels=["outcome"],
+        FLEET_CLAIMS,
+        fleet.counters,
     )
-    for name, outcome in FLEET_CLAIMS.items():
-        claims.add_metric([outcome], fleet.counters.get(name, 0))
-    yield claims
-    events = CounterMetricFamily(
-        PREFIX + "fleet_events",
+    yield _outcomes(
+        "fleet_events",
         "Grant changes on the fleet's stream: published by this gateway, dropped while Redis "
         "was away, applied from other gateways, rejected (not made with the fleet key, "
         "stale, or not allowed here).",
-        labels=["outcome"],
+        FLEET_EVENTS,
+        fleet.counters,
     )
-    for name, outcome in FLEET_EVENTS.items():
-        events.add_metric([outcome], fleet.counters.get(name, 0))
-    yield events
     yield _counter("fleet_outages", "Times the link to the fleet's Redis was lost.",
                    fleet.counters.get("outages", 0))  # fmt: skip
     yield _gauge("fleet_outbox_changes", "This gateway's changes waiting to be published.",
                  fleet.outbox)  # fmt: skip
     yield _gauge("fleet_unsent_claims", "Claims waiting for the fleet's Redis.",
                  fleet.unsent_claims)  # fmt: skip
+
+
+def _outcomes(
+    name: str, documentation: str, outcomes: Mapping[str, str], counters: Mapping[str, int]
+) -> CounterMetricFamily:
+    """One counter labelled ``outcome``: each of ``outcomes`` (counter -> label) a sample."""
+    family = CounterMetricFamily(PREFIX + name, documentation, labels=["outcome"])
+    for counter, outcome in outcomes.items():
+        family.add_metric([outcome], counters.get(counter, 0))
+    return family
 
 
 class _QuietHandler(WSGIRequestHandler):

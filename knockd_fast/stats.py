@@ -64,8 +64,6 @@ class FleetStats:
 
     gateway: str
     up: bool
-    since: float | None  # when the link came up, or went down
-    last_error: str  # why it last went down
     counters: Mapping[str, int]  # fleetlink.FLEET_COUNTERS
     outbox: int  # changes waiting to be published
     unsent_claims: int  # claims waiting for the link

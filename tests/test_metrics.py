@@ -314,7 +314,7 @@ def test_every_metric_the_admin_guide_names_is_exported() -> None:
     section = guide[guide.index("## 13. Metrics") :]
     named = set(re.findall(r"knockd_fast_[a-z_]+", section))
     collector = DoormanCollector({"version": "x"})
-    collector.update(snapshot(fleet=FleetStats("gw1", True, 0.0, "", {}, 0, 0)))
+    collector.update(snapshot(fleet=FleetStats("gw1", True, {}, 0, 0)))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     exported = {name for name, _ in parse(generate_latest(registry).decode())}
