@@ -413,19 +413,13 @@ def _password(path: Path) -> str:
     return text
 
 
+# A TLS private key in PEM: an RSA key of 16,384 bits is 12.7 kB.
+MAX_TLS_KEY_BYTES = 65_536
+
+
 def _private(path: Path) -> None:
-    """A TLS private key (PEM, of any size): a regular file only its owner may read."""
-    try:
-        info = os.stat(path)
-    except OSError as error:
-        raise KeyFileError(f"key file {path}: {error.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"key file {path}: not a regular file")
-    if info.st_mode & 0o077:
-        raise KeyFileError(
-            f"key file {path}: readable or writable by group or others "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
-        )
+    """A TLS private key: a regular file only its owner may read (the key files' checks)."""
+    read_private_file(path, f"key file {path}", MAX_TLS_KEY_BYTES)
 
 
 class _Reader:

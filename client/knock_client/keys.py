@@ -61,9 +61,12 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
     return decode_key(text, f"key file {path}")
 
 
-def read_private_file(path: str | os.PathLike[str], where: str) -> bytes:
-    """The bytes of a small secret file (a key, a password) that only its owner may read
-    or write, as ssh wants of its keys; ``where`` names it in the one-line error."""
+def read_private_file(
+    path: str | os.PathLike[str], where: str, max_bytes: int = _MAX_KEY_FILE
+) -> bytes:
+    """The bytes of a small secret file (a key, a password, a TLS key) that only its owner
+    may read or write, as ssh wants of its keys; ``where`` names it in the one-line error,
+    which a file over ``max_bytes`` also gets."""
     try:
         # O_NONBLOCK: a FIFO planted as the file must not hang the daemon or client.
         fd = os.open(Path(path).expanduser(), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -76,7 +79,7 @@ def read_private_file(path: str | os.PathLike[str], where: str) -> bytes:
                     f"{where}: readable or writable by group or others "
                     f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
                 )
-            data = handle.read(_MAX_KEY_FILE + 1)
+            data = handle.read(max_bytes + 1)
     except FileNotFoundError:
         raise KeyFileError(f"{where}: not found") from None
     except IsADirectoryError:
@@ -85,8 +88,8 @@ def read_private_file(path: str | os.PathLike[str], where: str) -> bytes:
         raise KeyFileError(f"{where}: permission denied") from None
     except OSError as error:
         raise KeyFileError(f"{where}: {error.strerror}") from None
-    if len(data) > _MAX_KEY_FILE:
-        raise KeyFileError(f"{where}: larger than {_MAX_KEY_FILE} bytes; it is one line")
+    if len(data) > max_bytes:
+        raise KeyFileError(f"{where}: larger than {max_bytes} bytes: not what it should hold")
     return data
 
 
