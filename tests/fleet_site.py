@@ -96,14 +96,6 @@ class Site:
         self.route_to(index)
         return self.gateways[index].can_connect(SERVICE, port)
 
-    def redis_cli(self, *args: str) -> str:
-        """``redis-cli`` as the fleet's ACL user, in the router; its output."""
-        argv = ["redis-cli", "-h", REDIS_HOST, "-p", str(self.redis.port), "--user", REDIS_USER,
-                "--pass", self.redis.password, "--no-auth-warning", *args]  # fmt: skip
-        done = ns_run(self.router, argv)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
     def python_in_router(self, code: str, *args: str) -> str:
         """Python ``code`` run in the router (redis-py reaches Redis from there)."""
         import sys
